@@ -1,0 +1,30 @@
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def resolve_steps(
+    train_pair_count: int,
+    prompt_count: int,
+    reward_model_train_steps: int,
+    reward_model_train_epochs: int,
+    reward_model_batch_size: int,
+    reinforcement_learning_train_steps: int,
+    reinforcement_learning_train_epochs: int,
+    reinforcement_learning_batch_size: int,
+) -> NamedTuple("Steps", reward_model_steps=int, reinforcement_learning_steps=int):
+    """Training steps for both stages; 0 means "not given", and epochs count as ceil(rows / batch) * epochs."""
+    from collections import namedtuple
+
+    from rlhf.steps import resolve_stage_steps
+
+    steps = namedtuple("Steps", ["reward_model_steps", "reinforcement_learning_steps"])
+    return steps(
+        resolve_stage_steps(train_pair_count, reward_model_train_steps, reward_model_train_epochs,
+                            reward_model_batch_size, "reward model"),
+        resolve_stage_steps(prompt_count, reinforcement_learning_train_steps, reinforcement_learning_train_epochs,
+                            reinforcement_learning_batch_size, "reinforcement learning"),
+    )

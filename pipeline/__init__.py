@@ -1,0 +1,1 @@
+"""The pipeline DAG (`rlhf_pipeline`), its compilation, and running it locally."""

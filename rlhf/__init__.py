@@ -1,0 +1,1 @@
+"""RLHF tuning: preference data, reward model, PPO, bulk inference and evaluation, in plain Python."""

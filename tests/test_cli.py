@@ -1,0 +1,71 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def rlhf(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_the_commands():
+    result = rlhf("--help")
+    assert result.returncode == 0
+    for command in ("steps", "validate", "prepare-model"):
+        assert command in result.stdout
+
+
+def test_steps_prints_the_count():
+    assert rlhf("steps", "--rows", "3000", "--epochs", "30").stdout.strip() == "1410"
+    assert rlhf("steps", "--rows", "2000", "--epochs", "10", "--batch-size", "64").stdout.strip() == "320"
+    refused = rlhf("steps", "--rows", "0", "--epochs", "1")
+    assert refused.returncode == 2 and "at least 1" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_validate_without_datasets_checks_the_bundled_sample():
+    result = rlhf("validate")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["preference"]["rows"] >= 48 and summary["eval"]["rows"] >= 8
+    assert "bundled sample" in result.stderr
+
+
+def test_validate_prints_one_line_per_problem_and_fails(tmp_path):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_bytes(b'{"input_text": "a", "candidate_0": "x", "candidate_1": "y", "choice": "1"}\nnot json\n')
+    result = rlhf("validate", "--preference-dataset", str(bad))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"{bad}:1: 'choice' must be the integer 0 or 1, got a string (\"1\")"
+    assert lines[1].startswith(f"{bad}:2: not valid JSON")
+    assert "2 problem(s) found" in lines[2]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_validate_skip_policy_and_output_dir(tmp_path):
+    bad = tmp_path / "prefs.jsonl"
+    rows = [{"input_text": f"p{i}", "candidate_0": "x", "candidate_1": "y", "choice": i % 2} for i in range(4)]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    out = tmp_path / "validated"
+    result = rlhf("validate", "--preference-dataset", str(bad), "--on-invalid", "skip", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["preference"]["skipped_rows"] == {"not_json": 1}
+    assert sorted(p.name for p in out.iterdir()) == [
+        "eval_preference.jsonl", "eval_prompts.jsonl", "prompts.jsonl", "summary.json", "train_preference.jsonl"]
+    again = rlhf("validate", "--preference-dataset", str(bad), "--output-dir", str(out))
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_output_dir_never_holds_the_inputs(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"input_text": "p", "candidate_0": "x", "candidate_1": "y", "choice": 0}\n')
+    result = rlhf("validate", "--preference-dataset", str(data), "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "contains the input" in result.stderr
+    assert data.read_text().startswith('{"input_text"')
+
+
+@pytest.mark.parametrize("reference", ["text-bison@001", "./missing-model"])
+def test_prepare_model_refuses_unknown_references_clearly(reference, tmp_path):
+    result = rlhf("prepare-model", "--large-model-reference", reference, "--cache-dir", str(tmp_path))
+    assert result.returncode == 2 and "accepted:" in result.stderr and "Traceback" not in result.stderr
