@@ -91,6 +91,110 @@ def cmd_compile(args) -> int:
     return 0
 
 
+class StopFlag:
+    """Set by SIGTERM (preemption) or a first Ctrl-C: training checkpoints and stops after the current step."""
+
+    def __init__(self):
+        self.requested = False
+
+    def install(self) -> "StopFlag":
+        import signal
+
+        def request(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nStopping after this step (checkpoint first); press Ctrl-C again to abort now", file=sys.stderr)
+
+        signal.signal(signal.SIGTERM, request)
+        signal.signal(signal.SIGINT, request)
+        return self
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def _prepare_or_exit(args):
+    from rlhf.datasets import DatasetError, prepare_datasets
+
+    try:
+        return prepare_datasets(args.preference_dataset, None, args.eval_dataset, on_invalid=args.on_invalid,
+                                eval_fraction=args.eval_fraction, seed=args.seed)
+    except DatasetError as error:
+        lines = [str(p) for p in error.problems[:MAX_PROBLEM_LINES]]
+        raise UsageError("the datasets have problems:\n" + "\n".join(lines)) from None
+
+
+def _require_resumable_output_dir(output_dir: str, markers: tuple[str, ...]) -> Path:
+    """An output directory that is new, empty, or holds an earlier run of the same stage (to resume)."""
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not any((out / m).exists() for m in markers):
+        raise UsageError(f"--output-dir {output_dir} is not empty and holds no earlier run of this stage; "
+                         "choose a new directory")
+    return out
+
+
+def cmd_train_reward_model(args) -> int:
+    from rlhf.reward_training import CHECKPOINT_DIR, METRICS_FILE, RewardTrainingConfig, train_reward_model
+    from rlhf.steps import resolve_steps
+
+    output_dir = _require_resumable_output_dir(args.output_dir, (CHECKPOINT_DIR, METRICS_FILE))
+    data = _prepare_or_exit(args)
+    steps = resolve_steps(len(data.train_pairs), args.reward_model_train_steps, args.reward_model_train_epochs,
+                          args.batch_size, "reward model")
+    config = RewardTrainingConfig(
+        train_steps=steps, batch_size=args.batch_size, micro_batch_tokens=args.micro_batch_tokens,
+        learning_rate_multiplier=args.reward_model_learning_rate_multiplier, lora_dim=args.reward_lora_dim,
+        prompt_sequence_length=args.prompt_sequence_length, target_sequence_length=args.target_sequence_length,
+        instruction=args.instruction, use_chat_template=False if args.plain_text else None, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, device=args.device)
+    print(f"Training the reward model: {len(data.train_pairs)} pairs, {steps} steps of {args.batch_size}, "
+          f"{len(data.held_out_pairs)} held-out pairs", file=sys.stderr)
+    metrics = train_reward_model(config, data.train_pairs, data.held_out_pairs, args.large_model_reference,
+                                 output_dir, stop_requested=StopFlag().install())
+    print(json.dumps(metrics, indent=2))
+    if metrics.get("interrupted"):
+        return 75
+    print(f"Reward model saved in {output_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate_reward_model(args) -> int:
+    from rlhf.reward_eval import evaluate_reward_model
+    from rlhf.validation import read_dataset
+
+    dataset = read_dataset(args.preference_dataset, "preference", args.on_invalid)
+    if dataset.problems:
+        raise UsageError("the dataset has problems:\n" + "\n".join(str(p) for p in dataset.problems[:MAX_PROBLEM_LINES]))
+    print(json.dumps(evaluate_reward_model(Path(args.reward_model), dataset.rows, args.device), indent=2))
+    return 0
+
+
+def _add_dataset_arguments(parser, eval_help: str) -> None:
+    parser.add_argument("--preference-dataset", required=True, metavar="URI",
+                        help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice}")
+    parser.add_argument("--eval-dataset", metavar="URI", help=eval_help)
+    parser.add_argument("--on-invalid", choices=("fail", "skip"), default="fail",
+                        help="fail (default) or skip invalid rows")
+    parser.add_argument("--eval-fraction", type=float, default=0.1,
+                        help="share of prompts held out when the eval dataset has no pairs (default 0.1)")
+
+
+def _add_model_arguments(parser) -> None:
+    from rlhf.model_reference import DEFAULT_MODEL
+
+    parser.add_argument("--large-model-reference", default=DEFAULT_MODEL, metavar="REF",
+                        help=f"the base model (default {DEFAULT_MODEL}); see `rlhf prepare-model --help`")
+    parser.add_argument("--prompt-sequence-length", type=_positive_int, default=512,
+                        help="prompt tokens kept, cut inside the input (default 512)")
+    parser.add_argument("--target-sequence-length", type=_positive_int, default=64,
+                        help="completion tokens kept (default 64)")
+    parser.add_argument("--instruction", default="", help='put before every input, e.g. "Summarize in less than 50 words."')
+    parser.add_argument("--plain-text", action="store_true", help="do not use the tokenizer's chat template")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data order, split and initialisation")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rlhf.model_reference import DEFAULT_MODEL
 
@@ -137,6 +241,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Compile rlhf_pipeline to YAML (what `python compile.py` does).")
     compile_.add_argument("--output", metavar="FILE", help="where to write it (default: pipeline.yaml in the repo)")
     compile_.set_defaults(handler=cmd_compile)
+
+    train_rm = commands.add_parser(
+        "train-reward-model", help="train the pairwise LoRA reward model",
+        description="Train {prompt, completion} -> score on preference pairs with -log sigmoid(r_winner - "
+                    "r_loser). Running the same command again resumes from the last checkpoint.")
+    _add_dataset_arguments(train_rm, "JSONL preference rows held out for accuracy (default: a split by prompt)")
+    _add_model_arguments(train_rm)
+    train_rm.add_argument("--output-dir", required=True, metavar="DIR", help="where the reward model goes")
+    train_rm.add_argument("--reward-model-train-steps", type=_positive_int, metavar="N", help="optimizer steps")
+    train_rm.add_argument("--reward-model-train-epochs", type=_positive_int, metavar="E",
+                          help="epochs instead of steps: ceil(pairs / batch) * E")
+    train_rm.add_argument("--batch-size", type=_positive_int, default=64, help="pairs per step (default 64)")
+    train_rm.add_argument("--micro-batch-tokens", type=_positive_int, default=4096,
+                          help="padded tokens per forward pass; gradients accumulate over the batch (default 4096)")
+    train_rm.add_argument("--reward-model-learning-rate-multiplier", type=float, default=1.0,
+                          help="times the base learning rate 1e-4 (default 1.0)")
+    train_rm.add_argument("--reward-lora-dim", type=int, default=4, help="LoRA rank; 0 = full fine-tuning (default 4)")
+    train_rm.add_argument("--checkpoint-every", type=_positive_int, default=50, help="steps between checkpoints")
+    train_rm.set_defaults(handler=cmd_train_reward_model)
+
+    eval_rm = commands.add_parser(
+        "evaluate-reward-model", help="accuracy of a reward model on labelled pairs, against the length baseline",
+        description="Print JSON: accuracy, pairs, mean margin, and on the same pairs how often 'the longer "
+                    "candidate wins' agrees with the labels, so one sees whether the model learned more than length.")
+    eval_rm.add_argument("--reward-model", required=True, metavar="DIR", help="a trained reward model directory")
+    eval_rm.add_argument("--preference-dataset", required=True, metavar="URI", help="labelled pairs")
+    eval_rm.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
+    eval_rm.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    eval_rm.set_defaults(handler=cmd_evaluate_reward_model)
     return parser
 
 

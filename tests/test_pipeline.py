@@ -32,8 +32,9 @@ def test_yaml_loads_back_with_its_parameters_and_tasks():
             "reinforcement_learning_train_steps"} <= set(parameters)
     assert "defaultValue" not in parameters["preference_dataset"]
     tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"validate-datasets", "resolve-steps"}
+    assert set(tasks) == {"validate-datasets", "resolve-steps", "train-reward-model"}
     assert tasks["resolve-steps"]["dependentTasks"] == ["validate-datasets"]
+    assert sorted(tasks["train-reward-model"]["dependentTasks"]) == ["resolve-steps", "validate-datasets"]
 
 
 @pytest.fixture
@@ -44,18 +45,23 @@ def local_runner(tmp_path):
     return tmp_path / "root"
 
 
-def test_pipeline_runs_on_the_kfp_local_runner(local_runner):
+def test_pipeline_runs_on_the_kfp_local_runner(local_runner, tiny_model_dir):
     from pipeline.definition import rlhf_pipeline
     from rlhf.datasets import sample_dataset
 
     rlhf_pipeline(preference_dataset=sample_dataset("preference.jsonl"), prompt_dataset=sample_dataset("prompts.jsonl"),
-                  eval_dataset=sample_dataset("eval.jsonl"), reward_model_train_epochs=2, reward_model_batch_size=8)
+                  eval_dataset=sample_dataset("eval.jsonl"), large_model_reference=str(tiny_model_dir),
+                  reward_model_train_epochs=2, reward_model_batch_size=8, prompt_sequence_length=128,
+                  target_sequence_length=32)
     run_dir = next(local_runner.iterdir())
     outputs = json.loads((run_dir / "resolve-steps" / "executor_output.json").read_text())
     steps = outputs["parameterValues"]
     assert steps == {"reward_model_steps": 12, "reinforcement_learning_steps": 1000}
     train_pairs = (run_dir / "validate-datasets" / "train_pairs").read_text().splitlines()
     assert len(train_pairs) == 42  # 3 of the 24 prompts held out for reward-model accuracy
+    reward_model = run_dir / "train-reward-model" / "reward_model"
+    assert json.loads((reward_model / "metrics.json").read_text())["steps"] == 12
+    assert (reward_model / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_bad_data_stops_the_local_pipeline_at_validation(local_runner, tmp_path):

@@ -1,0 +1,42 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_reward_model(
+    train_pairs: Input[Dataset],
+    held_out_pairs: Input[Dataset],
+    large_model_reference: str,
+    train_steps: int,
+    batch_size: int,
+    micro_batch_tokens: int,
+    learning_rate_multiplier: float,
+    lora_dim: int,
+    prompt_sequence_length: int,
+    target_sequence_length: int,
+    instruction: str,
+    plain_text: bool,
+    seed: int,
+    reward_model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Train the pairwise reward model; a retry with the same output location resumes from its checkpoint."""
+    from pathlib import Path
+
+    from rlhf.datasets import read_jsonl
+    from rlhf.reward_training import RewardTrainingConfig, train_reward_model as train
+
+    config = RewardTrainingConfig(
+        train_steps=train_steps, batch_size=batch_size, micro_batch_tokens=micro_batch_tokens,
+        learning_rate_multiplier=learning_rate_multiplier, lora_dim=lora_dim,
+        prompt_sequence_length=prompt_sequence_length, target_sequence_length=target_sequence_length,
+        instruction=instruction, use_chat_template=False if plain_text else None, seed=seed)
+    result = train(config, read_jsonl(Path(train_pairs.path)), read_jsonl(Path(held_out_pairs.path)),
+                   large_model_reference, Path(reward_model.path))
+    reward_model.metadata["large_model_reference"] = large_model_reference
+    reward_model.metadata["lora_dim"] = lora_dim
+    for name in ("eval_accuracy", "eval_pairs", "final_rank_loss", "final_train_accuracy", "pairs_per_second"):
+        if result.get(name) is not None:
+            metrics.log_metric(name, result[name])

@@ -1,0 +1,160 @@
+"""The reward model: `{prompt, completion} -> scalar`, a transformer backbone (+ LoRA) and a linear head.
+
+The score is read at the last real token of each completion, located by the packing (never by searching
+for a pad or EOS id: the default model's pad and EOS are the same token).
+
+Artifact layout (safetensors and JSON only):
+    reward_model.json      base model reference, LoRA rank, sequence lengths, prompt format, normalisation
+    head.safetensors       the scalar head
+    adapter/               the LoRA adapter (peft format), when lora_dim > 0
+    backbone/              the fully fine-tuned backbone, when lora_dim == 0
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf.modeling import Placement, load_backbone, load_tokenizer
+from rlhf.packing import PackedBatch, pack, packed_length
+from rlhf.prompts import PromptEncoder, PromptFormat
+
+SPEC_FILE = "reward_model.json"
+HEAD_FILE = "head.safetensors"
+ADAPTER_DIR = "adapter"
+BACKBONE_DIR = "backbone"
+FORMAT = "rlhf-reward-model/1"
+
+
+@dataclass
+class RewardModelSpec:
+    """What a later stage needs to load the reward model and feed it the same way it was trained."""
+
+    large_model_reference: str
+    lora_dim: int
+    prompt_sequence_length: int
+    target_sequence_length: int
+    instruction: str = ""
+    use_chat_template: bool | None = None
+    score_mean: float = 0.0
+    score_std: float = 1.0
+    format: str = FORMAT
+    training: dict = field(default_factory=dict)
+
+    def prompt_format(self) -> PromptFormat:
+        return PromptFormat(self.instruction, self.use_chat_template)
+
+
+class RewardModel(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def with_new_head(cls, backbone: torch.nn.Module, seed: int) -> "RewardModel":
+        hidden = backbone.config.hidden_size
+        head = torch.nn.Linear(hidden, 1)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            head.weight.normal_(0.0, hidden ** -0.5, generator=generator)
+            head.bias.zero_()
+        device = next(backbone.parameters()).device
+        return cls(backbone, head.to(device))
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Scores [batch, completions] in float32 (the head runs in float32 whatever the backbone's dtype)."""
+        dtype = next(self.backbone.parameters()).dtype
+        hidden = self.backbone(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                               attention_mask=batch.attention_mask(dtype)).last_hidden_state
+        index = batch.last_token[..., None].expand(-1, -1, hidden.shape[-1])
+        return self.head(hidden.gather(1, index).float()).squeeze(-1)
+
+
+def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped, longest first, so each group padded to its longest stays within `max_tokens`."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, current = [], []
+    for index in order:
+        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(index)
+    if current:
+        groups.append(current)
+    return groups
+
+
+@torch.no_grad()
+def score_packed(model: RewardModel, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int,
+                 max_tokens: int) -> torch.Tensor:
+    """Raw scores [rows, completions per row] for prompt rows and their completions, batched by length."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = [packed_length(p, c) for p, c in zip(prompts, completions)]
+    scores = torch.empty(len(prompts), len(completions[0]) if completions else 0)
+    for group in micro_batches(lengths, max_tokens):
+        batch = pack([prompts[i] for i in group], [completions[i] for i in group], pad_id).to(device)
+        scores[group] = model(batch).cpu()
+    model.train(was_training)
+    return scores
+
+
+def save_reward_model(model: RewardModel, spec: RewardModelSpec, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_dir = directory / (ADAPTER_DIR if spec.lora_dim > 0 else BACKBONE_DIR)
+    model.backbone.save_pretrained(weights_dir, safe_serialization=True)
+    (weights_dir / "README.md").unlink(missing_ok=True)  # peft's model-card template; the artifact is data only
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, directory / HEAD_FILE)
+    (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+
+
+def read_spec(directory: Path) -> RewardModelSpec:
+    path = Path(directory) / SPEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a reward model (no {SPEC_FILE})")
+    spec = RewardModelSpec(**json.loads(path.read_text()))
+    if spec.format != FORMAT:
+        raise ValueError(f"{path}: unknown reward model format {spec.format!r}")
+    return spec
+
+
+@dataclass
+class LoadedRewardModel:
+    model: RewardModel
+    tokenizer: object
+    spec: RewardModelSpec
+
+    def encoder(self) -> PromptEncoder:
+        return PromptEncoder(self.tokenizer, self.spec.prompt_format(), self.spec.prompt_sequence_length,
+                             self.spec.target_sequence_length)
+
+    def normalise(self, scores: torch.Tensor) -> torch.Tensor:
+        return (scores - self.spec.score_mean) / self.spec.score_std
+
+
+def load_reward_model(directory: Path, placement: Placement, base_model_path: str | None = None) -> LoadedRewardModel:
+    """Load a saved reward model; `base_model_path` overrides resolving the stored model reference."""
+    from rlhf.model_reference import resolve_model_reference
+
+    directory = Path(directory)
+    spec = read_spec(directory)
+    base = base_model_path or resolve_model_reference(spec.large_model_reference)
+    tokenizer = load_tokenizer(base)
+    if spec.lora_dim > 0:
+        from peft import PeftModel
+
+        backbone = PeftModel.from_pretrained(load_backbone(base, placement), directory / ADAPTER_DIR)
+    else:
+        backbone = load_backbone(str(directory / BACKBONE_DIR), placement)
+    head_weights = load_file(directory / HEAD_FILE)
+    head = torch.nn.Linear(head_weights["weight"].shape[1], 1)
+    head.load_state_dict(head_weights)
+    model = RewardModel(backbone, head.to(placement.device))
+    model.eval()
+    return LoadedRewardModel(model, tokenizer, spec)

@@ -1,0 +1,283 @@
+"""Train the reward model on preference pairs with the pairwise loss `-log sigmoid(r_winner - r_loser)`.
+
+Read `train_reward_model` top to bottom: tokenise every pair once, build the model (base + LoRA + head),
+then for each step take `batch_size` pairs in a seeded order, run them in micro-batches sized by tokens
+(each pair packed as prompt + winner + loser so the prompt is computed once), accumulate gradients, step
+the optimizer and the warm-up/cosine schedule, log, and checkpoint. At the end: score the training data
+to store the mean and std used to normalise rewards, measure held-out accuracy, and save the artifact.
+
+Running the same call again with the same output directory resumes from the last checkpoint; a finished
+output directory is returned as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf.modeling import Placement, add_lora, load_backbone, load_tokenizer, pick_placement
+from rlhf.packing import pack, packed_length
+from rlhf.prompts import PromptEncoder, PromptFormat
+from rlhf.reward_model import RewardModel, RewardModelSpec, micro_batches, save_reward_model, score_packed
+from rlhf.validation import chosen, rejected
+
+BASE_LEARNING_RATE = 1e-4  # Vertex's reward-model rate; the multiplier scales it
+METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+
+
+@dataclass
+class RewardTrainingConfig:
+    """Hyperparameters of the reward-model stage."""
+
+    train_steps: int = 1000  # optimizer steps (the pipeline turns epochs into steps before this)
+    batch_size: int = 64  # preference pairs per optimizer step
+    micro_batch_tokens: int = 4096  # padded tokens per forward pass; gradient accumulation covers the rest
+    learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
+    warmup_fraction: float = 0.1  # share of steps with a linear warm-up, then cosine decay to 0
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    lora_dim: int = 4  # LoRA rank; 0 fine-tunes the whole backbone
+    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
+    target_sequence_length: int = 64  # completion tokens kept
+    instruction: str = ""  # put before every input
+    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
+    seed: int = 0  # data order and head initialisation
+    checkpoint_every: int = 50  # steps between checkpoints
+    log_every: int = 1  # steps between TensorBoard points
+    normalization_pairs: int = 512  # training pairs scored after training for the reward mean and std
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+    def learning_rate(self) -> float:
+        return BASE_LEARNING_RATE * self.learning_rate_multiplier
+
+    def validate(self) -> None:
+        for name in ("train_steps", "batch_size", "micro_batch_tokens", "prompt_sequence_length",
+                     "target_sequence_length", "checkpoint_every", "log_every", "normalization_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"reward model: {name} must be at least 1, got {getattr(self, name)}")
+        if self.lora_dim < 0:
+            raise ValueError(f"reward model: lora_dim must be 0 (full fine-tuning) or more, got {self.lora_dim}")
+        if self.learning_rate_multiplier <= 0:
+            raise ValueError("reward model: learning_rate_multiplier must be positive")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError("reward model: warmup_fraction must be in [0, 1)")
+
+
+@dataclass
+class EncodedPair:
+    prompt: list[int]
+    winner: list[int]
+    loser: list[int]
+
+    def length(self) -> int:
+        return packed_length(self.prompt, [self.winner, self.loser])
+
+
+def encode_pairs(rows: list[dict], encoder: PromptEncoder) -> list[EncodedPair]:
+    return [EncodedPair(encoder.encode_prompt(r), encoder.encode_completion(chosen(r)),
+                        encoder.encode_completion(rejected(r))) for r in rows]
+
+
+def fingerprint(config: RewardTrainingConfig, model_reference: str, rows: list[dict]) -> str:
+    """Identifies a run: settings that change the result, and the data."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "log_every", "device")}
+    digest = hashlib.sha256(json.dumps([settings, model_reference], sort_keys=True).encode())
+    for row in rows:
+        digest.update(json.dumps({k: v for k, v in row.items() if k != "source"}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def batch_indices(step: int, batch_size: int, rows: int, seed: int) -> list[int]:
+    """The pairs of one step: a stream of seeded per-epoch permutations, so any step is known without state."""
+    first, last = step * batch_size, (step + 1) * batch_size
+    permutations = {}
+    indices = []
+    for position in range(first, last):
+        epoch, offset = divmod(position, rows)
+        if epoch not in permutations:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            permutations[epoch] = torch.randperm(rows, generator=generator).tolist()
+        indices.append(permutations[epoch][offset])
+    return indices
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def pairwise_loss(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair loss -log sigmoid(r_winner - r_loser) and whether the winner scored higher."""
+    margin = scores[:, 0] - scores[:, 1]
+    return -F.logsigmoid(margin), (margin > 0).float()
+
+
+def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, max_tokens: int) -> dict:
+    if not pairs:
+        return {"eval_pairs": 0}
+    scores = score_packed(model, [p.prompt for p in pairs], [[p.winner, p.loser] for p in pairs], pad_id, max_tokens)
+    losses, correct = pairwise_loss(scores)
+    return {"eval_pairs": len(pairs), "eval_accuracy": float(correct.mean()), "eval_rank_loss": float(losses.mean()),
+            "eval_mean_margin": float((scores[:, 0] - scores[:, 1]).mean())}
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="reward model", file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+def train_reward_model(
+    config: RewardTrainingConfig,
+    train_rows: list[dict],
+    held_out_rows: list[dict],
+    large_model_reference: str,
+    output_dir: Path,
+    base_model_path: str | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict.
+
+    `base_model_path` is where `large_model_reference` loads from (resolved by the caller when given).
+    `stop_requested` is polled after each step; when it says so, a checkpoint is saved and the run returns
+    with `"interrupted": True` (a preempted job's SIGTERM goes through it).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from rlhf.model_reference import resolve_model_reference
+
+    config.validate()
+    if not train_rows:
+        raise ValueError("reward model: no training pairs")
+    output_dir = Path(output_dir)
+    if (output_dir / METRICS_FILE).is_file():
+        print(f"{output_dir} already holds a trained reward model; returning it", file=sys.stderr)
+        return json.loads((output_dir / METRICS_FILE).read_text())
+
+    placement: Placement = pick_placement(config.device)
+    base_path = base_model_path or resolve_model_reference(large_model_reference)
+    run_id = fingerprint(config, large_model_reference, train_rows)
+
+    tokenizer = load_tokenizer(base_path)
+    encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
+                            config.prompt_sequence_length, config.target_sequence_length)
+    train_pairs = encode_pairs(train_rows, encoder)
+    held_out_pairs = encode_pairs(held_out_rows, encoder)
+    pad_id = tokenizer.pad_token_id
+
+    torch.manual_seed(config.seed)
+    backbone = load_backbone(base_path, placement)
+    if config.lora_dim > 0:
+        backbone = add_lora(backbone, config.lora_dim)
+    model = RewardModel.with_new_head(backbone, config.seed)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=config.weight_decay)
+    warmup_steps = math.ceil(config.warmup_fraction * config.train_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, config.train_steps))
+
+    start_step, history = 0, []
+    checkpoint = latest_checkpoint(output_dir / CHECKPOINT_DIR)
+    if checkpoint:
+        state = load_checkpoint(checkpoint, model, optimizer, run_id)
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, history = state["step"], state["history"]
+        print(f"Resuming the reward model from {checkpoint} (step {start_step} of {config.train_steps})",
+              file=sys.stderr)
+
+    writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step)
+    progress = _progress_bar(config.train_steps, start_step)
+    pairs_seen, started = 0, time.monotonic()
+    interrupted = False
+    for step in range(start_step, config.train_steps):
+        batch = [train_pairs[i] for i in batch_indices(step, config.batch_size, len(train_pairs), config.seed)]
+        step_loss, step_correct = 0.0, 0.0
+        for group in micro_batches([p.length() for p in batch], config.micro_batch_tokens):
+            micro = [batch[i] for i in group]
+            packed = pack([p.prompt for p in micro], [[p.winner, p.loser] for p in micro], pad_id)
+            losses, correct = pairwise_loss(model(packed.to(placement.device)))
+            (losses.sum() / len(batch)).backward()
+            step_loss += float(losses.detach().sum())
+            step_correct += float(correct.sum())
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"reward model: the loss is {step_loss} at step {step + 1}; the last good "
+                                     f"checkpoint in {output_dir / CHECKPOINT_DIR} is kept")
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        rank_loss, accuracy = step_loss / len(batch), step_correct / len(batch)
+        history.append({"step": step + 1, "rank_loss": rank_loss, "accuracy": accuracy})
+        pairs_seen += len(batch)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
+            writer.add_scalar("rank_loss", rank_loss, step + 1)
+            writer.add_scalar("accuracy", accuracy, step + 1)
+            writer.add_scalar("learning_rate", learning_rate, step + 1)
+        progress.set_postfix(loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}", refresh=False)
+        progress.update(1)
+        interrupted = stop_requested() and step + 1 < config.train_steps
+        if (step + 1) % config.checkpoint_every == 0 or interrupted:
+            save_checkpoint(output_dir / CHECKPOINT_DIR, step + 1, model, optimizer,
+                            {"fingerprint": run_id, "scheduler": scheduler.state_dict(), "history": history})
+        if interrupted:
+            break
+    progress.close()
+    elapsed = time.monotonic() - started
+    if interrupted:
+        writer.close()
+        print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
+        return {"interrupted": True, "step": history[-1]["step"]}
+
+    normalisation = train_pairs[:config.normalization_pairs]
+    scores = score_packed(model, [p.prompt for p in normalisation], [[p.winner, p.loser] for p in normalisation],
+                          pad_id, config.micro_batch_tokens)
+    evaluation = evaluate_pairs(model, held_out_pairs, pad_id, config.micro_batch_tokens)
+    if "eval_accuracy" in evaluation:
+        writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], config.train_steps)
+    writer.close()
+    spec = RewardModelSpec(
+        large_model_reference=large_model_reference, lora_dim=config.lora_dim,
+        prompt_sequence_length=config.prompt_sequence_length, target_sequence_length=config.target_sequence_length,
+        instruction=config.instruction, use_chat_template=config.use_chat_template,
+        score_mean=float(scores.mean()), score_std=float(scores.std().clamp_min(1e-6)),
+        training={"steps": config.train_steps, "train_pairs": len(train_pairs), "seed": config.seed,
+                  "learning_rate": config.learning_rate(), "batch_size": config.batch_size})
+    save_reward_model(model, spec, output_dir)
+    tail = history[-max(1, min(10, len(history))):]
+    metrics = {
+        **evaluation,
+        "final_rank_loss": sum(h["rank_loss"] for h in tail) / len(tail),
+        "final_train_accuracy": sum(h["accuracy"] for h in tail) / len(tail),
+        "steps": config.train_steps,
+        "train_pairs": len(train_pairs),
+        "pairs_per_second": pairs_seen / elapsed if elapsed > 0 and pairs_seen else None,
+        "score_mean": spec.score_mean,
+        "score_std": spec.score_std,
+        "truncation": encoder.counts.as_dict(),
+        "device": str(placement.device),
+        "dtype": str(placement.dtype).removeprefix("torch."),
+    }
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return metrics
