@@ -42,25 +42,27 @@ def _no_dropout(config) -> None:
             setattr(config, name, 0.0)
 
 
-def load_backbone(path: str, placement: Placement, trust_remote_code: bool = False):
-    """The transformer without its language-model head (the reward model needs hidden states only)."""
-    from transformers import AutoConfig, AutoModel
+def _load(auto_class, path: str, placement: Placement, trust_remote_code: bool):
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     _no_dropout(config)
-    model = AutoModel.from_pretrained(path, config=config, dtype=placement.dtype, use_safetensors=True,
-                                      trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    model = auto_class.from_pretrained(path, config=config, dtype=placement.dtype, use_safetensors=True,
+                                       trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     return model.to(placement.device)
+
+
+def load_backbone(path: str, placement: Placement, trust_remote_code: bool = False):
+    """The transformer without its language-model head (the reward model needs hidden states only)."""
+    from transformers import AutoModel
+
+    return _load(AutoModel, path, placement, trust_remote_code)
 
 
 def load_causal_lm(path: str, placement: Placement, trust_remote_code: bool = False):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    _no_dropout(config)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=placement.dtype, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code, attn_implementation="sdpa")
-    return model.to(placement.device)
+    return _load(AutoModelForCausalLM, path, placement, trust_remote_code)
 
 
 def lora_targets(model) -> list[str] | str:

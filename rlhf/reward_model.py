@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf.batching import micro_batches
 from rlhf.modeling import Placement, load_backbone, load_tokenizer
 from rlhf.packing import PackedBatch, pack, packed_length
 from rlhf.prompts import PromptEncoder, PromptFormat
@@ -73,20 +74,6 @@ class RewardModel(torch.nn.Module):
                                attention_mask=batch.attention_mask(dtype)).last_hidden_state
         index = batch.last_token[..., None].expand(-1, -1, hidden.shape[-1])
         return self.head(hidden.gather(1, index).float()).squeeze(-1)
-
-
-def micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped, longest first, so each group padded to its longest stays within `max_tokens`."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups, current = [], []
-    for index in order:
-        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
-            groups.append(current)
-            current = []
-        current.append(index)
-    if current:
-        groups.append(current)
-    return groups
 
 
 @torch.no_grad()

@@ -25,11 +25,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from rlhf.batching import batch_indices, micro_batches, warmup_cosine
 from rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.modeling import Placement, add_lora, load_backbone, load_tokenizer, pick_placement
 from rlhf.packing import pack, packed_length
 from rlhf.prompts import PromptEncoder, PromptFormat
-from rlhf.reward_model import RewardModel, RewardModelSpec, micro_batches, save_reward_model, score_packed
+from rlhf.reward_model import RewardModel, RewardModelSpec, save_reward_model, score_packed
 from rlhf.validation import chosen, rejected
 
 BASE_LEARNING_RATE = 1e-4  # Vertex's reward-model rate; the multiplier scales it
@@ -98,30 +99,6 @@ def fingerprint(config: RewardTrainingConfig, model_reference: str, rows: list[d
     for row in rows:
         digest.update(json.dumps({k: v for k, v in row.items() if k != "source"}, sort_keys=True).encode())
     return digest.hexdigest()[:16]
-
-
-def batch_indices(step: int, batch_size: int, rows: int, seed: int) -> list[int]:
-    """The pairs of one step: a stream of seeded per-epoch permutations, so any step is known without state."""
-    first, last = step * batch_size, (step + 1) * batch_size
-    permutations = {}
-    indices = []
-    for position in range(first, last):
-        epoch, offset = divmod(position, rows)
-        if epoch not in permutations:
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            permutations[epoch] = torch.randperm(rows, generator=generator).tolist()
-        indices.append(permutations[epoch][offset])
-    return indices
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 def pairwise_loss(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +181,7 @@ def train_reward_model(
         print(f"Resuming the reward model from {checkpoint} (step {start_step} of {config.train_steps})",
               file=sys.stderr)
 
-    writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step)
+    writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
     progress = _progress_bar(config.train_steps, start_step)
     pairs_seen, started = 0, time.monotonic()
     interrupted = False

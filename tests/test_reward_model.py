@@ -10,9 +10,8 @@ from safetensors.torch import load_file
 from rlhf.modeling import add_lora, load_backbone, pick_placement
 from rlhf.packing import pack
 from rlhf.reward_model import RewardModel, load_reward_model, score_packed
-from rlhf.reward_training import (
-    CHECKPOINT_DIR, RewardTrainingConfig, batch_indices, train_reward_model,
-)
+from rlhf.batching import batch_indices
+from rlhf.reward_training import CHECKPOINT_DIR, RewardTrainingConfig, train_reward_model
 from rlhf.checkpoints import CheckpointMismatch
 
 WORDS = "dog cat sink job pay night post question answer summary short clear kind".split()

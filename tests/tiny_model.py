@@ -43,7 +43,7 @@ def build_tokenizer(vocab_size: int = 384):
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0, hidden_size: int = 32, layers: int = 2):
+def build_model(tokenizer, seed: int = 0, hidden_size: int = 32, layers: int = 2, initializer_range: float = 0.2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -53,6 +53,8 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 32, layers: int = 2
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        # Wider than the usual 0.02, so a small adapter can move the output distribution visibly.
+        initializer_range=initializer_range,
     )
     return LlamaForCausalLM(config)
 

@@ -1,0 +1,356 @@
+"""PPO: tune the policy (base model + LoRA) to raise the reward while a KL penalty keeps it near the base.
+
+Read `train_policy` top to bottom. Each step:
+1. take `batch_size` prompts in a seeded order;
+2. roll out, `micro_batch_size` prompts at a time: sample completions with the KV cache; with no gradient,
+   the policy's log-probs and values, the reference log-probs (the same model with the adapter switched
+   off; skipped when kl_coeff is 0) and the reward of each completion (a completion that never emits
+   EOS gets `unfinished_reward` instead of its score, unless that is turned off);
+3. per-token rewards: `-kl_coeff * (log p_policy - log p_reference)` on every token, plus the score on the
+   last one; advantages with GAE(gamma, lambda), whitened over the batch;
+4. `ppo_epochs` passes over the rollouts in minibatches: the clipped policy objective plus
+   `value_loss_coeff` times the clipped value loss, one optimizer step per minibatch;
+5. log (TensorBoard names as Vertex's: reward, kl_loss, rl_loss, entropy, value_loss, clip_fraction,
+   approx_kl, response_length, plus sample completions as text) and checkpoint.
+
+Value function: a linear head on the policy's own last hidden state, trained jointly with the LoRA
+adapter. It comes out of the same forward pass that gives the log-probs, so it costs almost nothing;
+a separate critic (say, initialised from the reward model) would need its own forward pass in the
+rollout and its own forward and backward pass in every update: see `experiments/value_head_cost.py`
+for the measured cost of that extra pass on the default model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf.batching import batch_indices, warmup_cosine
+from rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
+from rlhf.policy import Policy, PolicySpec, Rollout, save_policy
+from rlhf.prompts import PromptEncoder, PromptFormat
+from rlhf.rewards import RewardFunction
+
+BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
+METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+
+
+@dataclass
+class PPOConfig:
+    """Hyperparameters of the reinforcement-learning stage."""
+
+    train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates)
+    batch_size: int = 64  # prompts per step
+    micro_batch_size: int = 8  # rollouts per forward pass, in generation and in training
+    ppo_minibatch_size: int = 32  # rollouts per optimizer step within a PPO epoch
+    ppo_epochs: int = 2  # passes over each batch of rollouts
+    learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
+    warmup_fraction: float = 0.1  # share of steps with a linear warm-up, then cosine decay to 0
+    kl_coeff: float = 0.1  # weight of the per-token KL(policy || base) penalty
+    lora_dim: int = 8  # LoRA rank of the policy
+    temperature: float = 1.0  # sampling temperature of rollouts
+    top_p: float = 1.0  # nucleus sampling of rollouts
+    gamma: float = 1.0  # discount over completion tokens
+    lam: float = 0.95  # GAE lambda
+    clip_range: float = 0.2  # PPO ratio clipping
+    value_clip_range: float = 0.2  # value clipping around the rollout's values
+    value_loss_coeff: float = 0.1  # weight of the value loss in the joint loss
+    max_grad_norm: float = 1.0  # gradient clipping
+    penalize_unfinished: bool = True  # replace the score of completions without EOS
+    unfinished_reward: float = -2.0  # that replacement, in normalised reward units (2 std below the mean)
+    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
+    target_sequence_length: int = 64  # new tokens generated at most
+    instruction: str = ""  # put before every input
+    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
+    seed: int = 0  # data order, value head initialisation and sampling
+    checkpoint_every: int = 20  # steps between checkpoints
+    sample_every: int = 10  # steps between sample completions logged as text
+    export_merged: bool = False  # also write base + adapter merged into a plain model directory
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+    def learning_rate(self) -> float:
+        return BASE_LEARNING_RATE * self.learning_rate_multiplier
+
+    def validate(self) -> None:
+        for name in ("train_steps", "batch_size", "micro_batch_size", "ppo_minibatch_size", "ppo_epochs",
+                     "lora_dim", "prompt_sequence_length", "target_sequence_length", "checkpoint_every",
+                     "sample_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"reinforcement learning: {name} must be at least 1, got {getattr(self, name)}")
+        if self.kl_coeff < 0:
+            raise ValueError(f"reinforcement learning: kl_coeff must not be negative, got {self.kl_coeff}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError("reinforcement learning: temperature must be positive and top_p in (0, 1]")
+        if self.learning_rate_multiplier <= 0:
+            raise ValueError("reinforcement learning: learning_rate_multiplier must be positive")
+
+
+@dataclass
+class Experience:
+    """One micro-batch of rollouts with everything the PPO update needs."""
+
+    rollout: Rollout
+    old_log_probs: torch.Tensor  # [batch, completion]
+    old_values: torch.Tensor  # [batch, completion]
+    advantages: torch.Tensor  # [batch, completion]
+    returns: torch.Tensor  # [batch, completion]
+    scores: torch.Tensor  # [batch]: reward-model score, or the unfinished penalty
+    kl: torch.Tensor | None  # [batch]: summed per-token log-ratio policy/reference; None when kl_coeff is 0
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation over completion tokens; masked positions get 0."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], device=rewards.device)
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_mask = mask[:, t + 1] if t + 1 < length else torch.zeros_like(running)
+        next_value = values[:, t + 1] * next_mask if t + 1 < length else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * next_mask * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def fingerprint(config: PPOConfig, model_reference: str, reward_name: str, rows: list[dict]) -> str:
+    settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "sample_every", "device")}
+    digest = hashlib.sha256(json.dumps([settings, model_reference, reward_name], sort_keys=True).encode())
+    for row in rows:
+        digest.update(json.dumps({k: v for k, v in row.items() if k != "source"}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_fn: RewardFunction,
+            config: PPOConfig) -> Experience:
+    rollout = policy.generate(prompts, config.target_sequence_length, config.temperature, config.top_p)
+    mask = rollout.completion_mask.float()
+    log_probs, _, values = policy.evaluate(rollout, config.temperature)
+    kl = None
+    rewards = torch.zeros_like(log_probs)
+    if config.kl_coeff > 0:
+        reference_log_probs, _, _ = policy.evaluate(rollout, config.temperature, with_values=False,
+                                                    use_adapter=False)
+        per_token_kl = (log_probs - reference_log_probs) * mask
+        kl = per_token_kl.sum(dim=1)
+        rewards -= config.kl_coeff * per_token_kl
+    scores = reward_fn(rows, rollout.completions()).to(mask.device).float()
+    if config.penalize_unfinished:
+        scores = torch.where(rollout.ended, scores, torch.full_like(scores, config.unfinished_reward))
+    last = mask.sum(dim=1).long() - 1
+    rewards[torch.arange(len(rows)), last] += scores
+    advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+    return Experience(rollout, log_probs, values * mask, advantages, returns, scores, kl)
+
+
+def whiten(experiences: list[Experience]) -> None:
+    """Advantages to zero mean and unit variance over every real token of the batch."""
+    flat = torch.cat([e.advantages[e.rollout.completion_mask.bool()] for e in experiences])
+    mean = flat.mean()
+    std = flat.std().clamp_min(1e-8) if flat.numel() > 1 else torch.ones(())
+    for experience in experiences:
+        experience.advantages = (experience.advantages - mean) / std * experience.rollout.completion_mask
+
+
+def ppo_losses(policy: Policy, experience: Experience, config: PPOConfig) -> dict[str, torch.Tensor]:
+    """Token sums (not means) of the losses and statistics for one micro-batch, with gradients on the losses."""
+    mask = experience.rollout.completion_mask.float()
+    log_probs, entropy, values = policy.evaluate(experience.rollout, config.temperature)
+    ratio = torch.exp(log_probs - experience.old_log_probs)
+    advantages = experience.advantages
+    policy_loss = torch.max(-advantages * ratio,
+                            -advantages * ratio.clamp(1 - config.clip_range, 1 + config.clip_range))
+    clipped_values = experience.old_values + (values - experience.old_values).clamp(
+        -config.value_clip_range, config.value_clip_range)
+    value_loss = 0.5 * torch.max((values - experience.returns) ** 2, (clipped_values - experience.returns) ** 2)
+    log_ratio = (log_probs - experience.old_log_probs).detach()
+    return {
+        "policy_loss": (policy_loss * mask).sum(),
+        "value_loss": (value_loss * mask).sum(),
+        "entropy": (entropy.detach() * mask).sum(),
+        "approx_kl": (((ratio.detach() - 1) - log_ratio) * mask).sum(),
+        "clip_fraction": (((ratio.detach() - 1).abs() > config.clip_range).float() * mask).sum(),
+    }
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="policy (PPO)", file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+def _samples_markdown(tokenizer, rows: list[dict], experience: Experience, count: int = 3) -> str:
+    lines = ["| prompt | completion | reward |", "|---|---|---|"]
+    for row, completion, score in list(zip(rows, experience.rollout.completions(), experience.scores.tolist()))[:count]:
+        prompt = row.get("input_text") or row["messages"][-1]["content"]
+        cells = [prompt[-300:], tokenizer.decode(completion, skip_special_tokens=True)]
+        cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]
+        lines.append(f"| {cells[0]} | {cells[1]} | {score:.3f} |")
+    return "\n".join(lines)
+
+
+def train_policy(
+    config: PPOConfig,
+    prompt_rows: list[dict],
+    reward_fn: RewardFunction,
+    large_model_reference: str,
+    output_dir: Path,
+    base_model_path: str | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from rlhf.model_reference import resolve_model_reference
+
+    config.validate()
+    if not prompt_rows:
+        raise ValueError("reinforcement learning: no prompts")
+    output_dir = Path(output_dir)
+    if (output_dir / METRICS_FILE).is_file():
+        print(f"{output_dir} already holds a tuned policy; returning it", file=sys.stderr)
+        return json.loads((output_dir / METRICS_FILE).read_text())
+
+    placement = pick_placement(config.device)
+    base_path = base_model_path or resolve_model_reference(large_model_reference)
+    run_id = fingerprint(config, large_model_reference, reward_fn.name, prompt_rows)
+    tokenizer = load_tokenizer(base_path)
+    encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
+                            config.prompt_sequence_length, config.target_sequence_length)
+    prompts = [encoder.encode_prompt(r) for r in prompt_rows]
+
+    torch.manual_seed(config.seed)
+    policy = Policy.create(load_causal_lm(base_path, placement), config.lora_dim, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, config.seed)
+    policy.model.train()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=0.0)
+    updates_per_step = config.ppo_epochs * math.ceil(config.batch_size / config.ppo_minibatch_size)
+    total_updates = config.train_steps * updates_per_step
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
+
+    start_step, history = 0, []
+    checkpoint = latest_checkpoint(output_dir / CHECKPOINT_DIR)
+    if checkpoint:
+        state = load_checkpoint(checkpoint, policy, optimizer, run_id)
+        scheduler.load_state_dict(state["scheduler"])
+        start_step, history = state["step"], state["history"]
+        print(f"Resuming the policy from {checkpoint} (step {start_step} of {config.train_steps})", file=sys.stderr)
+
+    writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+    progress = _progress_bar(config.train_steps, start_step)
+    episodes, started, interrupted = 0, time.monotonic(), False
+    micro_per_minibatch = max(1, config.ppo_minibatch_size // config.micro_batch_size)
+    for step in range(start_step, config.train_steps):
+        chosen = batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
+        experiences, batch_rows = [], []
+        for first in range(0, len(chosen), config.micro_batch_size):
+            indices = chosen[first:first + config.micro_batch_size]
+            rows = [prompt_rows[i] for i in indices]
+            experiences.append(collect(policy, rows, [prompts[i] for i in indices], reward_fn, config))
+            batch_rows.append(rows)
+        whiten(experiences)
+
+        totals = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
+        token_count = 0
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(len(experiences)).tolist()
+            for first in range(0, len(order), micro_per_minibatch):
+                group = [experiences[i] for i in order[first:first + micro_per_minibatch]]
+                tokens = sum(float(e.rollout.completion_mask.sum()) for e in group)
+                for experience in group:
+                    losses = ppo_losses(policy, experience, config)
+                    loss = (losses["policy_loss"] + config.value_loss_coeff * losses["value_loss"]) / tokens
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"reinforcement learning: the loss is {float(loss)} at step {step + 1}; the last good "
+                            f"checkpoint in {output_dir / CHECKPOINT_DIR} is kept")
+                    loss.backward()
+                    for name in totals:
+                        totals[name] += float(losses[name].detach())
+                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                token_count += tokens
+
+        scores = torch.cat([e.scores for e in experiences])
+        kl = float(torch.cat([e.kl for e in experiences]).mean()) if config.kl_coeff > 0 else None
+        lengths = torch.cat([e.rollout.completion_mask.sum(dim=1).float() for e in experiences])
+        ended = torch.cat([e.rollout.ended.float() for e in experiences])
+        record = {
+            "step": step + 1,
+            "reward": float(scores.mean()),
+            "kl": kl,
+            "kl_loss": config.kl_coeff * kl if kl is not None else None,
+            "rl_loss": totals["policy_loss"] / token_count,
+            "value_loss": totals["value_loss"] / token_count,
+            "entropy": totals["entropy"] / token_count,
+            "approx_kl": totals["approx_kl"] / token_count,
+            "clip_fraction": totals["clip_fraction"] / token_count,
+            "response_length": float(lengths.mean()),
+            "ended_share": float(ended.mean()),
+            "learning_rate": scheduler.get_last_lr()[0],
+        }
+        history.append(record)
+        for name, value in record.items():
+            if name != "step" and value is not None:
+                writer.add_scalar(name, value, step + 1)
+        if (step + 1) % config.sample_every == 0 or step == start_step:
+            writer.add_text("samples", _samples_markdown(tokenizer, batch_rows[0], experiences[0]), step + 1)
+        episodes += len(chosen)
+        progress.set_postfix(reward=f"{record['reward']:.3f}", kl="-" if kl is None else f"{kl:.3f}", refresh=False)
+        progress.update(1)
+        interrupted = stop_requested() and step + 1 < config.train_steps
+        if (step + 1) % config.checkpoint_every == 0 or interrupted:
+            save_checkpoint(output_dir / CHECKPOINT_DIR, step + 1, policy, optimizer,
+                            {"fingerprint": run_id, "scheduler": scheduler.state_dict(), "history": history})
+        if interrupted:
+            break
+    progress.close()
+    elapsed = time.monotonic() - started
+    writer.close()
+    if interrupted:
+        print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
+        return {"interrupted": True, "step": history[-1]["step"]}
+
+    spec = PolicySpec(large_model_reference=large_model_reference, lora_dim=config.lora_dim,
+                      prompt_sequence_length=config.prompt_sequence_length,
+                      target_sequence_length=config.target_sequence_length, instruction=config.instruction,
+                      use_chat_template=config.use_chat_template)
+    save_policy(policy, spec, output_dir, tokenizer, merged=config.export_merged)
+    tail = history[-max(1, min(10, len(history) // 5 or 1)):]
+    metrics = {
+        "final_reward": sum(h["reward"] for h in tail) / len(tail),
+        "final_kl": sum(h["kl"] for h in tail) / len(tail) if config.kl_coeff > 0 else None,
+        "initial_reward": history[0]["reward"],
+        "steps": config.train_steps,
+        "episodes_per_second": episodes / elapsed if elapsed > 0 and episodes else None,
+        "prompts": len(prompt_rows),
+        "truncation": encoder.counts.as_dict(),
+        "device": str(placement.device),
+        "dtype": str(placement.dtype).removeprefix("torch."),
+    }
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return metrics
