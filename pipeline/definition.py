@@ -1,12 +1,15 @@
 """`rlhf_pipeline`: the DAG, with parameters named as in Google's Vertex AI RLHF pipeline.
 
-Stages built so far: validate the datasets, resolve the training steps of both stages, train the
-reward model.
+validate -> resolve steps -> train reward model -> tune the policy (PPO) -> bulk inference of the base
+and the tuned model on the eval prompts -> evaluate (metrics.json, report.html).
 """
 
 from kfp import dsl
 
 from components.resolve_steps import resolve_steps
+from components.evaluate import evaluate
+from components.inference import bulk_inference
+from components.policy import train_policy
 from components.reward_model import train_reward_model
 from components.validate import validate_datasets
 
@@ -29,6 +32,14 @@ def rlhf_pipeline(
     reinforcement_learning_train_steps: int = 0,
     reinforcement_learning_train_epochs: int = 0,
     reinforcement_learning_batch_size: int = 64,
+    reinforcement_learning_micro_batch_size: int = 8,
+    reinforcement_learning_rate_multiplier: float = 1.0,
+    kl_coeff: float = 0.1,
+    policy_lora_dim: int = 8,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    export_merged_model: bool = False,
+    inference_batch_size: int = 8,
     prompt_sequence_length: int = 512,
     target_sequence_length: int = 64,
     instruction: str = "",
@@ -48,7 +59,7 @@ def rlhf_pipeline(
         reinforcement_learning_train_epochs=reinforcement_learning_train_epochs,
         reinforcement_learning_batch_size=reinforcement_learning_batch_size,
     ).set_display_name("resolve steps")
-    train_reward_model(
+    reward_model = train_reward_model(
         train_pairs=validated.outputs["train_pairs"],
         held_out_pairs=validated.outputs["held_out_pairs"],
         large_model_reference=large_model_reference,
@@ -63,3 +74,50 @@ def rlhf_pipeline(
         plain_text=plain_text,
         seed=seed,
     ).set_display_name("train reward model")
+    policy = train_policy(
+        prompts=validated.outputs["prompts"],
+        reward_model=reward_model.outputs["reward_model"],
+        large_model_reference=large_model_reference,
+        train_steps=steps.outputs["reinforcement_learning_steps"],
+        batch_size=reinforcement_learning_batch_size,
+        micro_batch_size=reinforcement_learning_micro_batch_size,
+        learning_rate_multiplier=reinforcement_learning_rate_multiplier,
+        kl_coeff=kl_coeff,
+        lora_dim=policy_lora_dim,
+        temperature=temperature,
+        top_p=top_p,
+        prompt_sequence_length=prompt_sequence_length,
+        target_sequence_length=target_sequence_length,
+        instruction=instruction,
+        plain_text=plain_text,
+        seed=seed,
+        export_merged=export_merged_model,
+    ).set_display_name("train policy (PPO)")
+    predictions = {}
+    for side, tuned in (("base", False), ("tuned", True)):
+        predictions[side] = bulk_inference(
+            prompts=validated.outputs["eval_prompts"],
+            policy=policy.outputs["policy"],
+            use_tuned_adapter=tuned,
+            target_sequence_length=target_sequence_length,
+            prompt_sequence_length=prompt_sequence_length,
+            batch_size=inference_batch_size,
+        ).set_display_name(f"bulk inference ({side})")
+    evaluate(
+        base_predictions=predictions["base"].outputs["predictions"],
+        tuned_predictions=predictions["tuned"].outputs["predictions"],
+        reward_model=reward_model.outputs["reward_model"],
+        policy=policy.outputs["policy"],
+        preference_dataset=preference_dataset,
+        prompt_dataset=prompt_dataset,
+        eval_dataset=eval_dataset,
+        large_model_reference=large_model_reference,
+        reward_model_train_steps=steps.outputs["reward_model_steps"],
+        reinforcement_learning_train_steps=steps.outputs["reinforcement_learning_steps"],
+        reward_model_learning_rate_multiplier=reward_model_learning_rate_multiplier,
+        reinforcement_learning_rate_multiplier=reinforcement_learning_rate_multiplier,
+        kl_coeff=kl_coeff,
+        instruction=instruction,
+        target_sequence_length=target_sequence_length,
+        seed=seed,
+    ).set_display_name("evaluate")

@@ -170,6 +170,96 @@ def cmd_evaluate_reward_model(args) -> int:
     return 0
 
 
+def cmd_train_policy(args) -> int:
+    from rlhf.modeling import pick_placement
+    from rlhf.ppo import CHECKPOINT_DIR, METRICS_FILE, PPOConfig, train_policy
+    from rlhf.reward_model import read_spec
+    from rlhf.rewards import RewardModelReward
+    from rlhf.steps import resolve_steps
+    from rlhf.validation import read_dataset
+
+    output_dir = _require_resumable_output_dir(args.output_dir, (CHECKPOINT_DIR, METRICS_FILE))
+    dataset = read_dataset(args.prompt_dataset, "prompt", args.on_invalid)
+    if dataset.problems:
+        raise UsageError("the dataset has problems:\n" + "\n".join(str(p) for p in dataset.problems[:MAX_PROBLEM_LINES]))
+    reward_spec = read_spec(Path(args.reward_model))
+    steps = resolve_steps(len(dataset.rows), args.reinforcement_learning_train_steps,
+                          args.reinforcement_learning_train_epochs, args.batch_size, "reinforcement learning")
+    config = PPOConfig(
+        train_steps=steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+        ppo_minibatch_size=args.ppo_minibatch_size, ppo_epochs=args.ppo_epochs,
+        learning_rate_multiplier=args.reinforcement_learning_rate_multiplier, kl_coeff=args.kl_coeff,
+        lora_dim=args.policy_lora_dim, temperature=args.temperature, top_p=args.top_p,
+        penalize_unfinished=args.unfinished_reward is not None,
+        unfinished_reward=args.unfinished_reward if args.unfinished_reward is not None else 0.0,
+        prompt_sequence_length=args.prompt_sequence_length, target_sequence_length=args.target_sequence_length,
+        instruction=reward_spec.instruction if args.instruction is None else args.instruction,
+        use_chat_template=False if args.plain_text else None, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, export_merged=args.export_merged, device=args.device)
+    config.validate()
+    reward = RewardModelReward(Path(args.reward_model), pick_placement(args.device))
+    print(f"Tuning the policy: {len(dataset.rows)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
+    metrics = train_policy(config, dataset.rows, reward, args.large_model_reference, output_dir,
+                           stop_requested=StopFlag().install())
+    print(json.dumps(metrics, indent=2))
+    if metrics.get("interrupted"):
+        return 75
+    print(f"Policy adapter saved in {output_dir / 'adapter'}", file=sys.stderr)
+    return 0
+
+
+def _read_prompts_or_exit(uri: str, on_invalid: str) -> list[dict]:
+    from rlhf.validation import read_dataset
+
+    dataset = read_dataset(uri, "eval", on_invalid)
+    if dataset.problems:
+        raise UsageError("the dataset has problems:\n" + "\n".join(str(p) for p in dataset.problems[:MAX_PROBLEM_LINES]))
+    return dataset.rows
+
+
+def cmd_infer(args) -> int:
+    from rlhf.datasets import write_jsonl
+    from rlhf.inference import InferenceConfig, bulk_infer
+    from rlhf.model_reference import resolve_model_reference
+    from rlhf.policy import ADAPTER_DIR, read_policy_spec
+
+    output = Path(args.output)
+    if output.exists():
+        raise UsageError(f"--output {args.output} exists; choose a new file (nothing is overwritten)")
+    rows = _read_prompts_or_exit(args.eval_dataset, args.on_invalid)
+    reference, adapter, instruction = args.large_model_reference, None, args.instruction
+    if args.policy:
+        spec = read_policy_spec(Path(args.policy))
+        reference, adapter = spec.large_model_reference, Path(args.policy) / ADAPTER_DIR
+        instruction = spec.instruction if instruction is None else instruction
+    config = InferenceConfig(
+        target_sequence_length=args.target_sequence_length, prompt_sequence_length=args.prompt_sequence_length,
+        batch_size=args.batch_size, greedy=not args.sample, temperature=args.temperature, top_p=args.top_p,
+        seed=args.seed, instruction=instruction or "", use_chat_template=False if args.plain_text else None,
+        device=args.device)
+    outputs = bulk_infer(rows, resolve_model_reference(reference), config, adapter)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(output, outputs)
+    print(f"Wrote {len(outputs)} predictions to {output}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from rlhf.datasets import read_jsonl
+    from rlhf.evaluation import REPORT_HTML, evaluate_run
+
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise UsageError(f"--output-dir {args.output_dir} is not empty; choose a new directory")
+    metrics = evaluate_run(read_jsonl(Path(args.base_outputs)), read_jsonl(Path(args.tuned_outputs)),
+                           Path(args.reward_model), Path(args.policy), output_dir,
+                           {"base_outputs": args.base_outputs, "tuned_outputs": args.tuned_outputs,
+                            "reward_model": args.reward_model, "policy": args.policy}, args.device, args.seed)
+    print(json.dumps(metrics, indent=2))
+    print(f"Report: {output_dir / REPORT_HTML}", file=sys.stderr)
+    return 0
+
+
 def _add_dataset_arguments(parser, eval_help: str) -> None:
     parser.add_argument("--preference-dataset", required=True, metavar="URI",
                         help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice}")
@@ -189,10 +279,33 @@ def _add_model_arguments(parser) -> None:
                         help="prompt tokens kept, cut inside the input (default 512)")
     parser.add_argument("--target-sequence-length", type=_positive_int, default=64,
                         help="completion tokens kept (default 64)")
-    parser.add_argument("--instruction", default="", help='put before every input, e.g. "Summarize in less than 50 words."')
+    parser.add_argument("--instruction", default="",
+                        help='put before every input, e.g. "Summarize in less than 50 words." '
+                             "(train-policy: default, the reward model's)")
     parser.add_argument("--plain-text", action="store_true", help="do not use the tokenizer's chat template")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order, split and initialisation")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def cmd_run(args) -> int:
+    import time
+
+    from pipeline.local_run import RunError, resolve_parameters, run_local
+
+    parameters = resolve_parameters(Path(args.params) if args.params else None, args.set or [])
+    output_dir = Path(args.output_dir or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise UsageError(f"--output-dir {output_dir} is not empty; choose a new directory")
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"Running the pipeline locally into {output_dir}")
+    try:
+        report = run_local(parameters, output_dir, echo=say)
+    except RunError as error:
+        print(f"rlhf run: failed: {error}", file=sys.stderr)
+        return 1
+    say(f"Metrics: {output_dir / 'metrics.json'}")
+    print(f"Report: {report}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--cache-dir", metavar="DIR", help="model cache (default $RLHF_CACHE_DIR or ~/.cache/rlhf)")
     prepare.set_defaults(handler=cmd_prepare_model)
 
+    run = commands.add_parser(
+        "run", help="run the whole pipeline locally on the KFP local runner",
+        description="Run rlhf_pipeline on the Kubeflow Pipelines local runner (no container, no network). With "
+                    "nothing given it tunes the default model on the bundled sample, sized for a laptop CPU. "
+                    "Leaves report.html, metrics.json and one log per stage in the output directory.")
+    run.add_argument("--params", metavar="FILE.yaml", help="pipeline parameters as a YAML mapping")
+    run.add_argument("--set", action="append", metavar="NAME=VALUE",
+                     help="one pipeline parameter (repeatable; wins over --params)")
+    run.add_argument("--output-dir", metavar="DIR", help="where the run goes (default runs/run-DATE-TIME)")
+    run.set_defaults(handler=cmd_run)
+
     compile_ = commands.add_parser("compile", help="write the compiled Kubeflow pipeline YAML",
                                    description="Compile rlhf_pipeline to YAML (what `python compile.py` does).")
     compile_.add_argument("--output", metavar="FILE", help="where to write it (default: pipeline.yaml in the repo)")
@@ -270,6 +394,70 @@ def build_parser() -> argparse.ArgumentParser:
     eval_rm.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
     eval_rm.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     eval_rm.set_defaults(handler=cmd_evaluate_reward_model)
+
+    train_pol = commands.add_parser(
+        "train-policy", help="tune the policy with PPO against a reward model, with a KL penalty",
+        description="PPO on a LoRA adapter over the base model: rollouts on the prompt dataset, rewards from the "
+                    "reward model, a per-token kl_coeff * KL(policy || base) penalty. Running the same command "
+                    "again resumes from the last checkpoint.")
+    train_pol.add_argument("--prompt-dataset", required=True, metavar="URI", help="JSONL rows {input_text|messages}")
+    train_pol.add_argument("--reward-model", required=True, metavar="DIR", help="from `rlhf train-reward-model`")
+    train_pol.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
+    _add_model_arguments(train_pol)
+    train_pol.set_defaults(instruction=None)
+    train_pol.add_argument("--output-dir", required=True, metavar="DIR", help="where the policy adapter goes")
+    train_pol.add_argument("--reinforcement-learning-train-steps", type=_positive_int, metavar="N", help="PPO steps")
+    train_pol.add_argument("--reinforcement-learning-train-epochs", type=_positive_int, metavar="E",
+                           help="epochs instead of steps: ceil(prompts / batch) * E")
+    train_pol.add_argument("--batch-size", type=_positive_int, default=64, help="prompts per step (default 64)")
+    train_pol.add_argument("--micro-batch-size", type=_positive_int, default=8,
+                           help="rollouts per forward pass (default 8)")
+    train_pol.add_argument("--ppo-minibatch-size", type=_positive_int, default=32,
+                           help="rollouts per optimizer step (default 32)")
+    train_pol.add_argument("--ppo-epochs", type=_positive_int, default=2, help="passes over each batch (default 2)")
+    train_pol.add_argument("--reinforcement-learning-rate-multiplier", type=float, default=1.0,
+                           help="times the base learning rate 1e-4 (default 1.0)")
+    train_pol.add_argument("--kl-coeff", type=float, default=0.1, help="KL penalty weight (default 0.1; 0 = none)")
+    train_pol.add_argument("--policy-lora-dim", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    train_pol.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    train_pol.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    train_pol.add_argument("--unfinished-reward", type=float, default=-2.0,
+                           help="reward of a completion with no EOS, in normalised units (default -2.0)")
+    train_pol.add_argument("--keep-unfinished-scores", dest="unfinished_reward", action="store_const", const=None,
+                           help="score unfinished completions with the reward model like any other")
+    train_pol.add_argument("--export-merged", action="store_true", help="also write base + adapter merged")
+    train_pol.add_argument("--checkpoint-every", type=_positive_int, default=20, help="steps between checkpoints")
+    train_pol.set_defaults(handler=cmd_train_policy)
+
+    infer = commands.add_parser(
+        "infer", help="bulk inference: a completion for every prompt, in order, Vertex-shaped JSONL",
+        description="Generate one completion per prompt (greedy by default, as Vertex's bulk inferrer), batched "
+                    "by length. Writes JSONL rows {input_text, prediction, inputs: {inputs_pretokenized}}.")
+    infer.add_argument("--eval-dataset", required=True, metavar="URI", help="JSONL prompt rows")
+    infer.add_argument("--output", required=True, metavar="FILE", help="JSONL file to write (must not exist)")
+    infer.add_argument("--policy", metavar="DIR", help="a tuned policy from `rlhf train-policy` (base model + adapter)")
+    infer.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
+    _add_model_arguments(infer)
+    infer.set_defaults(instruction=None)
+    infer.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
+    infer.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    infer.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
+    infer.add_argument("--top-p", type=float, default=1.0, help="with --sample (default 1.0)")
+    infer.set_defaults(handler=cmd_infer)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="base vs tuned: rewards, win rate, KL, lengths, report.html and metrics.json",
+        description="Score base and tuned predictions with the reward model; win rate with a bootstrap interval, "
+                    "KL of tuned to base on the tuned completions, lengths; writes metrics.json, "
+                    "comparison.jsonl, report.html and report.md.")
+    evaluate.add_argument("--base-outputs", required=True, metavar="FILE", help="`rlhf infer` output of the base model")
+    evaluate.add_argument("--tuned-outputs", required=True, metavar="FILE", help="`rlhf infer --policy` output")
+    evaluate.add_argument("--reward-model", required=True, metavar="DIR")
+    evaluate.add_argument("--policy", required=True, metavar="DIR")
+    evaluate.add_argument("--output-dir", required=True, metavar="DIR")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    evaluate.set_defaults(handler=cmd_evaluate)
     return parser
 
 

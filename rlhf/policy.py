@@ -48,6 +48,10 @@ class Rollout:
     completion_mask: torch.Tensor  # [batch, completion]: 1 up to and including the first EOS
     ended: torch.Tensor  # [batch]: the completion ended with EOS within the limit
 
+    def to(self, device: torch.device) -> "Rollout":
+        return Rollout(self.sequences.to(device), self.attention_mask.to(device), self.completion_mask.to(device),
+                       self.ended.to(device))
+
     @property
     def prompt_length(self) -> int:
         return self.sequences.shape[1] - self.completion_mask.shape[1]
@@ -81,6 +85,42 @@ def completion_mask(completions: torch.Tensor, eos_id: int) -> tuple[torch.Tenso
     return (~after_first_eos).long(), ended
 
 
+def make_rollout(prompts: list[list[int]], completions: list[list[int]], pad_id: int, ended: list[bool]) -> Rollout:
+    """A rollout from given token ids, e.g. completions generated elsewhere, to score them."""
+    ids, mask = left_pad(prompts, pad_id)
+    length = max(len(c) for c in completions)
+    tokens = torch.full((len(completions), length), pad_id, dtype=torch.long)
+    keep = torch.zeros((len(completions), length), dtype=torch.long)
+    for row, completion in enumerate(completions):
+        tokens[row, :len(completion)] = torch.tensor(completion)
+        keep[row, :len(completion)] = 1
+    return Rollout(torch.cat([ids, tokens], dim=1), torch.cat([mask, keep], dim=1), keep, torch.tensor(ended))
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollout:
+    """Sample (or greedily decode) completions with the KV cache; stops each row at its first EOS."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    # top_k=0 and a fresh config: sample from the policy's own distribution, not the checkpoint's defaults.
+    sampling = {} if greedy else {"do_sample": True, "top_k": 0, "top_p": top_p, "temperature": temperature}
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                                use_cache=True, **sampling)
+    was_training = model.training
+    model.eval()
+    sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+    model.train(was_training)
+    completions = sequences[:, ids.shape[1]:]
+    if completions.shape[1] == 0:
+        raise RuntimeError("generation produced no tokens")
+    keep, ended = completion_mask(completions, eos_id)
+    return Rollout(sequences, torch.cat([mask, keep], dim=1), keep, ended)
+
+
 class Policy(torch.nn.Module):
     def __init__(self, model, value_head: torch.nn.Linear, eos_id: int, pad_id: int):
         super().__init__()
@@ -106,26 +146,10 @@ class Policy(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                  greedy: bool = False, use_adapter: bool = True) -> Rollout:
-        from transformers import GenerationConfig
-
-        ids, mask = left_pad(prompts, self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, top_k=0,
-                                    top_p=top_p if not greedy else 1.0, temperature=temperature if not greedy else 1.0,
-                                    eos_token_id=self.eos_id, pad_token_id=self.pad_id, use_cache=True)
-        was_training = self.model.training
-        self.model.eval()
         with nullcontext() if use_adapter else self.model.disable_adapter():
-            sequences = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
-        self.model.train(was_training)
-        completions = sequences[:, ids.shape[1]:]
-        if completions.shape[1] == 0:
-            raise RuntimeError("generation produced no tokens")
-        keep, ended = completion_mask(completions, self.eos_id)
-        return Rollout(sequences, torch.cat([mask, keep], dim=1), keep, ended)
+            return generate(self.model, prompts, max_new_tokens, self.eos_id, self.pad_id, temperature, top_p, greedy)
 
     def evaluate(self, rollout: Rollout, temperature: float, with_values: bool = True, use_adapter: bool = True):
         """Per-token log-probs [batch, completion] of the rollout's completion tokens, the entropy of each

@@ -38,6 +38,7 @@ from rlhf.batching import batch_indices, warmup_cosine
 from rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
 from rlhf.policy import Policy, PolicySpec, Rollout, save_policy
+from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.rewards import RewardFunction
 
@@ -191,13 +192,6 @@ def ppo_losses(policy: Policy, experience: Experience, config: PPOConfig) -> dic
     }
 
 
-def _progress_bar(total: int, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", desc="policy (PPO)", file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0)
-
-
 def _samples_markdown(tokenizer, rows: list[dict], experience: Experience, count: int = 3) -> str:
     lines = ["| prompt | completion | reward |", "|---|---|---|"]
     for row, completion, score in list(zip(rows, experience.rollout.completions(), experience.scores.tolist()))[:count]:
@@ -258,7 +252,7 @@ def train_policy(
         print(f"Resuming the policy from {checkpoint} (step {start_step} of {config.train_steps})", file=sys.stderr)
 
     writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
-    progress = _progress_bar(config.train_steps, start_step)
+    progress = Progress(config.train_steps, "policy (PPO)", initial=start_step)
     episodes, started, interrupted = 0, time.monotonic(), False
     micro_per_minibatch = max(1, config.ppo_minibatch_size // config.micro_batch_size)
     for step in range(start_step, config.train_steps):
@@ -319,8 +313,7 @@ def train_policy(
         if (step + 1) % config.sample_every == 0 or step == start_step:
             writer.add_text("samples", _samples_markdown(tokenizer, batch_rows[0], experiences[0]), step + 1)
         episodes += len(chosen)
-        progress.set_postfix(reward=f"{record['reward']:.3f}", kl="-" if kl is None else f"{kl:.3f}", refresh=False)
-        progress.update(1)
+        progress.update(1, reward=f"{record['reward']:.3f}", kl="-" if kl is None else f"{kl:.3f}")
         interrupted = stop_requested() and step + 1 < config.train_steps
         if (step + 1) % config.checkpoint_every == 0 or interrupted:
             save_checkpoint(output_dir / CHECKPOINT_DIR, step + 1, policy, optimizer,
@@ -344,6 +337,7 @@ def train_policy(
         "final_reward": sum(h["reward"] for h in tail) / len(tail),
         "final_kl": sum(h["kl"] for h in tail) / len(tail) if config.kl_coeff > 0 else None,
         "initial_reward": history[0]["reward"],
+        "final_ended_share": sum(h["ended_share"] for h in tail) / len(tail),
         "steps": config.train_steps,
         "episodes_per_second": episodes / elapsed if elapsed > 0 and episodes else None,
         "prompts": len(prompt_rows),

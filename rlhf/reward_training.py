@@ -29,6 +29,7 @@ from rlhf.batching import batch_indices, micro_batches, warmup_cosine
 from rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.modeling import Placement, add_lora, load_backbone, load_tokenizer, pick_placement
 from rlhf.packing import pack, packed_length
+from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.reward_model import RewardModel, RewardModelSpec, save_reward_model, score_packed
 from rlhf.validation import chosen, rejected
@@ -116,13 +117,6 @@ def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, ma
             "eval_mean_margin": float((scores[:, 0] - scores[:, 1]).mean())}
 
 
-def _progress_bar(total: int, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", desc="reward model", file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0)
-
-
 def train_reward_model(
     config: RewardTrainingConfig,
     train_rows: list[dict],
@@ -182,7 +176,7 @@ def train_reward_model(
               file=sys.stderr)
 
     writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
-    progress = _progress_bar(config.train_steps, start_step)
+    progress = Progress(config.train_steps, "reward model", initial=start_step)
     pairs_seen, started = 0, time.monotonic()
     interrupted = False
     for step in range(start_step, config.train_steps):
@@ -211,8 +205,7 @@ def train_reward_model(
             writer.add_scalar("rank_loss", rank_loss, step + 1)
             writer.add_scalar("accuracy", accuracy, step + 1)
             writer.add_scalar("learning_rate", learning_rate, step + 1)
-        progress.set_postfix(loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}", refresh=False)
-        progress.update(1)
+        progress.update(1, loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}")
         interrupted = stop_requested() and step + 1 < config.train_steps
         if (step + 1) % config.checkpoint_every == 0 or interrupted:
             save_checkpoint(output_dir / CHECKPOINT_DIR, step + 1, model, optimizer,

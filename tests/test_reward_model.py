@@ -1,7 +1,4 @@
-import json
 import random
-import subprocess
-import sys
 
 import pytest
 import torch

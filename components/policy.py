@@ -1,0 +1,50 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_policy(
+    prompts: Input[Dataset],
+    reward_model: Input[Model],
+    large_model_reference: str,
+    train_steps: int,
+    batch_size: int,
+    micro_batch_size: int,
+    learning_rate_multiplier: float,
+    kl_coeff: float,
+    lora_dim: int,
+    temperature: float,
+    top_p: float,
+    prompt_sequence_length: int,
+    target_sequence_length: int,
+    instruction: str,
+    plain_text: bool,
+    seed: int,
+    export_merged: bool,
+    policy: Output[Model],
+    metrics: Output[Metrics],
+):
+    """PPO against the reward model; a retry with the same output location resumes from its checkpoint."""
+    from pathlib import Path
+
+    from rlhf.datasets import read_jsonl
+    from rlhf.modeling import pick_placement
+    from rlhf.ppo import PPOConfig, train_policy as train
+    from rlhf.rewards import RewardModelReward
+
+    config = PPOConfig(
+        train_steps=train_steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
+        ppo_minibatch_size=max(micro_batch_size, batch_size // 2), learning_rate_multiplier=learning_rate_multiplier,
+        kl_coeff=kl_coeff, lora_dim=lora_dim, temperature=temperature, top_p=top_p,
+        prompt_sequence_length=prompt_sequence_length, target_sequence_length=target_sequence_length,
+        instruction=instruction, use_chat_template=False if plain_text else None, seed=seed,
+        export_merged=export_merged)
+    config.validate()
+    reward = RewardModelReward(Path(reward_model.path), pick_placement(config.device))
+    result = train(config, read_jsonl(Path(prompts.path)), reward, large_model_reference, Path(policy.path))
+    policy.metadata["large_model_reference"] = large_model_reference
+    for name in ("final_reward", "final_kl", "initial_reward", "episodes_per_second"):
+        if result.get(name) is not None:
+            metrics.log_metric(name, result[name])

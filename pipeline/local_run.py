@@ -1,0 +1,227 @@
+"""Run `rlhf_pipeline` on the KFP local runner (SubprocessRunner: this Python environment, no installs).
+
+Each stage's output (its component's stdout and stderr) goes to `OUTPUT/logs/<stage>.log`; the terminal
+gets one line when a stage starts and one when it ends, with its time. The report and metrics of the
+evaluate stage are copied to `OUTPUT/report.html` and `OUTPUT/metrics.json`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import re
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import yaml
+
+from rlhf.datasets import sample_dataset
+from rlhf.model_reference import DEFAULT_MODEL
+
+# Sized for a 2-core laptop CPU and the bundled sample: minutes, not hours. Vertex-sized defaults are the
+# pipeline's own (see pipeline/definition.py); anything here can be changed with --params or --set.
+LOCAL_DEFAULTS = {
+    "preference_dataset": sample_dataset("preference.jsonl"),
+    "prompt_dataset": sample_dataset("prompts.jsonl"),
+    "eval_dataset": sample_dataset("eval.jsonl"),
+    "large_model_reference": DEFAULT_MODEL,
+    "instruction": "Summarize in less than 50 words.",
+    "reward_model_train_epochs": 2,
+    "reward_model_batch_size": 16,
+    "reward_model_learning_rate_multiplier": 10.0,
+    "reinforcement_learning_train_steps": 6,
+    "reinforcement_learning_batch_size": 8,
+    "reinforcement_learning_micro_batch_size": 8,
+    "reinforcement_learning_rate_multiplier": 5.0,
+    "target_sequence_length": 64,
+}
+
+_TASK_START = re.compile(r"Executing task '?(?P<task>[\w-]+)'?")
+_TASK_END = re.compile(r"Task '?(?P<task>[\w-]+)'? finished with status (?P<status>\w+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PROGRESS = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
+PROGRESS_EVERY_SECONDS = 5.0
+
+
+class RunError(Exception):
+    """A stage failed; the message names it and its log."""
+
+
+def pipeline_parameters() -> dict[str, inspect.Parameter]:
+    from pipeline.definition import rlhf_pipeline
+
+    return dict(inspect.signature(rlhf_pipeline.pipeline_func).parameters)
+
+
+def _coerce(name: str, value, parameter: inspect.Parameter):
+    kind = parameter.annotation
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} takes true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} takes a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{name} takes a number, got {value!r}")
+    return "" if value is None else str(value)
+
+
+def resolve_parameters(params_file: Path | None, assignments: list[str]) -> dict:
+    """Local defaults, then the YAML file, then each `name=value` (values parsed as YAML scalars)."""
+    accepted = pipeline_parameters()
+    given: dict = {}
+    if params_file:
+        try:
+            loaded = yaml.safe_load(Path(params_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"{params_file}: cannot read the parameters: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{params_file}: expected a mapping of parameter names to values")
+        given.update(loaded)
+    for assignment in assignments:
+        name, separator, text = assignment.partition("=")
+        if not separator:
+            raise ValueError(f"--set {assignment!r}: expected name=value")
+        given[name.strip()] = yaml.safe_load(text) if text.strip() else ""
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}")
+    parameters = {**LOCAL_DEFAULTS, **given}
+    return {name: _coerce(name, value, accepted[name]) for name, value in parameters.items()}
+
+
+class _StageRouter(io.TextIOBase):
+    """Stands in for sys.stdout during a run: the KFP local runner prints its own log lines and each
+    component's output there. Lines go to the current stage's log file; stage starts and ends are
+    reported on the terminal with their times."""
+
+    def __init__(self, logs: Path, terminal):
+        self.logs = logs
+        self.terminal = terminal
+        self.current = open(logs / "pipeline.log", "a", encoding="utf-8")
+        self.started: dict[str, float] = {}
+        self.failed: str | None = None
+        self.pending = ""
+        self.last_progress = 0.0
+        self.progress_shown = False
+        self.interactive = terminal.isatty()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        plain = _ANSI.sub("", line)
+        start, end = _TASK_START.search(plain), _TASK_END.search(plain)
+        if start:
+            task = start["task"]
+            self.started[task] = time.monotonic()
+            self.current.close()
+            self.current = open(self.logs / f"{task}.log", "a", encoding="utf-8")
+            self.say(f"[{time.strftime('%H:%M:%S')}] {task}: started")
+        self.current.write(plain + "\n")
+        self.current.flush()
+        if _PROGRESS.search(plain):
+            self._progress(plain.strip())
+        if end:
+            task, status = end["task"], end["status"]
+            seconds = time.monotonic() - self.started.get(task, time.monotonic())
+            self.say(f"[{time.strftime('%H:%M:%S')}] {task}: {status.lower()} in {seconds:.0f} s")
+            if status != "SUCCESS":
+                self.failed = task
+
+    def _progress(self, bar: str) -> None:
+        """Stage progress bars (steps, rate, ETA) on the terminal, at most every few seconds."""
+        now = time.monotonic()
+        if now - self.last_progress < PROGRESS_EVERY_SECONDS and "100%" not in bar:
+            return
+        self.last_progress = now
+        if self.interactive:
+            self.terminal.write(f"\r    {bar[:150]}\x1b[K")
+            self.progress_shown = True
+        else:
+            self.terminal.write(f"    {bar[:150]}\n")
+        self.terminal.flush()
+
+    def say(self, line: str) -> None:
+        if self.progress_shown:
+            self.terminal.write("\n")
+            self.progress_shown = False
+        self.terminal.write(line + "\n")
+        self.terminal.flush()
+
+    def close(self) -> None:
+        if self.pending:
+            self._line(self.pending)
+            self.pending = ""
+        self.current.close()
+        super().close()
+
+
+def _find(root: Path, task: str, output: str) -> Path | None:
+    matches = sorted(root.glob(f"*/{task}/{output}"))
+    return matches[-1] if matches else None
+
+
+def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
+    """Run the pipeline; return the report's path. Raises RunError naming a failed stage and its log."""
+    from kfp import local
+
+    from pipeline.definition import rlhf_pipeline
+    from rlhf.evaluation import COMPARISON_FILE, METRICS_FILE, REPORT_HTML, REPORT_MARKDOWN
+    from rlhf.model_reference import resolve_model_reference
+
+    output_dir = Path(output_dir)
+    logs = output_dir / "logs"
+    logs.mkdir(parents=True)
+    echo(f"Model: {parameters['large_model_reference']}")
+    resolve_model_reference(parameters["large_model_reference"], progress=echo)
+    root = output_dir / "pipeline_root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+
+    router = _StageRouter(logs, sys.stderr)
+    real_stdout = sys.stdout
+    sys.stdout = router
+    started = time.monotonic()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rlhf_pipeline(**parameters)
+    except RuntimeError as error:
+        router.close()
+        if router.failed:
+            log = logs / f"{router.failed}.log"
+            raise RunError(f"stage {router.failed!r} failed; its log: {log}\n{_tail(log)}") from None
+        raise RunError(f"the pipeline failed: {_ANSI.sub('', str(error))}") from None
+    finally:
+        sys.stdout = real_stdout
+        if not router.closed:
+            router.close()
+
+    evaluation = _find(root, "evaluate", "evaluation")
+    if evaluation is None:
+        raise RunError(f"the pipeline finished but left no evaluation under {root}")
+    for name in (REPORT_HTML, METRICS_FILE, REPORT_MARKDOWN, COMPARISON_FILE):
+        shutil.copyfile(evaluation / name, output_dir / name)
+    echo(f"Pipeline finished in {time.monotonic() - started:.0f} s")
+    return output_dir / REPORT_HTML
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    if not log.is_file():
+        return ""
+    text = log.read_text(errors="replace").splitlines()
+    return "\n".join(f"  | {line}" for line in text[-lines:])
