@@ -51,8 +51,8 @@ def line_chart(points: list[tuple[int, float]], title: str, width: int = 420, he
     for tick in _ticks(y_low, y_high):
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" class="grid"/>')
         parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.3g}</text>')
-    for tick in _ticks(x_low, x_high):
-        parts.append(f'<text x="{x(tick):.1f}" y="{height - 14}" text-anchor="middle">{tick:.0f}</text>')
+    for tick in sorted({round(t) for t in _ticks(x_low, x_high)}):
+        parts.append(f'<text x="{x(tick):.1f}" y="{height - 14}" text-anchor="middle">{tick}</text>')
     parts.append(f'<text x="{width / 2}" y="{height - 2}" text-anchor="middle" class="axis">step</text>')
     parts.append(f'<path d="{path}" fill="none" stroke="{PALETTE["line"]}" stroke-width="2"/>')
     if len(points) == 1:
