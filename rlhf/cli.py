@@ -183,6 +183,10 @@ def cmd_train_policy(args) -> int:
     if dataset.problems:
         raise UsageError("the dataset has problems:\n" + "\n".join(str(p) for p in dataset.problems[:MAX_PROBLEM_LINES]))
     reward_spec = read_spec(Path(args.reward_model))
+    reference = args.large_model_reference or reward_spec.large_model_reference
+    if reference != reward_spec.large_model_reference:
+        raise UsageError(f"the reward model was trained on {reward_spec.large_model_reference!r}; the policy must use "
+                         f"the same base model (its tokenizer), not {reference!r}")
     steps = resolve_steps(len(dataset.rows), args.reinforcement_learning_train_steps,
                           args.reinforcement_learning_train_epochs, args.batch_size, "reinforcement learning")
     config = PPOConfig(
@@ -199,7 +203,7 @@ def cmd_train_policy(args) -> int:
     config.validate()
     reward = RewardModelReward(Path(args.reward_model), pick_placement(args.device))
     print(f"Tuning the policy: {len(dataset.rows)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
-    metrics = train_policy(config, dataset.rows, reward, args.large_model_reference, output_dir,
+    metrics = train_policy(config, dataset.rows, reward, reference, output_dir,
                            stop_requested=StopFlag().install())
     print(json.dumps(metrics, indent=2))
     if metrics.get("interrupted"):
@@ -270,18 +274,20 @@ def _add_dataset_arguments(parser, eval_help: str) -> None:
                         help="share of prompts held out when the eval dataset has no pairs (default 0.1)")
 
 
-def _add_model_arguments(parser) -> None:
+def _add_model_arguments(parser, from_artifact: str | None = None) -> None:
+    """Model and prompt arguments; with `from_artifact`, the model and instruction default to that artifact's."""
     from rlhf.model_reference import DEFAULT_MODEL
 
-    parser.add_argument("--large-model-reference", default=DEFAULT_MODEL, metavar="REF",
-                        help=f"the base model (default {DEFAULT_MODEL}); see `rlhf prepare-model --help`")
+    default = f"the {from_artifact}'s" if from_artifact else DEFAULT_MODEL
+    parser.add_argument("--large-model-reference", default=None if from_artifact else DEFAULT_MODEL, metavar="REF",
+                        help=f"the base model (default {default}); see `rlhf prepare-model --help`")
     parser.add_argument("--prompt-sequence-length", type=_positive_int, default=512,
                         help="prompt tokens kept, cut inside the input (default 512)")
     parser.add_argument("--target-sequence-length", type=_positive_int, default=64,
                         help="completion tokens kept (default 64)")
-    parser.add_argument("--instruction", default="",
+    parser.add_argument("--instruction", default=None if from_artifact else "",
                         help='put before every input, e.g. "Summarize in less than 50 words." '
-                             "(train-policy: default, the reward model's)")
+                             f"(default {'the ' + from_artifact + chr(39) + 's' if from_artifact else 'none'})")
     parser.add_argument("--plain-text", action="store_true", help="do not use the tokenizer's chat template")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order, split and initialisation")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
@@ -403,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_pol.add_argument("--prompt-dataset", required=True, metavar="URI", help="JSONL rows {input_text|messages}")
     train_pol.add_argument("--reward-model", required=True, metavar="DIR", help="from `rlhf train-reward-model`")
     train_pol.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
-    _add_model_arguments(train_pol)
-    train_pol.set_defaults(instruction=None)
+    _add_model_arguments(train_pol, from_artifact="reward model")
     train_pol.add_argument("--output-dir", required=True, metavar="DIR", help="where the policy adapter goes")
     train_pol.add_argument("--reinforcement-learning-train-steps", type=_positive_int, metavar="N", help="PPO steps")
     train_pol.add_argument("--reinforcement-learning-train-epochs", type=_positive_int, metavar="E",
@@ -438,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--policy", metavar="DIR", help="a tuned policy from `rlhf train-policy` (base model + adapter)")
     infer.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
     _add_model_arguments(infer)
-    infer.set_defaults(instruction=None)
+    infer.set_defaults(instruction=None)  # with --policy: the policy's instruction
     infer.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
     infer.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     infer.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")

@@ -14,10 +14,13 @@ Read `train_policy` top to bottom. Each step:
    approx_kl, response_length, plus sample completions as text) and checkpoint.
 
 Value function: a linear head on the policy's own last hidden state, trained jointly with the LoRA
-adapter. It comes out of the same forward pass that gives the log-probs, so it costs almost nothing;
-a separate critic (say, initialised from the reward model) would need its own forward pass in the
-rollout and its own forward and backward pass in every update: see `experiments/value_head_cost.py`
-for the measured cost of that extra pass on the default model.
+adapter. It comes out of the same forward pass that gives the log-probs, so it costs almost nothing.
+A separate critic (a second backbone with its own LoRA and head, e.g. initialised from the reward
+model) needs its own forward pass in the rollout and its own forward and backward pass in every update.
+Measured on the default model, CPU, 8 rollouts of 160 prompt + 48 completion tokens
+(`experiments/value_head_cost.py`, medians of 3): rollout forward 2.87 s with the head against 5.38 s
+with a separate critic (1.87x); update forward + backward 6.13 s against 11.29 s (1.84x). On a machine
+where the policy update dominates, the head keeps PPO's cost close to that of the policy alone.
 """
 
 from __future__ import annotations

@@ -69,3 +69,49 @@ def test_output_dir_never_holds_the_inputs(tmp_path):
 def test_prepare_model_refuses_unknown_references_clearly(reference, tmp_path):
     result = rlhf("prepare-model", "--large-model-reference", reference, "--cache-dir", str(tmp_path))
     assert result.returncode == 2 and "accepted:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
+    from rlhf.datasets import sample_dataset
+
+    reward_model, policy = tmp_path / "rm", tmp_path / "policy"
+    model = ["--prompt-sequence-length", "256", "--target-sequence-length", "12"]
+    trained = rlhf("train-reward-model", "--preference-dataset", sample_dataset("preference.jsonl"),
+                   "--large-model-reference", str(tiny_model_dir), "--output-dir", str(reward_model),
+                   "--reward-model-train-epochs", "1", "--batch-size", "16", *model)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert json.loads(trained.stdout)["steps"] == 3  # 42 training pairs after holding 3 prompts out
+
+    evaluated = rlhf("evaluate-reward-model", "--reward-model", str(reward_model),
+                     "--preference-dataset", sample_dataset("preference.jsonl"))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads(evaluated.stdout)
+    assert report["pairs"] == 48 and report["length_baseline_accuracy"] == 0.5
+    assert {"accuracy", "mean_margin", "model_prefers_longer", "accuracy_where_shorter_won"} <= set(report)
+
+    other_base = rlhf("train-policy", "--prompt-dataset", sample_dataset("prompts.jsonl"), "--reward-model",
+                      str(reward_model), "--output-dir", str(policy), "--large-model-reference", "llama-2-7b")
+    assert other_base.returncode == 2 and "must use the same base model" in other_base.stderr
+
+    tuned = rlhf("train-policy", "--prompt-dataset", sample_dataset("prompts.jsonl"), "--reward-model",
+                 str(reward_model), "--output-dir", str(policy), "--reinforcement-learning-train-steps", "2",
+                 "--batch-size", "4", "--micro-batch-size", "4", *model)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    assert json.loads(tuned.stdout)["steps"] == 2
+
+    base_out, tuned_out = tmp_path / "base.jsonl", tmp_path / "tuned.jsonl"
+    for extra, output in ((["--large-model-reference", str(tiny_model_dir)], base_out),
+                          (["--policy", str(policy)], tuned_out)):
+        inferred = rlhf("infer", "--eval-dataset", sample_dataset("eval.jsonl"), "--output", str(output), *extra,
+                        *model)
+        assert inferred.returncode == 0, inferred.stderr[-2000:]
+        assert len(output.read_text().splitlines()) == 8
+    refused = rlhf("infer", "--eval-dataset", sample_dataset("eval.jsonl"), "--output", str(base_out),
+                   "--large-model-reference", str(tiny_model_dir))
+    assert refused.returncode == 2 and "nothing is overwritten" in refused.stderr
+
+    compared = rlhf("evaluate", "--base-outputs", str(base_out), "--tuned-outputs", str(tuned_out),
+                    "--reward-model", str(reward_model), "--policy", str(policy), "--output-dir", str(tmp_path / "eval"))
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    assert json.loads(compared.stdout)["evaluation"]["prompts"] == 8
+    assert (tmp_path / "eval" / "report.html").is_file()
