@@ -42,7 +42,7 @@ LOCAL_DEFAULTS = {
 _TASK_START = re.compile(r"Executing task '?(?P<task>[\w-]+)'?")
 _TASK_END = re.compile(r"Task '?(?P<task>[\w-]+)'? finished with status (?P<status>\w+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_PROGRESS = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")
+_PROGRESS = re.compile(r": \d+/\d+ \w+ \(\d+%\), ")  # the lines rlhf.progress prints
 PROGRESS_EVERY_SECONDS = 5.0
 
 
@@ -146,7 +146,7 @@ class _StageRouter(io.TextIOBase):
     def _progress(self, bar: str) -> None:
         """Stage progress bars (steps, rate, ETA) on the terminal, at most every few seconds."""
         now = time.monotonic()
-        if now - self.last_progress < PROGRESS_EVERY_SECONDS and "100%" not in bar:
+        if now - self.last_progress < PROGRESS_EVERY_SECONDS and "(100%)" not in bar:
             return
         self.last_progress = now
         if self.interactive:

@@ -51,7 +51,8 @@ def line_chart(points: list[tuple[int, float]], title: str, width: int = 420, he
     for tick in _ticks(y_low, y_high):
         parts.append(f'<line x1="{left}" x2="{width - right}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" class="grid"/>')
         parts.append(f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:.3g}</text>')
-    for tick in sorted({round(t) for t in _ticks(x_low, x_high)}):
+    x_ticks = range(x_low, x_high + 1) if x_high - x_low <= 10 else sorted({round(t) for t in _ticks(x_low, x_high)})
+    for tick in x_ticks:
         parts.append(f'<text x="{x(tick):.1f}" y="{height - 14}" text-anchor="middle">{tick}</text>')
     parts.append(f'<text x="{width / 2}" y="{height - 2}" text-anchor="middle" class="axis">step</text>')
     parts.append(f'<path d="{path}" fill="none" stroke="{PALETTE["line"]}" stroke-width="2"/>')
@@ -100,9 +101,16 @@ def verdict(evaluation: dict) -> str:
     win = evaluation["win_rate_vs_base"]
     low, high = evaluation.get("win_rate_ci95") or (None, None)
     interval = f" (95% interval {low:.0%}–{high:.0%})" if low is not None else ""
-    better = "beats" if win > 0.5 else "does not beat"
-    text = (f"The tuned model {better} the base model on {win:.0%} of {evaluation['prompts']} prompts{interval}: "
-            f"mean reward {evaluation['tuned_mean_reward']:+.2f} against {evaluation['base_mean_reward']:+.2f}")
+    tuned, base = evaluation["tuned_mean_reward"], evaluation["base_mean_reward"]
+    if win > 0.5 and tuned >= base:
+        opening = f"The tuned model beats the base model on {win:.0%} of {evaluation['prompts']} prompts{interval}"
+    elif win > 0.5:
+        opening = (f"The tuned model wins on {win:.0%} of {evaluation['prompts']} prompts{interval} but its mean "
+                   "reward is lower")
+    else:
+        opening = (f"The tuned model does not beat the base model: it wins on {win:.0%} of {evaluation['prompts']} "
+                   f"prompts{interval}")
+    text = f"{opening}: mean reward {tuned:+.2f} against {base:+.2f}"
     if evaluation.get("kl_to_base") is not None:
         text += f", KL to base {evaluation['kl_to_base']:.2f} nats per completion"
     return (text + f". Tuned completions average {evaluation['tuned_mean_words']:.0f} words, base "

@@ -85,6 +85,14 @@ def test_verdict_is_plain_language():
                                    "completions average 28 words, base 35.")
 
 
+def test_verdict_says_when_wins_and_mean_reward_disagree_or_tuning_lost():
+    mixed = {**EVALUATION, "tuned_mean_reward": -0.5}
+    assert verdict(mixed).startswith("The tuned model wins on 67% of 3 prompts (95% interval 33%–100%) but its mean "
+                                     "reward is lower: mean reward -0.50 against -0.20")
+    lost = {**EVALUATION, "win_rate_vs_base": 0.25}
+    assert verdict(lost).startswith("The tuned model does not beat the base model: it wins on 25% of 3 prompts")
+
+
 def test_report_holds_charts_table_and_escaped_text():
     metrics = {"reward_model": {"eval_accuracy": 0.7}, "policy": {"final_reward": 0.3}, "evaluation": EVALUATION}
     page = render_html({"kl_coeff": 0.1}, metrics, COMPARISON, {"rank_loss": [(1, 0.7), (2, 0.5)]},

@@ -47,6 +47,8 @@ def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_p
     for stage in ("validate-datasets", "train-reward-model", "train-policy", "evaluate"):
         assert f"{stage}: started" in result.stderr and f"{stage}: success in" in result.stderr
         assert (output / "logs" / f"{stage}.log").is_file()
+    assert "policy (PPO): 2/2 steps (100%)" in result.stderr  # stage progress reaches the terminal
+    assert "bulk inference: 8/8 prompts (100%)" in result.stderr
     metrics = json.loads((output / "metrics.json").read_text())
     assert {"eval_accuracy", "eval_pairs", "final_rank_loss"} <= set(metrics["reward_model"])
     assert {"final_reward", "final_kl", "steps"} <= set(metrics["policy"])
