@@ -231,7 +231,12 @@ def cmd_infer(args) -> int:
     if output.exists():
         raise UsageError(f"--output {args.output} exists; choose a new file (nothing is overwritten)")
     rows = _read_prompts_or_exit(args.eval_dataset, args.on_invalid)
-    reference, adapter, instruction = args.large_model_reference, None, args.instruction
+    if args.policy and args.adapter:
+        raise UsageError("give --policy or --adapter, not both")
+    reference, instruction = args.large_model_reference, args.instruction
+    adapter = Path(args.adapter) if args.adapter else None
+    if adapter and not (adapter / "adapter_config.json").is_file():
+        raise UsageError(f"--adapter {args.adapter}: not a peft adapter directory (no adapter_config.json)")
     if args.policy:
         spec = read_policy_spec(Path(args.policy))
         reference, adapter = spec.large_model_reference, Path(args.policy) / ADAPTER_DIR
@@ -441,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--eval-dataset", required=True, metavar="URI", help="JSONL prompt rows")
     infer.add_argument("--output", required=True, metavar="FILE", help="JSONL file to write (must not exist)")
     infer.add_argument("--policy", metavar="DIR", help="a tuned policy from `rlhf train-policy` (base model + adapter)")
+    infer.add_argument("--adapter", metavar="DIR", help="any peft LoRA adapter directory to apply to the base model")
     infer.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
     _add_model_arguments(infer)
     infer.set_defaults(instruction=None)  # with --policy: the policy's instruction

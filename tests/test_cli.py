@@ -106,6 +106,10 @@ def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
                         *model)
         assert inferred.returncode == 0, inferred.stderr[-2000:]
         assert len(output.read_text().splitlines()) == 8
+    with_adapter = tmp_path / "adapter.jsonl"
+    inferred = rlhf("infer", "--eval-dataset", sample_dataset("eval.jsonl"), "--output", str(with_adapter),
+                    "--large-model-reference", str(tiny_model_dir), "--adapter", str(policy / "adapter"), *model)
+    assert inferred.returncode == 0, inferred.stderr[-2000:]
     refused = rlhf("infer", "--eval-dataset", sample_dataset("eval.jsonl"), "--output", str(base_out),
                    "--large-model-reference", str(tiny_model_dir))
     assert refused.returncode == 2 and "nothing is overwritten" in refused.stderr
