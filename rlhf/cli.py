@@ -161,12 +161,9 @@ def cmd_train_reward_model(args) -> int:
 
 def cmd_evaluate_reward_model(args) -> int:
     from rlhf.reward_eval import evaluate_reward_model
-    from rlhf.validation import read_dataset
 
-    dataset = read_dataset(args.preference_dataset, "preference", args.on_invalid)
-    if dataset.problems:
-        raise UsageError("the dataset has problems:\n" + "\n".join(str(p) for p in dataset.problems[:MAX_PROBLEM_LINES]))
-    print(json.dumps(evaluate_reward_model(Path(args.reward_model), dataset.rows, args.device), indent=2))
+    rows = _read_rows_or_exit(args.preference_dataset, "preference", args.on_invalid)
+    print(json.dumps(evaluate_reward_model(Path(args.reward_model), rows, args.device), indent=2))
     return 0
 
 
@@ -176,18 +173,15 @@ def cmd_train_policy(args) -> int:
     from rlhf.reward_model import read_spec
     from rlhf.rewards import RewardModelReward
     from rlhf.steps import resolve_steps
-    from rlhf.validation import read_dataset
 
     output_dir = _require_resumable_output_dir(args.output_dir, (CHECKPOINT_DIR, METRICS_FILE))
-    dataset = read_dataset(args.prompt_dataset, "prompt", args.on_invalid)
-    if dataset.problems:
-        raise UsageError("the dataset has problems:\n" + "\n".join(str(p) for p in dataset.problems[:MAX_PROBLEM_LINES]))
+    prompts = _read_rows_or_exit(args.prompt_dataset, "prompt", args.on_invalid)
     reward_spec = read_spec(Path(args.reward_model))
     reference = args.large_model_reference or reward_spec.large_model_reference
     if reference != reward_spec.large_model_reference:
         raise UsageError(f"the reward model was trained on {reward_spec.large_model_reference!r}; the policy must use "
                          f"the same base model (its tokenizer), not {reference!r}")
-    steps = resolve_steps(len(dataset.rows), args.reinforcement_learning_train_steps,
+    steps = resolve_steps(len(prompts), args.reinforcement_learning_train_steps,
                           args.reinforcement_learning_train_epochs, args.batch_size, "reinforcement learning")
     config = PPOConfig(
         train_steps=steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
@@ -202,8 +196,8 @@ def cmd_train_policy(args) -> int:
         checkpoint_every=args.checkpoint_every, export_merged=args.export_merged, device=args.device)
     config.validate()
     reward = RewardModelReward(Path(args.reward_model), pick_placement(args.device))
-    print(f"Tuning the policy: {len(dataset.rows)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
-    metrics = train_policy(config, dataset.rows, reward, reference, output_dir,
+    print(f"Tuning the policy: {len(prompts)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
+    metrics = train_policy(config, prompts, reward, reference, output_dir,
                            stop_requested=StopFlag().install())
     print(json.dumps(metrics, indent=2))
     if metrics.get("interrupted"):
@@ -212,10 +206,10 @@ def cmd_train_policy(args) -> int:
     return 0
 
 
-def _read_prompts_or_exit(uri: str, on_invalid: str) -> list[dict]:
+def _read_rows_or_exit(uri: str, kind: str, on_invalid: str) -> list[dict]:
     from rlhf.validation import read_dataset
 
-    dataset = read_dataset(uri, "eval", on_invalid)
+    dataset = read_dataset(uri, kind, on_invalid)
     if dataset.problems:
         raise UsageError("the dataset has problems:\n" + "\n".join(str(p) for p in dataset.problems[:MAX_PROBLEM_LINES]))
     return dataset.rows
@@ -230,7 +224,7 @@ def cmd_infer(args) -> int:
     output = Path(args.output)
     if output.exists():
         raise UsageError(f"--output {args.output} exists; choose a new file (nothing is overwritten)")
-    rows = _read_prompts_or_exit(args.eval_dataset, args.on_invalid)
+    rows = _read_rows_or_exit(args.eval_dataset, "eval", args.on_invalid)
     if args.policy and args.adapter:
         raise UsageError("give --policy or --adapter, not both")
     reference, instruction = args.large_model_reference, args.instruction

@@ -9,14 +9,14 @@ Artifact layout (safetensors and JSON only):
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from rlhf.artifacts import read_spec_file, save_weights, write_spec
 from rlhf.prompts import PromptFormat
 
 SPEC_FILE = "policy.json"
@@ -175,22 +175,15 @@ class Policy(torch.nn.Module):
 
 def save_policy(policy: Policy, spec: PolicySpec, directory: Path, tokenizer, merged: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
-    (directory / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # peft's model-card template
+    save_weights(policy.model, directory / ADAPTER_DIR)
     if merged:
         import copy
 
         plain = copy.deepcopy(policy.model).merge_and_unload()
         plain.save_pretrained(directory / MERGED_DIR, safe_serialization=True)
         tokenizer.save_pretrained(directory / MERGED_DIR)
-    (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    write_spec(directory / SPEC_FILE, spec)
 
 
 def read_policy_spec(directory: Path) -> PolicySpec:
-    path = Path(directory) / SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not a tuned policy (no {SPEC_FILE})")
-    spec = PolicySpec(**json.loads(path.read_text()))
-    if spec.format != FORMAT:
-        raise ValueError(f"{path}: unknown policy format {spec.format!r}")
-    return spec
+    return read_spec_file(directory, SPEC_FILE, PolicySpec, FORMAT, "tuned policy")

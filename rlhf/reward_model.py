@@ -12,13 +12,13 @@ Artifact layout (safetensors and JSON only):
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhf.artifacts import read_spec_file, save_weights, write_spec
 from rlhf.batching import micro_batches
 from rlhf.modeling import Placement, load_backbone, load_tokenizer
 from rlhf.packing import PackedBatch, pack, packed_length
@@ -94,21 +94,13 @@ def score_packed(model: RewardModel, prompts: list[list[int]], completions: list
 
 def save_reward_model(model: RewardModel, spec: RewardModelSpec, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    weights_dir = directory / (ADAPTER_DIR if spec.lora_dim > 0 else BACKBONE_DIR)
-    model.backbone.save_pretrained(weights_dir, safe_serialization=True)
-    (weights_dir / "README.md").unlink(missing_ok=True)  # peft's model-card template; the artifact is data only
+    save_weights(model.backbone, directory / (ADAPTER_DIR if spec.lora_dim > 0 else BACKBONE_DIR))
     save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, directory / HEAD_FILE)
-    (directory / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    write_spec(directory / SPEC_FILE, spec)
 
 
 def read_spec(directory: Path) -> RewardModelSpec:
-    path = Path(directory) / SPEC_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not a reward model (no {SPEC_FILE})")
-    spec = RewardModelSpec(**json.loads(path.read_text()))
-    if spec.format != FORMAT:
-        raise ValueError(f"{path}: unknown reward model format {spec.format!r}")
-    return spec
+    return read_spec_file(directory, SPEC_FILE, RewardModelSpec, FORMAT, "reward model")
 
 
 @dataclass

@@ -1,0 +1,27 @@
+"""Writing and reading the model artifacts' files: safetensors weights and one JSON spec each."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+
+def save_weights(model, directory: Path) -> None:
+    """save_pretrained in safetensors, without the model-card template peft adds: artifacts are data only."""
+    model.save_pretrained(directory, safe_serialization=True)
+    (directory / "README.md").unlink(missing_ok=True)
+
+
+def write_spec(path: Path, spec) -> None:
+    path.write_text(json.dumps(asdict(spec), indent=2) + "\n")
+
+
+def read_spec_file(directory: Path, file_name: str, spec_class, expected_format: str, what: str):
+    path = Path(directory) / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a {what} (no {file_name})")
+    spec = spec_class(**json.loads(path.read_text()))
+    if spec.format != expected_format:
+        raise ValueError(f"{path}: unknown {what} format {spec.format!r}")
+    return spec
