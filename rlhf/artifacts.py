@@ -25,3 +25,15 @@ def read_spec_file(directory: Path, file_name: str, spec_class, expected_format:
     if spec.format != expected_format:
         raise ValueError(f"{path}: unknown {what} format {spec.format!r}")
     return spec
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickles(directory: Path) -> None:
+    """Artifacts are read as safetensors and JSON only: a pickled file could run code when loaded."""
+    found = sorted(p.relative_to(directory).as_posix() for p in Path(directory).rglob("*")
+                   if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    if found:
+        raise ValueError(f"{directory}: refusing to load an artifact holding pickled files ({', '.join(found)}); "
+                         "only safetensors and JSON are read")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.artifacts import refuse_pickles
 from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
 from rlhf.policy import generate
 from rlhf.progress import Progress
@@ -39,6 +40,7 @@ def load_generator(model_path: str, adapter_dir: Path | None, placement):
     if adapter_dir is not None:
         from peft import PeftModel
 
+        refuse_pickles(adapter_dir)
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return model

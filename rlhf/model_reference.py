@@ -93,6 +93,9 @@ def resolve_model_reference(reference: str, cache: Path | None = None, progress:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelReferenceError(f"{reference}: directory holds no config.json, so it is not a model; {_accepted()}")
+        if not any(path.glob("*.safetensors")):
+            raise ModelReferenceError(f"{reference}: no *.safetensors weights; only safetensors are loaded "
+                                      "(convert pickled weights with save_pretrained(safe_serialization=True))")
         return str(path.resolve())
     if reference.startswith((".", "/", "~")) or os.sep + os.sep in reference:
         raise ModelReferenceError(f"{reference}: no such directory; {_accepted()}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf.artifacts import read_spec_file, save_weights, write_spec
+from rlhf.artifacts import read_spec_file, refuse_pickles, save_weights, write_spec
 from rlhf.batching import micro_batches
 from rlhf.modeling import Placement, load_backbone, load_tokenizer
 from rlhf.packing import PackedBatch, pack, packed_length
@@ -123,6 +123,7 @@ def load_reward_model(directory: Path, placement: Placement, base_model_path: st
 
     directory = Path(directory)
     spec = read_spec(directory)
+    refuse_pickles(directory)
     base = base_model_path or resolve_model_reference(spec.large_model_reference)
     tokenizer = load_tokenizer(base)
     if spec.lora_dim > 0:

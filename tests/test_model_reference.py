@@ -72,3 +72,10 @@ def test_default_model_is_converted_once_to_a_plain_safetensors_directory():
     with torch.no_grad():
         logits = model(**ids).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_model_directory_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelReferenceError, match="only safetensors are loaded"):
+        resolve_model_reference(str(tmp_path), tmp_path / "cache")

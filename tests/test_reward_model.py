@@ -158,3 +158,14 @@ def test_a_non_finite_loss_stops_with_the_step_named(tiny_model_dir, tmp_path):
     with pytest.raises(FloatingPointError, match="at step 2"):
         train_reward_model(config(learning_rate_multiplier=float("inf")), rows[:20], rows[20:], str(tiny_model_dir),
                            tmp_path)
+
+
+def test_an_artifact_with_a_pickled_file_is_refused(trained, tmp_path):
+    import shutil
+
+    output, _, _ = trained
+    copy = tmp_path / "rm"
+    shutil.copytree(output, copy)
+    (copy / "adapter" / "adapter_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match=r"pickled files \(adapter/adapter_model.bin\)"):
+        load_reward_model(copy, pick_placement("cpu"))
