@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
@@ -37,3 +37,20 @@ def refuse_pickles(directory: Path) -> None:
     if found:
         raise ValueError(f"{directory}: refusing to load an artifact holding pickled files ({', '.join(found)}); "
                          "only safetensors and JSON are read")
+
+
+@dataclass
+class ModelSpec:
+    """What every model artifact records: its base model and how prompts were fed to it."""
+
+    large_model_reference: str
+    lora_dim: int
+    prompt_sequence_length: int
+    target_sequence_length: int
+    instruction: str = ""
+    use_chat_template: bool | None = None
+
+    def prompt_format(self):
+        from rlhf.prompts import PromptFormat
+
+        return PromptFormat(self.instruction, self.use_chat_template)

@@ -12,6 +12,14 @@ from pathlib import Path
 MAX_PROBLEM_LINES = 200
 
 
+def _problem_lines(problems) -> str:
+    """One `FILE:LINE: ...` line per problem, at most MAX_PROBLEM_LINES of them."""
+    lines = [str(p) for p in problems[:MAX_PROBLEM_LINES]]
+    if len(problems) > MAX_PROBLEM_LINES:
+        lines.append(f"... and {len(problems) - MAX_PROBLEM_LINES} more problems")
+    return "\n".join(lines)
+
+
 class UsageError(Exception):
     """Bad input from the user: printed as one clear message, never as a traceback."""
 
@@ -49,11 +57,7 @@ def cmd_validate(args) -> int:
         data = prepare_datasets(preference, prompt, eval_set, on_invalid=args.on_invalid,
                                 eval_fraction=args.eval_fraction, seed=args.seed)
     except DatasetError as error:
-        for problem in error.problems[:MAX_PROBLEM_LINES]:
-            print(problem, file=sys.stderr)
-        hidden = len(error.problems) - MAX_PROBLEM_LINES
-        if hidden > 0:
-            print(f"... and {hidden} more problems", file=sys.stderr)
+        print(_problem_lines(error.problems), file=sys.stderr)
         print(f"{len(error.problems)} problem(s) found; nothing was written. "
               "Fix them, or pass --on-invalid skip to drop bad rows.", file=sys.stderr)
         return 1
@@ -121,8 +125,7 @@ def _prepare_or_exit(args):
         return prepare_datasets(args.preference_dataset, None, args.eval_dataset, on_invalid=args.on_invalid,
                                 eval_fraction=args.eval_fraction, seed=args.seed)
     except DatasetError as error:
-        lines = [str(p) for p in error.problems[:MAX_PROBLEM_LINES]]
-        raise UsageError("the datasets have problems:\n" + "\n".join(lines)) from None
+        raise UsageError("the datasets have problems:\n" + _problem_lines(error.problems)) from None
 
 
 def _require_resumable_output_dir(output_dir: str, markers: tuple[str, ...]) -> Path:
@@ -211,7 +214,7 @@ def _read_rows_or_exit(uri: str, kind: str, on_invalid: str) -> list[dict]:
 
     dataset = read_dataset(uri, kind, on_invalid)
     if dataset.problems:
-        raise UsageError("the dataset has problems:\n" + "\n".join(str(p) for p in dataset.problems[:MAX_PROBLEM_LINES]))
+        raise UsageError("the dataset has problems:\n" + _problem_lines(dataset.problems))
     return dataset.rows
 
 

@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf.artifacts import read_spec_file, save_weights, write_spec
-from rlhf.prompts import PromptFormat
+from rlhf.artifacts import ModelSpec, read_spec_file, save_weights, write_spec
 
 SPEC_FILE = "policy.json"
 ADAPTER_DIR = "adapter"
@@ -26,17 +25,8 @@ FORMAT = "rlhf-policy/1"
 
 
 @dataclass
-class PolicySpec:
-    large_model_reference: str
-    lora_dim: int
-    prompt_sequence_length: int
-    target_sequence_length: int
-    instruction: str = ""
-    use_chat_template: bool | None = None
+class PolicySpec(ModelSpec):
     format: str = FORMAT
-
-    def prompt_format(self) -> PromptFormat:
-        return PromptFormat(self.instruction, self.use_chat_template)
 
 
 @dataclass

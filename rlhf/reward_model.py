@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf.artifacts import read_spec_file, refuse_pickles, save_weights, write_spec
+from rlhf.artifacts import ModelSpec, read_spec_file, refuse_pickles, save_weights, write_spec
 from rlhf.batching import micro_batches
 from rlhf.modeling import Placement, load_backbone, load_tokenizer
 from rlhf.packing import PackedBatch, pack, packed_length
-from rlhf.prompts import PromptEncoder, PromptFormat
+from rlhf.prompts import PromptEncoder
 
 SPEC_FILE = "reward_model.json"
 HEAD_FILE = "head.safetensors"
@@ -32,22 +32,13 @@ FORMAT = "rlhf-reward-model/1"
 
 
 @dataclass
-class RewardModelSpec:
+class RewardModelSpec(ModelSpec):
     """What a later stage needs to load the reward model and feed it the same way it was trained."""
 
-    large_model_reference: str
-    lora_dim: int
-    prompt_sequence_length: int
-    target_sequence_length: int
-    instruction: str = ""
-    use_chat_template: bool | None = None
     score_mean: float = 0.0
     score_std: float = 1.0
     format: str = FORMAT
     training: dict = field(default_factory=dict)
-
-    def prompt_format(self) -> PromptFormat:
-        return PromptFormat(self.instruction, self.use_chat_template)
 
 
 class RewardModel(torch.nn.Module):
