@@ -79,3 +79,14 @@ def add_lora(model, rank: int, alpha: float | None = None):
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=lora_targets(model),
                         bias="none")
     return get_peft_model(model, config)
+
+
+def scalar_head(model, seed: int) -> torch.nn.Linear:
+    """A fresh linear head from the model's hidden size to one number, seeded, on the model's device."""
+    hidden = model.config.hidden_size
+    head = torch.nn.Linear(hidden, 1)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.normal_(0.0, hidden ** -0.5, generator=generator)
+        head.bias.zero_()
+    return head.to(next(model.parameters()).device)

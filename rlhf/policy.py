@@ -121,16 +121,10 @@ class Policy(torch.nn.Module):
 
     @classmethod
     def create(cls, causal_lm, lora_dim: int, eos_id: int, pad_id: int, seed: int) -> "Policy":
-        from rlhf.modeling import add_lora
+        from rlhf.modeling import add_lora, scalar_head
 
-        model = add_lora(causal_lm, lora_dim)
-        hidden = causal_lm.config.hidden_size
-        head = torch.nn.Linear(hidden, 1)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            head.weight.normal_(0.0, hidden ** -0.5, generator=generator)
-            head.bias.zero_()
-        return cls(model, head.to(next(causal_lm.parameters()).device), eos_id, pad_id)
+        head = scalar_head(causal_lm, seed)
+        return cls(add_lora(causal_lm, lora_dim), head, eos_id, pad_id)
 
     @property
     def device(self) -> torch.device:

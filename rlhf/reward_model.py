@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from rlhf.artifacts import ModelSpec, read_spec_file, refuse_pickles, save_weights, write_spec
 from rlhf.batching import micro_batches
-from rlhf.modeling import Placement, load_backbone, load_tokenizer
+from rlhf.modeling import Placement, load_backbone, load_tokenizer, scalar_head
 from rlhf.packing import PackedBatch, pack, packed_length
 from rlhf.prompts import PromptEncoder
 
@@ -49,14 +49,7 @@ class RewardModel(torch.nn.Module):
 
     @classmethod
     def with_new_head(cls, backbone: torch.nn.Module, seed: int) -> "RewardModel":
-        hidden = backbone.config.hidden_size
-        head = torch.nn.Linear(hidden, 1)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            head.weight.normal_(0.0, hidden ** -0.5, generator=generator)
-            head.bias.zero_()
-        device = next(backbone.parameters()).device
-        return cls(backbone, head.to(device))
+        return cls(backbone, scalar_head(backbone, seed))
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Scores [batch, completions] in float32 (the head runs in float32 whatever the backbone's dtype)."""
