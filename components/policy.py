@@ -33,6 +33,7 @@ def train_policy(
     from rlhf.modeling import pick_placement
     from rlhf.ppo import PPOConfig, train_policy as train
     from rlhf.rewards import RewardModelReward
+    from rlhf.stopping import Interrupted, StopFlag
 
     config = PPOConfig(
         train_steps=train_steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
@@ -43,7 +44,10 @@ def train_policy(
         export_merged=export_merged)
     config.validate()
     reward = RewardModelReward(Path(reward_model.path), pick_placement(config.device))
-    result = train(config, read_jsonl(Path(prompts.path)), reward, large_model_reference, Path(policy.path))
+    result = train(config, read_jsonl(Path(prompts.path)), reward, large_model_reference, Path(policy.path),
+                   stop_requested=StopFlag().install())
+    if result.get("interrupted"):
+        raise Interrupted("PPO", result["step"])
     policy.metadata["large_model_reference"] = large_model_reference
     for name in ("final_reward", "final_kl", "initial_reward", "episodes_per_second"):
         if result.get(name) is not None:

@@ -16,7 +16,7 @@ def resolve_steps(
     reinforcement_learning_train_epochs: int,
     reinforcement_learning_batch_size: int,
 ) -> NamedTuple("Steps", reward_model_steps=int, reinforcement_learning_steps=int):
-    """Training steps for both stages; 0 means "not given", and epochs count as ceil(rows / batch) * epochs."""
+    """Training steps for both stages: from epochs when given (ceil(rows / batch) * epochs), else the steps."""
     from collections import namedtuple
 
     from rlhf.steps import resolve_stage_steps

@@ -27,6 +27,7 @@ def train_reward_model(
 
     from rlhf.datasets import read_jsonl
     from rlhf.reward_training import RewardTrainingConfig, train_reward_model as train
+    from rlhf.stopping import Interrupted, StopFlag
 
     config = RewardTrainingConfig(
         train_steps=train_steps, batch_size=batch_size, micro_batch_tokens=micro_batch_tokens,
@@ -34,7 +35,9 @@ def train_reward_model(
         prompt_sequence_length=prompt_sequence_length, target_sequence_length=target_sequence_length,
         instruction=instruction, use_chat_template=False if plain_text else None, seed=seed)
     result = train(config, read_jsonl(Path(train_pairs.path)), read_jsonl(Path(held_out_pairs.path)),
-                   large_model_reference, Path(reward_model.path))
+                   large_model_reference, Path(reward_model.path), stop_requested=StopFlag().install())
+    if result.get("interrupted"):
+        raise Interrupted("reward-model training", result["step"])
     reward_model.metadata["large_model_reference"] = large_model_reference
     reward_model.metadata["lora_dim"] = lora_dim
     for name in ("eval_accuracy", "eval_pairs", "final_rank_loss", "final_train_accuracy", "pairs_per_second"):

@@ -1,17 +1,37 @@
 """`rlhf_pipeline`: the DAG, with parameters named as in Google's Vertex AI RLHF pipeline.
 
 validate -> resolve steps -> train reward model -> tune the policy (PPO) -> bulk inference of the base
-and the tuned model on the eval prompts -> evaluate (metrics.json, report.html).
+and the tuned model on the eval prompts -> evaluate (metrics.json, report.html) -> optionally upload the
+tuned model to the Vertex AI Model Registry (and deploy it), and the training curves to Vertex AI
+TensorBoard.
+
+The accelerator, CPU and memory settings apply on Vertex AI; the KFP local runner ignores them.
 """
 
 from kfp import dsl
+
+from components.image import IMAGE
 
 from components.resolve_steps import resolve_steps
 from components.evaluate import evaluate
 from components.inference import bulk_inference
 from components.policy import train_policy
 from components.reward_model import train_reward_model
+from components.tensorboard import upload_tensorboard
+from components.upload import upload_model
 from components.validate import validate_datasets
+
+
+# Accelerator stages are the ones a preempted or failed machine interrupts; their outputs hold checkpoints,
+# so a retry on the same output location resumes instead of starting over.
+RETRIES = 2
+RETRY_BACKOFF = "60s"
+
+
+def _on_machine(task, accelerator_type, accelerator_count, cpu_limit, memory_limit):
+    return (task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
+            .set_cpu_limit(cpu_limit).set_memory_limit(memory_limit)
+            .set_retry(num_retries=RETRIES, backoff_duration=RETRY_BACKOFF))
 
 
 @dsl.pipeline(name="rlhf-pipeline", description="Tune a language model from human preferences.")
@@ -23,13 +43,19 @@ def rlhf_pipeline(
     on_invalid: str = "fail",
     eval_fraction: float = 0.1,
     seed: int = 0,
-    reward_model_train_steps: int = 0,
+    model_display_name: str = "",
+    deploy_model: bool = False,
+    project: str = "",
+    location: str = "us-central1",
+    tensorboard_resource_id: str = "",
+    encryption_spec_key_name: str = "",
+    reward_model_train_steps: int = 1000,
     reward_model_train_epochs: int = 0,
     reward_model_batch_size: int = 64,
     reward_model_micro_batch_tokens: int = 4096,
     reward_model_learning_rate_multiplier: float = 1.0,
     reward_lora_dim: int = 4,
-    reinforcement_learning_train_steps: int = 0,
+    reinforcement_learning_train_steps: int = 1000,
     reinforcement_learning_train_epochs: int = 0,
     reinforcement_learning_batch_size: int = 64,
     reinforcement_learning_micro_batch_size: int = 8,
@@ -44,6 +70,22 @@ def rlhf_pipeline(
     target_sequence_length: int = 64,
     instruction: str = "",
     plain_text: bool = False,
+    reward_model_accelerator_type: str = "NVIDIA_L4",
+    reward_model_accelerator_count: int = 1,
+    reward_model_cpu_limit: str = "8",
+    reward_model_memory_limit: str = "32G",
+    reinforcement_learning_accelerator_type: str = "NVIDIA_L4",
+    reinforcement_learning_accelerator_count: int = 1,
+    reinforcement_learning_cpu_limit: str = "8",
+    reinforcement_learning_memory_limit: str = "32G",
+    inference_accelerator_type: str = "NVIDIA_L4",
+    inference_accelerator_count: int = 1,
+    inference_cpu_limit: str = "8",
+    inference_memory_limit: str = "32G",
+    serving_container_image: str = IMAGE,
+    deploy_machine_type: str = "g2-standard-8",
+    deploy_accelerator_type: str = "NVIDIA_L4",
+    deploy_accelerator_count: int = 1,
 ):
     validated = validate_datasets(
         preference_dataset=preference_dataset, prompt_dataset=prompt_dataset, eval_dataset=eval_dataset,
@@ -74,6 +116,8 @@ def rlhf_pipeline(
         plain_text=plain_text,
         seed=seed,
     ).set_display_name("train reward model")
+    _on_machine(reward_model, reward_model_accelerator_type, reward_model_accelerator_count, reward_model_cpu_limit,
+                reward_model_memory_limit)
     policy = train_policy(
         prompts=validated.outputs["prompts"],
         reward_model=reward_model.outputs["reward_model"],
@@ -93,6 +137,8 @@ def rlhf_pipeline(
         seed=seed,
         export_merged=export_merged_model,
     ).set_display_name("train policy (PPO)")
+    _on_machine(policy, reinforcement_learning_accelerator_type, reinforcement_learning_accelerator_count,
+                reinforcement_learning_cpu_limit, reinforcement_learning_memory_limit)
     predictions = {}
     for side, tuned in (("base", False), ("tuned", True)):
         predictions[side] = bulk_inference(
@@ -103,7 +149,9 @@ def rlhf_pipeline(
             prompt_sequence_length=prompt_sequence_length,
             batch_size=inference_batch_size,
         ).set_display_name(f"bulk inference ({side})")
-    evaluate(
+        _on_machine(predictions[side], inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
+                    inference_memory_limit)
+    evaluation = evaluate(
         base_predictions=predictions["base"].outputs["predictions"],
         tuned_predictions=predictions["tuned"].outputs["predictions"],
         reward_model=reward_model.outputs["reward_model"],
@@ -121,3 +169,26 @@ def rlhf_pipeline(
         target_sequence_length=target_sequence_length,
         seed=seed,
     ).set_display_name("evaluate")
+    _on_machine(evaluation, inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
+                inference_memory_limit)
+    with dsl.If(model_display_name != "", name="upload-requested"):
+        upload_model(
+            policy=policy.outputs["policy"],
+            model_display_name=model_display_name,
+            deploy_model=deploy_model,
+            project=project,
+            location=location,
+            encryption_spec_key_name=encryption_spec_key_name,
+            serving_container_image=serving_container_image,
+            deploy_machine_type=deploy_machine_type,
+            deploy_accelerator_type=deploy_accelerator_type,
+            deploy_accelerator_count=deploy_accelerator_count,
+        ).after(evaluation).set_display_name("upload model")
+    with dsl.If(tensorboard_resource_id != "", name="tensorboard-requested"):
+        upload_tensorboard(
+            reward_model=reward_model.outputs["reward_model"],
+            policy=policy.outputs["policy"],
+            tensorboard_resource_id=tensorboard_resource_id,
+            project=project,
+            location=location,
+        ).set_display_name("upload TensorBoard logs")

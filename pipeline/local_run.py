@@ -7,16 +7,14 @@ evaluate stage are copied to `OUTPUT/report.html` and `OUTPUT/metrics.json`.
 
 from __future__ import annotations
 
-import inspect
 import io
 import re
 import shutil
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
-
-import yaml
 
 from rlhf.datasets import sample_dataset
 from rlhf.model_reference import DEFAULT_MODEL
@@ -42,59 +40,13 @@ LOCAL_DEFAULTS = {
 _TASK_START = re.compile(r"Executing task '?(?P<task>[\w-]+)'?")
 _TASK_END = re.compile(r"Task '?(?P<task>[\w-]+)'? finished with status (?P<status>\w+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXECUTOR_LINE = re.compile(r"^\s*\[KFP Executor [^\]]*\]")
 _PROGRESS = re.compile(r": \d+/\d+ \w+ \(\d+%\), ")  # the lines rlhf.progress prints
 PROGRESS_EVERY_SECONDS = 5.0
 
 
 class RunError(Exception):
     """A stage failed; the message names it and its log."""
-
-
-def pipeline_parameters() -> dict[str, inspect.Parameter]:
-    from pipeline.definition import rlhf_pipeline
-
-    return dict(inspect.signature(rlhf_pipeline.pipeline_func).parameters)
-
-
-def _coerce(name: str, value, parameter: inspect.Parameter):
-    kind = parameter.annotation
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{name} takes true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{name} takes a whole number, got {value!r}")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{name} takes a number, got {value!r}")
-    return "" if value is None else str(value)
-
-
-def resolve_parameters(params_file: Path | None, assignments: list[str]) -> dict:
-    """Local defaults, then the YAML file, then each `name=value` (values parsed as YAML scalars)."""
-    accepted = pipeline_parameters()
-    given: dict = {}
-    if params_file:
-        try:
-            loaded = yaml.safe_load(Path(params_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ValueError(f"{params_file}: cannot read the parameters: {error}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{params_file}: expected a mapping of parameter names to values")
-        given.update(loaded)
-    for assignment in assignments:
-        name, separator, text = assignment.partition("=")
-        if not separator:
-            raise ValueError(f"--set {assignment!r}: expected name=value")
-        given[name.strip()] = yaml.safe_load(text) if text.strip() else ""
-    unknown = sorted(set(given) - set(accepted))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}")
-    parameters = {**LOCAL_DEFAULTS, **given}
-    return {name: _coerce(name, value, accepted[name]) for name, value in parameters.items()}
 
 
 class _StageRouter(io.TextIOBase):
@@ -204,7 +156,7 @@ def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
         router.close()
         if router.failed:
             log = logs / f"{router.failed}.log"
-            raise RunError(f"stage {router.failed!r} failed; its log: {log}\n{_tail(log)}") from None
+            raise RunError(f"stage {router.failed!r} failed; its log: {log}\n{_reason(log) or _tail(log)}") from None
         raise RunError(f"the pipeline failed: {_ANSI.sub('', str(error))}") from None
     finally:
         sys.stdout = real_stdout
@@ -218,6 +170,39 @@ def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
         shutil.copyfile(evaluation / name, output_dir / name)
     echo(f"Pipeline finished in {time.monotonic() - started:.0f} s")
     return output_dir / REPORT_HTML
+
+
+def _reason(log: Path, limit: int = 30) -> str:
+    """What a failed stage said about its failure, without the runner's lines around it: the exception
+    (not the stack frames above it) when it raised one, else the message it exited with."""
+    if not log.is_file():
+        return ""
+    lines = log.read_text(errors="replace").splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if "Streamed logs:" in line), 0)
+    end = next((i for i in range(len(lines) - 1, start - 1, -1) if _TASK_END.search(lines[i])), len(lines))
+    output, remaining = [], iter(lines[start:end])
+    for line in remaining:
+        if "Got executor_input:" in line:
+            # The JSON that follows, up to the closing brace at the indentation of its opening one.
+            closing = next(remaining, "").rstrip()[:-1] + "}"
+            next((inner for inner in remaining if inner.rstrip() == closing), None)
+        elif not _EXECUTOR_LINE.match(line):
+            output.append(line)
+    tracebacks = [i for i, line in enumerate(output) if line.strip() == "Traceback (most recent call last):"]
+    if tracebacks:
+        base = _indent(output[tracebacks[-1]])
+        frames_end = next((i for i in range(tracebacks[-1] + 1, len(output))
+                           if output[i].strip() and _indent(output[i]) <= base), len(output))
+        output = output[frames_end:]
+    text = textwrap.dedent("\n".join(output)).strip("\n")
+    shown = text.splitlines()
+    if len(shown) > limit:
+        shown = shown[:limit] + [f"... and {len(shown) - limit} more lines in the log"]
+    return textwrap.indent("\n".join(shown), "  ")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
 
 
 def _tail(log: Path, lines: int = 15) -> str:

@@ -24,6 +24,23 @@ class UsageError(Exception):
     """Bad input from the user: printed as one clear message, never as a traceback."""
 
 
+# Arguments read or written as local files (a gs:// URI there would silently become a local folder "gs:").
+LOCAL_PATH_ARGUMENTS = {"output_dir": "--output-dir", "reward_model": "--reward-model", "policy": "--policy",
+                        "adapter": "--adapter", "params": "--params", "template": "--template"}
+LOCAL_OUTPUT_COMMANDS = ("compile", "infer")
+
+
+def _require_local_paths(args) -> None:
+    names = dict(LOCAL_PATH_ARGUMENTS)
+    if args.command in LOCAL_OUTPUT_COMMANDS:
+        names["output"] = "--output"
+    for attribute, flag in names.items():
+        value = getattr(args, attribute, None)
+        if isinstance(value, str) and value.startswith("gs://"):
+            raise UsageError(f"{flag} {value}: a local path is required here, not a gs:// URI "
+                             "(copy it with `gcloud storage cp -r`)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -95,27 +112,109 @@ def cmd_compile(args) -> int:
     return 0
 
 
-class StopFlag:
-    """Set by SIGTERM (preemption) or a first Ctrl-C: training checkpoints and stops after the current step."""
+def _vertex_settings(args):
+    from pipeline.vertex import VertexSettings
 
-    def __init__(self):
-        self.requested = False
+    labels = {}
+    for label in args.label or []:
+        key, separator, value = label.partition("=")
+        if not separator:
+            raise UsageError(f"--label {label!r}: expected key=value")
+        labels[key] = value
+    return VertexSettings(
+        project=args.project or "", location=args.location, pipeline_root=args.pipeline_root or "",
+        display_name=args.display_name, job_id=getattr(args, "job_id", None) or "",
+        service_account=args.service_account or "", network=args.network or "", labels=labels,
+        enable_caching=False if args.no_caching else None,
+        encryption_spec_key_name=args.encryption_spec_key_name or "", image=args.image or "",
+        api_endpoint=args.api_endpoint or "")
 
-    def install(self) -> "StopFlag":
-        import signal
 
-        def request(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\nStopping after this step (checkpoint first); press Ctrl-C again to abort now", file=sys.stderr)
+def _vertex_job(args, schedule=None):
+    """The settings and the job's request body and id, or a UsageError listing every problem."""
+    from pipeline.compiler import PIPELINE_YAML
+    from pipeline.parameters import ParameterError, resolve_parameters
+    from pipeline.vertex import build_job, check_settings
+    from rlhf.storage import bucket_exists
 
-        signal.signal(signal.SIGTERM, request)
-        signal.signal(signal.SIGINT, request)
-        return self
+    settings = _vertex_settings(args)
+    problems = check_settings(settings, schedule)
+    try:
+        parameters = resolve_parameters(Path(args.params) if args.params else None, args.set or [], {}, "vertex")
+    except ParameterError as error:
+        problems += error.problems
+        parameters = {}
+    if problems:
+        raise UsageError("cannot submit:\n" + "\n".join(f"  {p}" for p in problems))
+    # The job's own project, region and key also serve the upload stage unless given as parameters.
+    parameters.setdefault("project", settings.project)
+    parameters.setdefault("location", settings.location)
+    if settings.encryption_spec_key_name:
+        parameters.setdefault("encryption_spec_key_name", settings.encryption_spec_key_name)
+    if settings.image:
+        parameters.setdefault("serving_container_image", settings.image)
+    if not args.dry_run and not bucket_exists(settings.pipeline_root):
+        raise UsageError(f"--pipeline-root {settings.pipeline_root}: the bucket does not exist (or these credentials "
+                         "cannot see it); create it in the job's region first")
+    template = Path(args.template) if args.template else PIPELINE_YAML
+    if not template.is_file():
+        raise UsageError(f"--template {template}: no such file; run `rlhf compile` first")
+    return (settings, *build_job(template, parameters, settings))
 
-    def __call__(self) -> bool:
-        return self.requested
+
+def cmd_submit(args) -> int:
+    from pipeline.vertex import as_json, submit
+
+    settings, body, job_id = _vertex_job(args)
+    if args.dry_run:
+        print(json.dumps(as_json(body), indent=2, sort_keys=True))
+        return 0
+    name = submit(body, job_id, settings)
+    print(f"Submitted {name}", file=sys.stderr)
+    print(name)
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from pipeline.vertex import ScheduleSettings, as_json, create_schedule, schedule_body
+
+    schedule = ScheduleSettings(cron=args.cron, display_name=args.schedule_name, start_time=args.start_time or "",
+                                end_time=args.end_time or "", max_concurrent_run_count=args.max_concurrent_runs,
+                                max_run_count=args.max_runs, allow_queueing=args.allow_queueing)
+    settings, job_body, _ = _vertex_job(args, schedule)
+    body = schedule_body(job_body, settings, schedule)
+    if args.dry_run:
+        print(json.dumps(as_json(body), indent=2, sort_keys=True))
+        return 0
+    name = create_schedule(body, settings)
+    print(f"Created schedule {name}", file=sys.stderr)
+    print(name)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from rlhf.serving import create_app, load_predictor, vertex_routes
+
+    port, health_route, predict_route = vertex_routes()
+    policy = args.policy or os.environ.get("AIP_STORAGE_URI")
+    if not policy:
+        raise UsageError("give --policy DIR|gs://URI (on Vertex AI, AIP_STORAGE_URI names it)")
+    host = args.host or ("0.0.0.0" if os.environ.get("AIP_HTTP_PORT") else "127.0.0.1")
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"Loading the policy from {policy}")
+    generator = load_predictor(policy, device=args.device)
+    port = args.port or port
+    say(f"Serving on http://{host}:{port}: GET {health_route}, POST {predict_route}")
+    from waitress import serve
+
+    serve(create_app(generator, health_route, predict_route), host=host, port=port, threads=1)
+    return 0
+
+
+def _stop_flag():
+    from rlhf.stopping import StopFlag
+
+    return StopFlag().install()
 
 
 def _prepare_or_exit(args):
@@ -154,7 +253,7 @@ def cmd_train_reward_model(args) -> int:
     print(f"Training the reward model: {len(data.train_pairs)} pairs, {steps} steps of {args.batch_size}, "
           f"{len(data.held_out_pairs)} held-out pairs", file=sys.stderr)
     metrics = train_reward_model(config, data.train_pairs, data.held_out_pairs, args.large_model_reference,
-                                 output_dir, stop_requested=StopFlag().install())
+                                 output_dir, stop_requested=_stop_flag())
     print(json.dumps(metrics, indent=2))
     if metrics.get("interrupted"):
         return 75
@@ -201,7 +300,7 @@ def cmd_train_policy(args) -> int:
     reward = RewardModelReward(Path(args.reward_model), pick_placement(args.device))
     print(f"Tuning the policy: {len(prompts)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
     metrics = train_policy(config, prompts, reward, reference, output_dir,
-                           stop_requested=StopFlag().install())
+                           stop_requested=_stop_flag())
     print(json.dumps(metrics, indent=2))
     if metrics.get("interrupted"):
         return 75
@@ -251,13 +350,17 @@ def cmd_infer(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from rlhf.datasets import read_jsonl
+    from rlhf.datasets import DatasetError, read_jsonl
     from rlhf.evaluation import REPORT_HTML, evaluate_run
 
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise UsageError(f"--output-dir {args.output_dir} is not empty; choose a new directory")
-    metrics = evaluate_run(read_jsonl(Path(args.base_outputs)), read_jsonl(Path(args.tuned_outputs)),
+    try:
+        base, tuned = read_jsonl(Path(args.base_outputs)), read_jsonl(Path(args.tuned_outputs))
+    except DatasetError as error:
+        raise UsageError("the model outputs have problems:\n" + _problem_lines(error.problems)) from None
+    metrics = evaluate_run(base, tuned,
                            Path(args.reward_model), Path(args.policy), output_dir,
                            {"base_outputs": args.base_outputs, "tuned_outputs": args.tuned_outputs,
                             "reward_model": args.reward_model, "policy": args.policy}, args.device, args.seed)
@@ -265,6 +368,108 @@ def cmd_evaluate(args) -> int:
     print(f"Report: {output_dir / REPORT_HTML}", file=sys.stderr)
     return 0
 
+
+def _uri_exists(uri: str) -> bool:
+    from rlhf.storage import StorageError, is_gcs, read_bytes
+
+    if not is_gcs(uri):
+        return Path(uri).expanduser().exists()
+    try:
+        read_bytes(uri)
+    except StorageError as error:
+        if error.reason == "not found":
+            return False
+        raise
+    return True
+
+
+def cmd_generate_candidates(args) -> int:
+    from rlhf.candidates import CandidateConfig, generate_candidates
+    from rlhf.model_reference import resolve_model_reference
+    from rlhf.storage import write_bytes
+
+    if _uri_exists(args.output):
+        raise UsageError(f"--output {args.output} exists; choose a new file (nothing is overwritten)")
+    rows = _read_rows_or_exit(args.prompt_dataset, "prompt", args.on_invalid)
+    config = CandidateConfig(
+        temperatures=tuple(args.temperatures), top_p=args.top_p, target_sequence_length=args.target_sequence_length,
+        prompt_sequence_length=args.prompt_sequence_length, batch_size=args.batch_size,
+        max_attempts=args.max_attempts, seed=args.seed, instruction=args.instruction,
+        use_chat_template=False if args.plain_text else None, device=args.device)
+    config.validate()
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    model_path = resolve_model_reference(args.large_model_reference, progress=say)
+    say(f"Generating two candidates for each of {len(rows)} prompts with {args.large_model_reference}")
+    result = generate_candidates(rows, model_path, config, model_name=args.large_model_reference)
+    if result.unusable:
+        say(f"{len(result.unusable)} prompt(s) gave identical or empty candidates {config.max_attempts} times "
+            "and were left out:\n" + _problem_lines(result.unusable))
+    if not result.pairs:
+        raise UsageError("no prompt gave two different, non-empty candidates; nothing was written")
+    write_bytes(args.output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.pairs).encode("utf-8"))
+    say(f"Wrote {len(result.pairs)} pairs to {args.output} ({result.resampled} sampled again because both "
+        f"candidates were the same or one was empty). Next: rlhf label --pairs {args.output} --output LABELS.jsonl")
+    return 0
+
+
+def _read_labels_or_exit(path: Path) -> list:
+    from rlhf.labels import LabelsError, read_labels
+
+    try:
+        return read_labels(path)
+    except LabelsError as error:
+        raise UsageError("the labels file has problems:\n" + _problem_lines(error.problems)) from None
+
+
+def cmd_label(args) -> int:
+    import getpass
+
+    from rlhf.labeling_app import LabelingSession, check_host, serve
+    from rlhf.labels import LabelsError, LabelStore, export_preferences, summary
+    from rlhf.pairs import PairsError, read_pairs
+    from rlhf.storage import write_bytes
+
+    try:
+        pairs = read_pairs(args.pairs)
+    except PairsError as error:
+        raise UsageError("the pairs file has problems:\n" + _problem_lines(error.problems)) from None
+    label_files = [Path(f) for f in args.output]
+    if args.export or args.stats:
+        missing = [str(f) for f in label_files if not f.is_file()]
+        if missing:
+            raise UsageError(f"no labels file {', '.join(missing)}")
+        labels = [label for f in label_files for label in _read_labels_or_exit(f)]
+        report = summary(pairs, labels)
+        if args.export:
+            if _uri_exists(args.export):
+                raise UsageError(f"--export {args.export} exists; choose a new file (nothing is overwritten)")
+            rows, report["export"] = export_preferences(pairs, labels)
+            if not rows:
+                raise UsageError("no pair has a choice yet; nothing was exported")
+            write_bytes(args.export, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+            print(f"Wrote {len(rows)} preference rows to {args.export}", file=sys.stderr)
+        print(json.dumps(report, indent=2))
+        return 0
+
+    if len(label_files) > 1:
+        raise UsageError("label into one --output file (several are for --export and --stats)")
+    try:
+        annotator = (args.annotator or getpass.getuser()).strip()
+    except (KeyError, OSError):
+        raise UsageError("cannot tell who you are; give --annotator NAME") from None
+    if not annotator:
+        raise UsageError("--annotator must not be empty")
+    check_host(args.host, args.allow_remote)
+    try:
+        store = LabelStore(label_files[0])
+    except LabelsError as error:
+        raise UsageError("the labels file has problems:\n" + _problem_lines(error.problems)) from None
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    unknown = summary(pairs, store.labels)["labels_of_unknown_pairs"]
+    if unknown:
+        say(f"Note: {unknown} label(s) in {store.path} are for pairs not in {args.pairs} and are left aside")
+    serve(LabelingSession(pairs, store, annotator), args.host, args.port, args.allow_remote, say)
+    return 0
 
 def _add_dataset_arguments(parser, eval_help: str) -> None:
     parser.add_argument("--preference-dataset", required=True, metavar="URI",
@@ -298,9 +503,10 @@ def _add_model_arguments(parser, from_artifact: str | None = None) -> None:
 def cmd_run(args) -> int:
     import time
 
-    from pipeline.local_run import RunError, resolve_parameters, run_local
+    from pipeline.local_run import LOCAL_DEFAULTS, RunError, run_local
+    from pipeline.parameters import resolve_parameters
 
-    parameters = resolve_parameters(Path(args.params) if args.params else None, args.set or [])
+    parameters = resolve_parameters(Path(args.params) if args.params else None, args.set or [], LOCAL_DEFAULTS)
     output_dir = Path(args.output_dir or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
     if output_dir.exists() and any(output_dir.iterdir()):
         raise UsageError(f"--output-dir {output_dir} is not empty; choose a new directory")
@@ -373,6 +579,58 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Compile rlhf_pipeline to YAML (what `python compile.py` does).")
     compile_.add_argument("--output", metavar="FILE", help="where to write it (default: pipeline.yaml in the repo)")
     compile_.set_defaults(handler=cmd_compile)
+
+    for name, summary in (("submit", "submit the compiled pipeline to Vertex AI Pipelines"),
+                          ("schedule", "schedule the compiled pipeline on Vertex AI Pipelines (cron)")):
+        vertex = commands.add_parser(
+            name, help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}. Parameters as for `rlhf run` (--params, --set), with "
+                        "the pipeline's own defaults; checked before anything is sent. Credentials come from the "
+                        "environment (Application Default Credentials) and are never printed. --dry-run prints "
+                        "the exact request body and touches no network.")
+        vertex.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"),
+                            help="Google Cloud project (default $GOOGLE_CLOUD_PROJECT)")
+        vertex.add_argument("--location", default=os.environ.get("GOOGLE_CLOUD_REGION", "us-central1"),
+                            help="Vertex AI region (default $GOOGLE_CLOUD_REGION, else us-central1)")
+        vertex.add_argument("--pipeline-root", metavar="gs://BUCKET/PATH", help="where the run's artifacts go (required)")
+        vertex.add_argument("--params", metavar="FILE.yaml", help="pipeline parameters as a YAML mapping")
+        vertex.add_argument("--set", action="append", metavar="NAME=VALUE", help="one pipeline parameter (repeatable)")
+        vertex.add_argument("--display-name", default="rlhf-pipeline", help="the run's name in the console")
+        if name == "submit":
+            vertex.add_argument("--job-id", help="the job's id (default: made from the display name and time)")
+        vertex.add_argument("--service-account", help="run-as service account (default: the project's compute account)")
+        vertex.add_argument("--network", help="VPC network to peer with: projects/NUMBER/global/networks/NAME")
+        vertex.add_argument("--label", action="append", metavar="KEY=VALUE", help="a label on the job (repeatable)")
+        vertex.add_argument("--no-caching", action="store_true", help="rerun every stage instead of reusing results")
+        vertex.add_argument("--encryption-spec-key-name", metavar="KEY",
+                            help="Cloud KMS key for the job, its artifacts and the uploaded model (CMEK)")
+        vertex.add_argument("--image", help="container image for every stage (default: the one in the template)")
+        vertex.add_argument("--template", metavar="FILE", help="compiled pipeline (default: pipeline.yaml)")
+        vertex.add_argument("--api-endpoint", metavar="HOST",
+                            help="Vertex AI API endpoint (default: the region's; e.g. a Private Service Connect one)")
+        vertex.add_argument("--dry-run", action="store_true", help="print the request body; send nothing")
+        if name == "schedule":
+            vertex.add_argument("--cron", required=True, help='cron expression, e.g. "TZ=Europe/Paris 0 3 * * 1"')
+            vertex.add_argument("--schedule-name", default="rlhf-pipeline-schedule", help="the schedule's name")
+            vertex.add_argument("--start-time", help="RFC 3339 time of the first possible run (default: now)")
+            vertex.add_argument("--end-time", help="RFC 3339 time after which no run starts (default: never)")
+            vertex.add_argument("--max-concurrent-runs", type=int, default=1, help="runs at once (default 1)")
+            vertex.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: no limit)")
+            vertex.add_argument("--allow-queueing", action="store_true",
+                                help="queue runs beyond --max-concurrent-runs instead of skipping them")
+        vertex.set_defaults(handler=cmd_submit if name == "submit" else cmd_schedule)
+
+    serve = commands.add_parser(
+        "serve", help="serve a tuned policy over HTTP (the Model Registry's serving container runs this)",
+        description="Answer Vertex AI prediction requests {\"instances\": [...], \"parameters\": {...}} with "
+                    "completions of the tuned policy. Port and routes follow AIP_HTTP_PORT, AIP_HEALTH_ROUTE and "
+                    "AIP_PREDICT_ROUTE when set.")
+    serve.add_argument("--policy", metavar="DIR|gs://URI", help="a policy from `rlhf train-policy` (default "
+                                                                "$AIP_STORAGE_URI)")
+    serve.add_argument("--host", help="interface (default 127.0.0.1; 0.0.0.0 inside Vertex AI)")
+    serve.add_argument("--port", type=_positive_int, help="port (default $AIP_HTTP_PORT, else 8080)")
+    serve.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    serve.set_defaults(handler=cmd_serve)
 
     train_rm = commands.add_parser(
         "train-reward-model", help="train the pairwise LoRA reward model",
@@ -466,6 +724,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    candidates = commands.add_parser(
+        "generate-candidates", help="two candidate completions per prompt, ready for people to label",
+        description="Sample two completions per prompt, with different seeds and temperatures, batched by length. "
+                    "Writes one JSONL row per prompt {pair_id, input_text|messages, candidate_0, candidate_1, "
+                    "source, generation}; a pair that comes out identical or empty is sampled again, up to "
+                    "--max-attempts times, then its prompt is left out and reported.")
+    candidates.add_argument("--prompt-dataset", required=True, metavar="URI", help="JSONL rows {input_text|messages}")
+    candidates.add_argument("--output", required=True, metavar="URI", help="pairs file to write (must not exist)")
+    candidates.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
+    _add_model_arguments(candidates)
+    candidates.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
+    candidates.add_argument("--temperatures", type=float, nargs=2, default=[0.7, 1.0], metavar=("T0", "T1"),
+                            help="sampling temperature of candidate_0 and of candidate_1 (default 0.7 1.0)")
+    candidates.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
+    candidates.add_argument("--max-attempts", type=_positive_int, default=3,
+                            help="samplings of a pair before its prompt is left out (default 3)")
+    candidates.set_defaults(handler=cmd_generate_candidates)
+
+    label = commands.add_parser(
+        "label", help="a local page where a person picks the better candidate of each pair; export the choices",
+        description="Serve a labelling page on 127.0.0.1: the text and two candidates side by side (in an order "
+                    "shuffled per pair), chosen by click or the keys 1 / 2, S skips. Every decision is appended to "
+                    "the labels file at once; starting again resumes at the first undecided pair. With --export "
+                    "or --stats, serve nothing: write the preference dataset and/or print progress and agreement.")
+    label.add_argument("--pairs", required=True, metavar="URI", help="pairs file from `rlhf generate-candidates`")
+    label.add_argument("--output", required=True, action="append", metavar="FILE",
+                       help="labels file (JSONL, appended to); with --export/--stats repeat it to merge annotators")
+    label.add_argument("--annotator", metavar="NAME", help="who is labelling (default: your user name)")
+    label.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    label.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    label.add_argument("--allow-remote", action="store_true",
+                       help="allow a --host other than loopback: the page has no login")
+    label.add_argument("--export", metavar="URI",
+                       help="write the labels as a preference dataset (majority per pair; ties left out)")
+    label.add_argument("--stats", action="store_true", help="print progress per annotator and agreement")
+    label.set_defaults(handler=cmd_label)
     return parser
 
 
@@ -475,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.storage import StorageError
 
     try:
+        _require_local_paths(args)
         return args.handler(args)
     except (UsageError, ModelReferenceError, StorageError, ValueError) as error:
         print(f"rlhf {args.command}: error: {error}", file=sys.stderr)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from rlhf.storage import StorageError, read_bytes
 from rlhf.validation import (
     Dataset,
     OnInvalid,
@@ -120,9 +121,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a file this package wrote itself (already validated)."""
-    with open(path, encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+    """Rows of a JSONL file of objects that this package wrote: a stage's output, `rlhf infer` predictions.
+
+    Such a file may still come from elsewhere (a copy, a user's predictions): a missing file or a line that
+    is not a JSON object raises DatasetError with one `FILE:LINE: ...` per problem.
+    """
+    file = str(path)
+    try:
+        data = read_bytes(file)
+    except StorageError as error:
+        raise DatasetError([Problem(file, 0, "unreadable", error.reason)]) from None
+    rows, problems = [], []
+    for number, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(Problem(file, number, "not_json", f"not valid JSON: {error.msg} (column {error.colno})"))
+        except UnicodeDecodeError:
+            problems.append(Problem(file, number, "invalid_utf8", "not valid JSON: invalid UTF-8"))
+        except RecursionError:
+            problems.append(Problem(file, number, "not_json", "not valid JSON here: nested too deeply"))
+        else:
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                problems.append(Problem(file, number, "not_object", "expected a JSON object {...}"))
+    if problems:
+        raise DatasetError(problems)
+    return rows
 
 
 def distinct_prompts(rows: list[dict]) -> list[dict]:

@@ -36,11 +36,12 @@ class InferenceConfig:
 
 
 def load_generator(model_path: str, adapter_dir: Path | None, placement):
+    if adapter_dir is not None:
+        refuse_pickles(adapter_dir)  # before the base model loads: a refused artifact should cost nothing
     model = load_causal_lm(model_path, placement)
     if adapter_dir is not None:
         from peft import PeftModel
 
-        refuse_pickles(adapter_dir)
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return model
@@ -51,31 +52,47 @@ def _pretokenized(row: dict, instruction: str) -> str:
     return f"{instruction}\n{text}" if instruction else text
 
 
+class Generator:
+    """A loaded model with its prompt format: completions for prompt rows, returned in their order."""
+
+    def __init__(self, model_path: str, config: InferenceConfig, adapter_dir: Path | None = None):
+        self.config = config
+        self.tokenizer = load_tokenizer(model_path)
+        self.model = load_generator(model_path, adapter_dir, pick_placement(config.device))
+        self.encoder = PromptEncoder(self.tokenizer, PromptFormat(config.instruction, config.use_chat_template),
+                                     config.prompt_sequence_length, config.target_sequence_length)
+
+    def complete(self, rows: list[dict], config: InferenceConfig | None = None, on_batch=None) -> list[dict]:
+        """One output row per input row: input, prediction, Vertex-shaped inputs. `config` overrides the
+        decoding settings (not the prompt format) for this call; `on_batch(n)` reports progress."""
+        config = config or self.config
+        prompts = [self.encoder.encode_prompt(r) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+        outputs: list[dict | None] = [None] * len(rows)
+        for first in range(0, len(order), config.batch_size):
+            batch = order[first:first + config.batch_size]
+            rollout = generate(self.model, [prompts[i] for i in batch], config.target_sequence_length,
+                               self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, config.temperature,
+                               config.top_p, config.greedy)
+            for index, completion, ended in zip(batch, rollout.completions(), rollout.ended.tolist()):
+                row = rows[index]
+                output = {key: row[key] for key in ("input_text", "messages") if key in row}
+                output.update({"prediction": self.tokenizer.decode(completion, skip_special_tokens=True).strip(),
+                               "inputs": {"inputs_pretokenized": _pretokenized(row, self.config.instruction)},
+                               "prediction_tokens": len(completion), "ended": bool(ended)})
+                if "source" in row:
+                    output["source"] = row["source"]
+                outputs[index] = output
+            if on_batch:
+                on_batch(len(batch))
+        return outputs
+
+
 def bulk_infer(rows: list[dict], model_path: str, config: InferenceConfig, adapter_dir: Path | None = None) -> list[dict]:
     """One output row per input row, same order: input, prediction, Vertex-shaped inputs."""
-    placement = pick_placement(config.device)
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(model_path)
-    model = load_generator(model_path, adapter_dir, placement)
-    encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
-                            config.prompt_sequence_length, config.target_sequence_length)
-    prompts = [encoder.encode_prompt(r) for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    outputs: list[dict | None] = [None] * len(rows)
+    generator = Generator(model_path, config, adapter_dir)
     progress = Progress(len(rows), "bulk inference", unit="prompt")
-    for first in range(0, len(order), config.batch_size):
-        batch = order[first:first + config.batch_size]
-        rollout = generate(model, [prompts[i] for i in batch], config.target_sequence_length, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, config.temperature, config.top_p, config.greedy)
-        for index, completion, ended in zip(batch, rollout.completions(), rollout.ended.tolist()):
-            row = rows[index]
-            output = {key: row[key] for key in ("input_text", "messages") if key in row}
-            output.update({"prediction": tokenizer.decode(completion, skip_special_tokens=True).strip(),
-                           "inputs": {"inputs_pretokenized": _pretokenized(row, config.instruction)},
-                           "prediction_tokens": len(completion), "ended": bool(ended)})
-            if "source" in row:
-                output["source"] = row["source"]
-            outputs[index] = output
-        progress.update(len(batch))
+    outputs = generator.complete(rows, on_batch=progress.update)
     progress.close()
     return outputs

@@ -46,6 +46,9 @@ COURSE_MODELS = {
     "gemma-7b": "google/gemma-7b",
     "gemma-7b-it": "google/gemma-7b-it",
 }
+# max_position_embeddings of each model's config, so sequence lengths are checked before anything loads.
+DEFAULT_MODEL_CONTEXT = 8192
+COURSE_MODEL_CONTEXT = {name: 4096 if name.startswith("llama-2") else 8192 for name in COURSE_MODELS}
 VERTEX_ONLY_MODELS = ("text-bison@001", "chat-bison@001", "text-bison", "chat-bison")
 ENCODER_DECODER_MODELS = ("t5-small", "t5-large", "t5-xl", "t5-xxl", "bison-t5", "flan-t5-small")
 
@@ -71,19 +74,18 @@ def _accepted() -> str:
             f"or one of {', '.join(COURSE_MODELS)}")
 
 
-def resolve_model_reference(reference: str, cache: Path | None = None, progress: Progress = print) -> str:
-    """A local directory or hub id for `reference`; prepares the cache on first use."""
-    cache = cache or cache_dir()
+def classify_model_reference(reference: str) -> tuple[str, str]:
+    """(kind, reference) with kind one of default, gcs, course, local, hub; touches no network."""
     reference = (reference or "").strip()
     if not reference:
         raise ModelReferenceError(f"large_model_reference is empty; {_accepted()}")
-    if reference.lower() == DEFAULT_MODEL:
-        return str(prepare_default_model(cache, progress))
-    if is_gcs(reference):
-        return str(copy_gcs_model(reference, cache, progress))
     lowered = reference.lower()
+    if lowered == DEFAULT_MODEL:
+        return "default", reference
+    if is_gcs(reference):
+        return "gcs", reference
     if lowered in COURSE_MODELS:
-        return COURSE_MODELS[lowered]
+        return "course", COURSE_MODELS[lowered]
     if lowered in VERTEX_ONLY_MODELS:
         raise ModelReferenceError(f"{reference!r} is a Vertex AI hosted model with no open weights; {_accepted()}")
     if lowered in ENCODER_DECODER_MODELS:
@@ -96,12 +98,35 @@ def resolve_model_reference(reference: str, cache: Path | None = None, progress:
         if not any(path.glob("*.safetensors")):
             raise ModelReferenceError(f"{reference}: no *.safetensors weights; only safetensors are loaded "
                                       "(convert pickled weights with save_pretrained(safe_serialization=True))")
-        return str(path.resolve())
+        return "local", str(path.resolve())
     if reference.startswith((".", "/", "~")) or os.sep + os.sep in reference:
         raise ModelReferenceError(f"{reference}: no such directory; {_accepted()}")
     if _HUB_ID.fullmatch(reference):
-        return reference
+        return "hub", reference
     raise ModelReferenceError(f"unknown large_model_reference {reference!r}; {_accepted()}")
+
+
+def resolve_model_reference(reference: str, cache: Path | None = None, progress: Progress = print) -> str:
+    """A local directory or hub id for `reference`; prepares the cache on first use."""
+    kind, resolved = classify_model_reference(reference)
+    if kind == "default":
+        return str(prepare_default_model(cache or cache_dir(), progress))
+    if kind == "gcs":
+        return str(copy_gcs_model(resolved, cache or cache_dir(), progress))
+    return resolved
+
+
+def context_length(reference: str) -> int | None:
+    """The model's longest sequence in tokens, where it is known without downloading anything."""
+    kind, resolved = classify_model_reference(reference)
+    if kind == "default":
+        return DEFAULT_MODEL_CONTEXT
+    if kind == "course":
+        return COURSE_MODEL_CONTEXT[reference.strip().lower()]
+    if kind == "local":
+        config = json.loads((Path(resolved) / "config.json").read_text())
+        return config.get("max_position_embeddings")
+    return None
 
 
 def default_model_dir(cache: Path | None = None) -> Path:

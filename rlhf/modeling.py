@@ -42,13 +42,20 @@ def _no_dropout(config) -> None:
             setattr(config, name, 0.0)
 
 
+class ModelLoadError(RuntimeError):
+    """A model directory that exists but cannot be loaded (corrupt or truncated weights, a bad config)."""
+
+
 def _load(auto_class, path: str, placement: Placement, trust_remote_code: bool):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    _no_dropout(config)
-    model = auto_class.from_pretrained(path, config=config, dtype=placement.dtype, use_safetensors=True,
-                                       trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        _no_dropout(config)
+        model = auto_class.from_pretrained(path, config=config, dtype=placement.dtype, use_safetensors=True,
+                                           trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    except Exception as error:  # transformers, safetensors and the OS each fail with their own types
+        raise ModelLoadError(f"cannot load the model from {path}: {type(error).__name__}: {error}") from error
     return model.to(placement.device)
 
 

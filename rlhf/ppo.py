@@ -31,19 +31,27 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from rlhf.batching import batch_indices, warmup_cosine
-from rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf.checkpoints import (
+    CheckpointMismatch,
+    discard_incomplete,
+    disk_full_explained,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
 from rlhf.policy import Policy, PolicySpec, Rollout, save_policy
 from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.rewards import RewardFunction
+from rlhf.storage import write_bytes
 
 BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
 METRICS_FILE = "metrics.json"
@@ -112,6 +120,14 @@ class Experience:
     returns: torch.Tensor  # [batch, completion]
     scores: torch.Tensor  # [batch]: reward-model score, or the unfinished penalty
     kl: torch.Tensor | None  # [batch]: summed per-token log-ratio policy/reference; None when kl_coeff is 0
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of generation, forward, scoring
+
+
+def clock(device: torch.device) -> float:
+    """Wall time once the device's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -145,7 +161,9 @@ def fingerprint(config: PPOConfig, model_reference: str, reward_name: str, rows:
 @torch.no_grad()
 def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_fn: RewardFunction,
             config: PPOConfig) -> Experience:
+    started = clock(policy.device)
     rollout = policy.generate(prompts, config.target_sequence_length, config.temperature, config.top_p)
+    generated = clock(policy.device)
     mask = rollout.completion_mask.float()
     log_probs, _, values = policy.evaluate(rollout, config.temperature)
     kl = None
@@ -156,13 +174,16 @@ def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_f
         per_token_kl = (log_probs - reference_log_probs) * mask
         kl = per_token_kl.sum(dim=1)
         rewards -= config.kl_coeff * per_token_kl
+    forwarded = clock(policy.device)
     scores = reward_fn(rows, rollout.completions()).to(mask.device).float()
+    scored = clock(policy.device)
     if config.penalize_unfinished:
         scores = torch.where(rollout.ended, scores, torch.full_like(scores, config.unfinished_reward))
     last = mask.sum(dim=1).long() - 1
     rewards[torch.arange(len(rows)), last] += scores
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
-    return Experience(rollout, log_probs, values * mask, advantages, returns, scores, kl)
+    seconds = {"generation": generated - started, "forward": forwarded - generated, "scoring": scored - forwarded}
+    return Experience(rollout, log_probs, values * mask, advantages, returns, scores, kl, seconds)
 
 
 def whiten(experiences: list[Experience]) -> None:
@@ -223,13 +244,17 @@ def train_policy(
     if not prompt_rows:
         raise ValueError("reinforcement learning: no prompts")
     output_dir = Path(output_dir)
+    run_id = fingerprint(config, large_model_reference, reward_fn.name, prompt_rows)
     if (output_dir / METRICS_FILE).is_file():
-        print(f"{output_dir} already holds a tuned policy; returning it", file=sys.stderr)
-        return json.loads((output_dir / METRICS_FILE).read_text())
+        finished = json.loads((output_dir / METRICS_FILE).read_text())
+        if finished.get("fingerprint") != run_id:
+            raise CheckpointMismatch(f"{output_dir} holds the result of another run (other data, settings or stage), "
+                                     "not this policy; write to a new output directory")
+        print(f"{output_dir} already holds this tuned policy; returning it", file=sys.stderr)
+        return finished
 
     placement = pick_placement(config.device)
     base_path = base_model_path or resolve_model_reference(large_model_reference)
-    run_id = fingerprint(config, large_model_reference, reward_fn.name, prompt_rows)
     tokenizer = load_tokenizer(base_path)
     encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
                             config.prompt_sequence_length, config.target_sequence_length)
@@ -246,108 +271,122 @@ def train_policy(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
 
-    start_step, history = 0, []
-    checkpoint = latest_checkpoint(output_dir / CHECKPOINT_DIR)
-    if checkpoint:
-        state = load_checkpoint(checkpoint, policy, optimizer, run_id)
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, history = state["step"], state["history"]
-        print(f"Resuming the policy from {checkpoint} (step {start_step} of {config.train_steps})", file=sys.stderr)
+    checkpoint_dir = output_dir / CHECKPOINT_DIR
+    with disk_full_explained(checkpoint_dir):
+        # Made before anything else is written: an output directory holding it is one a rerun resumes in.
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        discard_incomplete(checkpoint_dir)
+        start_step, history = 0, []
+        checkpoint = latest_checkpoint(checkpoint_dir)
+        if checkpoint:
+            state = load_checkpoint(checkpoint, policy, optimizer, run_id)
+            scheduler.load_state_dict(state["scheduler"])
+            start_step, history = state["step"], state["history"]
+            print(f"Resuming the policy from {checkpoint} (step {start_step} of {config.train_steps})", file=sys.stderr)
 
-    writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
-    progress = Progress(config.train_steps, "policy (PPO)", initial=start_step)
-    episodes, started, interrupted = 0, time.monotonic(), False
-    micro_per_minibatch = max(1, config.ppo_minibatch_size // config.micro_batch_size)
-    for step in range(start_step, config.train_steps):
-        chosen = batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
-        experiences, batch_rows = [], []
-        for first in range(0, len(chosen), config.micro_batch_size):
-            indices = chosen[first:first + config.micro_batch_size]
-            rows = [prompt_rows[i] for i in indices]
-            experiences.append(collect(policy, rows, [prompts[i] for i in indices], reward_fn, config))
-            batch_rows.append(rows)
-        whiten(experiences)
+        writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+        progress = Progress(config.train_steps, "policy (PPO)", initial=start_step)
+        episodes, started, interrupted = 0, time.monotonic(), False
+        micro_per_minibatch = max(1, config.ppo_minibatch_size // config.micro_batch_size)
+        for step in range(start_step, config.train_steps):
+            chosen = batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
+            experiences, batch_rows = [], []
+            for first in range(0, len(chosen), config.micro_batch_size):
+                indices = chosen[first:first + config.micro_batch_size]
+                rows = [prompt_rows[i] for i in indices]
+                experiences.append(collect(policy, rows, [prompts[i] for i in indices], reward_fn, config))
+                batch_rows.append(rows)
+            whiten(experiences)
 
-        totals = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
-        token_count = 0
-        for _ in range(config.ppo_epochs):
-            order = torch.randperm(len(experiences)).tolist()
-            for first in range(0, len(order), micro_per_minibatch):
-                group = [experiences[i] for i in order[first:first + micro_per_minibatch]]
-                tokens = sum(float(e.rollout.completion_mask.sum()) for e in group)
-                for experience in group:
-                    losses = ppo_losses(policy, experience, config)
-                    loss = (losses["policy_loss"] + config.value_loss_coeff * losses["value_loss"]) / tokens
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"reinforcement learning: the loss is {float(loss)} at step {step + 1}; the last good "
-                            f"checkpoint in {output_dir / CHECKPOINT_DIR} is kept")
-                    loss.backward()
-                    for name in totals:
-                        totals[name] += float(losses[name].detach())
-                torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                token_count += tokens
+            totals = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
+            token_count = 0
+            update_started = clock(placement.device)
+            for _ in range(config.ppo_epochs):
+                order = torch.randperm(len(experiences)).tolist()
+                for first in range(0, len(order), micro_per_minibatch):
+                    group = [experiences[i] for i in order[first:first + micro_per_minibatch]]
+                    tokens = sum(float(e.rollout.completion_mask.sum()) for e in group)
+                    for experience in group:
+                        losses = ppo_losses(policy, experience, config)
+                        loss = (losses["policy_loss"] + config.value_loss_coeff * losses["value_loss"]) / tokens
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"reinforcement learning: the loss is {float(loss)} at step {step + 1}; the last good "
+                                f"checkpoint in {checkpoint_dir} is kept")
+                        loss.backward()
+                        for name in totals:
+                            totals[name] += float(losses[name].detach())
+                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    token_count += tokens
+            update_seconds = clock(placement.device) - update_started
 
-        scores = torch.cat([e.scores for e in experiences])
-        kl = float(torch.cat([e.kl for e in experiences]).mean()) if config.kl_coeff > 0 else None
-        lengths = torch.cat([e.rollout.completion_mask.sum(dim=1).float() for e in experiences])
-        ended = torch.cat([e.rollout.ended.float() for e in experiences])
-        record = {
-            "step": step + 1,
-            "reward": float(scores.mean()),
-            "kl": kl,
-            "kl_loss": config.kl_coeff * kl if kl is not None else None,
-            "rl_loss": totals["policy_loss"] / token_count,
-            "value_loss": totals["value_loss"] / token_count,
-            "entropy": totals["entropy"] / token_count,
-            "approx_kl": totals["approx_kl"] / token_count,
-            "clip_fraction": totals["clip_fraction"] / token_count,
-            "response_length": float(lengths.mean()),
-            "ended_share": float(ended.mean()),
-            "learning_rate": scheduler.get_last_lr()[0],
-        }
-        history.append(record)
-        for name, value in record.items():
-            if name != "step" and value is not None:
-                writer.add_scalar(name, value, step + 1)
-        if (step + 1) % config.sample_every == 0 or step == start_step:
-            writer.add_text("samples", _samples_markdown(tokenizer, batch_rows[0], experiences[0]), step + 1)
-        episodes += len(chosen)
-        progress.update(1, reward=f"{record['reward']:.3f}", kl="-" if kl is None else f"{kl:.3f}")
-        interrupted = stop_requested() and step + 1 < config.train_steps
-        if (step + 1) % config.checkpoint_every == 0 or interrupted:
-            save_checkpoint(output_dir / CHECKPOINT_DIR, step + 1, policy, optimizer,
-                            {"fingerprint": run_id, "scheduler": scheduler.state_dict(), "history": history})
+            scores = torch.cat([e.scores for e in experiences])
+            kl = float(torch.cat([e.kl for e in experiences]).mean()) if config.kl_coeff > 0 else None
+            lengths = torch.cat([e.rollout.completion_mask.sum(dim=1).float() for e in experiences])
+            ended = torch.cat([e.rollout.ended.float() for e in experiences])
+            record = {
+                "step": step + 1,
+                "reward": float(scores.mean()),
+                "kl": kl,
+                "kl_loss": config.kl_coeff * kl if kl is not None else None,
+                "rl_loss": totals["policy_loss"] / token_count,
+                "value_loss": totals["value_loss"] / token_count,
+                "entropy": totals["entropy"] / token_count,
+                "approx_kl": totals["approx_kl"] / token_count,
+                "clip_fraction": totals["clip_fraction"] / token_count,
+                "response_length": float(lengths.mean()),
+                "ended_share": float(ended.mean()),
+                "learning_rate": scheduler.get_last_lr()[0],
+                # Where the step's time went: sampling, the policy/reference log-prob and value passes, the reward
+                # function, and the PPO epochs (forward, backward, optimizer).
+                **{f"time/{phase}": sum(e.seconds[phase] for e in experiences)
+                   for phase in ("generation", "forward", "scoring")},
+                "time/update": update_seconds,
+            }
+            history.append(record)
+            for name, value in record.items():
+                if name != "step" and value is not None:
+                    writer.add_scalar(name, value, step + 1)
+            if (step + 1) % config.sample_every == 0 or step == start_step:
+                writer.add_text("samples", _samples_markdown(tokenizer, batch_rows[0], experiences[0]), step + 1)
+            episodes += len(chosen)
+            progress.update(1, reward=f"{record['reward']:.3f}", kl="-" if kl is None else f"{kl:.3f}")
+            interrupted = stop_requested() and step + 1 < config.train_steps
+            if (step + 1) % config.checkpoint_every == 0 or interrupted:
+                save_checkpoint(checkpoint_dir, step + 1, policy, optimizer,
+                                {"fingerprint": run_id, "scheduler": scheduler.state_dict(), "history": history})
+            if interrupted:
+                break
+        progress.close()
+        elapsed = time.monotonic() - started
+        writer.close()
         if interrupted:
-            break
-    progress.close()
-    elapsed = time.monotonic() - started
-    writer.close()
-    if interrupted:
-        print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
-        return {"interrupted": True, "step": history[-1]["step"]}
+            print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
+            return {"interrupted": True, "step": history[-1]["step"]}
 
-    spec = PolicySpec(large_model_reference=large_model_reference, lora_dim=config.lora_dim,
-                      prompt_sequence_length=config.prompt_sequence_length,
-                      target_sequence_length=config.target_sequence_length, instruction=config.instruction,
-                      use_chat_template=config.use_chat_template)
-    save_policy(policy, spec, output_dir, tokenizer, merged=config.export_merged)
-    tail = history[-max(1, min(10, len(history) // 5 or 1)):]
-    metrics = {
-        "final_reward": sum(h["reward"] for h in tail) / len(tail),
-        "final_kl": sum(h["kl"] for h in tail) / len(tail) if config.kl_coeff > 0 else None,
-        "initial_reward": history[0]["reward"],
-        "final_ended_share": sum(h["ended_share"] for h in tail) / len(tail),
-        "steps": config.train_steps,
-        "episodes_per_second": episodes / elapsed if elapsed > 0 and episodes else None,
-        "prompts": len(prompt_rows),
-        "truncation": encoder.counts.as_dict(),
-        "device": str(placement.device),
-        "dtype": str(placement.dtype).removeprefix("torch."),
-    }
-    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
-    return metrics
+        spec = PolicySpec(large_model_reference=large_model_reference, lora_dim=config.lora_dim,
+                          prompt_sequence_length=config.prompt_sequence_length,
+                          target_sequence_length=config.target_sequence_length, instruction=config.instruction,
+                          use_chat_template=config.use_chat_template)
+        save_policy(policy, spec, output_dir, tokenizer, merged=config.export_merged)
+        tail = history[-max(1, min(10, len(history) // 5 or 1)):]
+        metrics = {
+            "final_reward": sum(h["reward"] for h in tail) / len(tail),
+            "final_kl": sum(h["kl"] for h in tail) / len(tail) if config.kl_coeff > 0 else None,
+            "initial_reward": history[0]["reward"],
+            "final_ended_share": sum(h["ended_share"] for h in tail) / len(tail),
+            "steps": config.train_steps,
+            "episodes_per_second": episodes / elapsed if elapsed > 0 and episodes else None,
+            "prompts": len(prompt_rows),
+            "truncation": encoder.counts.as_dict(),
+            "device": str(placement.device),
+            "dtype": str(placement.dtype).removeprefix("torch."),
+            "fingerprint": run_id,
+        }
+        # Written whole or not at all: its presence is what marks the run as finished.
+        write_bytes(str(output_dir / METRICS_FILE), (json.dumps(metrics, indent=2) + "\n").encode())
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return metrics

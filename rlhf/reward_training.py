@@ -7,7 +7,8 @@ the optimizer and the warm-up/cosine schedule, log, and checkpoint. At the end: 
 to store the mean and std used to normalise rewards, measure held-out accuracy, and save the artifact.
 
 Running the same call again with the same output directory resumes from the last checkpoint; a finished
-output directory is returned as it is.
+output directory is returned as it is when it holds this very run (same data and settings), and refused
+when it holds another.
 """
 
 from __future__ import annotations
@@ -26,12 +27,20 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.batching import batch_indices, micro_batches, warmup_cosine
-from rlhf.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf.checkpoints import (
+    CheckpointMismatch,
+    discard_incomplete,
+    disk_full_explained,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from rlhf.modeling import Placement, add_lora, load_backbone, load_tokenizer, pick_placement
 from rlhf.packing import pack, packed_length
 from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.reward_model import RewardModel, RewardModelSpec, save_reward_model, score_packed
+from rlhf.storage import write_bytes
 from rlhf.validation import chosen, rejected
 
 BASE_LEARNING_RATE = 1e-4  # Vertex's reward-model rate; the multiplier scales it
@@ -140,13 +149,17 @@ def train_reward_model(
     if not train_rows:
         raise ValueError("reward model: no training pairs")
     output_dir = Path(output_dir)
+    run_id = fingerprint(config, large_model_reference, train_rows)
     if (output_dir / METRICS_FILE).is_file():
-        print(f"{output_dir} already holds a trained reward model; returning it", file=sys.stderr)
-        return json.loads((output_dir / METRICS_FILE).read_text())
+        finished = json.loads((output_dir / METRICS_FILE).read_text())
+        if finished.get("fingerprint") != run_id:
+            raise CheckpointMismatch(f"{output_dir} holds the result of another run (other data, settings or stage), "
+                                     "not this reward model; write to a new output directory")
+        print(f"{output_dir} already holds this reward model; returning it", file=sys.stderr)
+        return finished
 
     placement: Placement = pick_placement(config.device)
     base_path = base_model_path or resolve_model_reference(large_model_reference)
-    run_id = fingerprint(config, large_model_reference, train_rows)
 
     tokenizer = load_tokenizer(base_path)
     encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
@@ -166,88 +179,95 @@ def train_reward_model(
     warmup_steps = math.ceil(config.warmup_fraction * config.train_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, config.train_steps))
 
-    start_step, history = 0, []
-    checkpoint = latest_checkpoint(output_dir / CHECKPOINT_DIR)
-    if checkpoint:
-        state = load_checkpoint(checkpoint, model, optimizer, run_id)
-        scheduler.load_state_dict(state["scheduler"])
-        start_step, history = state["step"], state["history"]
-        print(f"Resuming the reward model from {checkpoint} (step {start_step} of {config.train_steps})",
-              file=sys.stderr)
+    checkpoint_dir = output_dir / CHECKPOINT_DIR
+    with disk_full_explained(checkpoint_dir):
+        # Made before anything else is written: an output directory holding it is one a rerun resumes in.
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        discard_incomplete(checkpoint_dir)
+        start_step, history = 0, []
+        checkpoint = latest_checkpoint(checkpoint_dir)
+        if checkpoint:
+            state = load_checkpoint(checkpoint, model, optimizer, run_id)
+            scheduler.load_state_dict(state["scheduler"])
+            start_step, history = state["step"], state["history"]
+            print(f"Resuming the reward model from {checkpoint} (step {start_step} of {config.train_steps})",
+                  file=sys.stderr)
 
-    writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
-    progress = Progress(config.train_steps, "reward model", initial=start_step)
-    pairs_seen, started = 0, time.monotonic()
-    interrupted = False
-    for step in range(start_step, config.train_steps):
-        batch = [train_pairs[i] for i in batch_indices(step, config.batch_size, len(train_pairs), config.seed)]
-        step_loss, step_correct = 0.0, 0.0
-        for group in micro_batches([p.length() for p in batch], config.micro_batch_tokens):
-            micro = [batch[i] for i in group]
-            packed = pack([p.prompt for p in micro], [[p.winner, p.loser] for p in micro], pad_id)
-            losses, correct = pairwise_loss(model(packed.to(placement.device)))
-            (losses.sum() / len(batch)).backward()
-            step_loss += float(losses.detach().sum())
-            step_correct += float(correct.sum())
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"reward model: the loss is {step_loss} at step {step + 1}; the last good "
-                                     f"checkpoint in {output_dir / CHECKPOINT_DIR} is kept")
-        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+        progress = Progress(config.train_steps, "reward model", initial=start_step)
+        pairs_seen, started = 0, time.monotonic()
+        interrupted = False
+        for step in range(start_step, config.train_steps):
+            batch = [train_pairs[i] for i in batch_indices(step, config.batch_size, len(train_pairs), config.seed)]
+            step_loss, step_correct = 0.0, 0.0
+            for group in micro_batches([p.length() for p in batch], config.micro_batch_tokens):
+                micro = [batch[i] for i in group]
+                packed = pack([p.prompt for p in micro], [[p.winner, p.loser] for p in micro], pad_id)
+                losses, correct = pairwise_loss(model(packed.to(placement.device)))
+                (losses.sum() / len(batch)).backward()
+                step_loss += float(losses.detach().sum())
+                step_correct += float(correct.sum())
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"reward model: the loss is {step_loss} at step {step + 1}; the last good "
+                                         f"checkpoint in {checkpoint_dir} is kept")
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        rank_loss, accuracy = step_loss / len(batch), step_correct / len(batch)
-        history.append({"step": step + 1, "rank_loss": rank_loss, "accuracy": accuracy})
-        pairs_seen += len(batch)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
-            writer.add_scalar("rank_loss", rank_loss, step + 1)
-            writer.add_scalar("accuracy", accuracy, step + 1)
-            writer.add_scalar("learning_rate", learning_rate, step + 1)
-        progress.update(1, loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}")
-        interrupted = stop_requested() and step + 1 < config.train_steps
-        if (step + 1) % config.checkpoint_every == 0 or interrupted:
-            save_checkpoint(output_dir / CHECKPOINT_DIR, step + 1, model, optimizer,
-                            {"fingerprint": run_id, "scheduler": scheduler.state_dict(), "history": history})
+            rank_loss, accuracy = step_loss / len(batch), step_correct / len(batch)
+            history.append({"step": step + 1, "rank_loss": rank_loss, "accuracy": accuracy})
+            pairs_seen += len(batch)
+            if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
+                writer.add_scalar("rank_loss", rank_loss, step + 1)
+                writer.add_scalar("accuracy", accuracy, step + 1)
+                writer.add_scalar("learning_rate", learning_rate, step + 1)
+            progress.update(1, loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}")
+            interrupted = stop_requested() and step + 1 < config.train_steps
+            if (step + 1) % config.checkpoint_every == 0 or interrupted:
+                save_checkpoint(checkpoint_dir, step + 1, model, optimizer,
+                                {"fingerprint": run_id, "scheduler": scheduler.state_dict(), "history": history})
+            if interrupted:
+                break
+        progress.close()
+        elapsed = time.monotonic() - started
         if interrupted:
-            break
-    progress.close()
-    elapsed = time.monotonic() - started
-    if interrupted:
-        writer.close()
-        print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
-        return {"interrupted": True, "step": history[-1]["step"]}
+            writer.close()
+            print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
+            return {"interrupted": True, "step": history[-1]["step"]}
 
-    normalisation = train_pairs[:config.normalization_pairs]
-    scores = score_packed(model, [p.prompt for p in normalisation], [[p.winner, p.loser] for p in normalisation],
-                          pad_id, config.micro_batch_tokens)
-    evaluation = evaluate_pairs(model, held_out_pairs, pad_id, config.micro_batch_tokens)
-    if "eval_accuracy" in evaluation:
-        writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], config.train_steps)
-    writer.close()
-    spec = RewardModelSpec(
-        large_model_reference=large_model_reference, lora_dim=config.lora_dim,
-        prompt_sequence_length=config.prompt_sequence_length, target_sequence_length=config.target_sequence_length,
-        instruction=config.instruction, use_chat_template=config.use_chat_template,
-        score_mean=float(scores.mean()), score_std=float(scores.std().clamp_min(1e-6)),
-        training={"steps": config.train_steps, "train_pairs": len(train_pairs), "seed": config.seed,
-                  "learning_rate": config.learning_rate(), "batch_size": config.batch_size})
-    save_reward_model(model, spec, output_dir)
-    tail = history[-max(1, min(10, len(history))):]
-    metrics = {
-        **evaluation,
-        "final_rank_loss": sum(h["rank_loss"] for h in tail) / len(tail),
-        "final_train_accuracy": sum(h["accuracy"] for h in tail) / len(tail),
-        "steps": config.train_steps,
-        "train_pairs": len(train_pairs),
-        "pairs_per_second": pairs_seen / elapsed if elapsed > 0 and pairs_seen else None,
-        "score_mean": spec.score_mean,
-        "score_std": spec.score_std,
-        "truncation": encoder.counts.as_dict(),
-        "device": str(placement.device),
-        "dtype": str(placement.dtype).removeprefix("torch."),
-    }
-    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    shutil.rmtree(output_dir / CHECKPOINT_DIR, ignore_errors=True)
-    return metrics
+        normalisation = train_pairs[:config.normalization_pairs]
+        scores = score_packed(model, [p.prompt for p in normalisation], [[p.winner, p.loser] for p in normalisation],
+                              pad_id, config.micro_batch_tokens)
+        evaluation = evaluate_pairs(model, held_out_pairs, pad_id, config.micro_batch_tokens)
+        if "eval_accuracy" in evaluation:
+            writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], config.train_steps)
+        writer.close()
+        spec = RewardModelSpec(
+            large_model_reference=large_model_reference, lora_dim=config.lora_dim,
+            prompt_sequence_length=config.prompt_sequence_length, target_sequence_length=config.target_sequence_length,
+            instruction=config.instruction, use_chat_template=config.use_chat_template,
+            score_mean=float(scores.mean()), score_std=float(scores.std().clamp_min(1e-6)),
+            training={"steps": config.train_steps, "train_pairs": len(train_pairs), "seed": config.seed,
+                      "learning_rate": config.learning_rate(), "batch_size": config.batch_size})
+        save_reward_model(model, spec, output_dir)
+        tail = history[-max(1, min(10, len(history))):]
+        metrics = {
+            **evaluation,
+            "final_rank_loss": sum(h["rank_loss"] for h in tail) / len(tail),
+            "final_train_accuracy": sum(h["accuracy"] for h in tail) / len(tail),
+            "steps": config.train_steps,
+            "train_pairs": len(train_pairs),
+            "pairs_per_second": pairs_seen / elapsed if elapsed > 0 and pairs_seen else None,
+            "score_mean": spec.score_mean,
+            "score_std": spec.score_std,
+            "truncation": encoder.counts.as_dict(),
+            "device": str(placement.device),
+            "dtype": str(placement.dtype).removeprefix("torch."),
+            "fingerprint": run_id,
+        }
+        # Written whole or not at all: its presence is what marks the run as finished.
+        write_bytes(str(output_dir / METRICS_FILE), (json.dumps(metrics, indent=2) + "\n").encode())
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        return metrics

@@ -26,13 +26,17 @@ def resolve_steps(rows: int, steps: int | None, epochs: int | None, batch_size: 
     return steps_from_epochs(rows, epochs, batch_size)
 
 
-DEFAULT_TRAIN_STEPS = 1000  # Vertex's default when neither steps nor epochs is given
+DEFAULT_TRAIN_STEPS = 1000  # Vertex's default for both stages
 
 
 def resolve_stage_steps(rows: int, steps: int, epochs: int, batch_size: int, what: str) -> int:
-    """As resolve_steps, for pipeline parameters where 0 means "not given"."""
-    if steps < 0 or epochs < 0:
-        raise ValueError(f"{what}: steps and epochs must not be negative (got steps={steps}, epochs={epochs})")
-    if not steps and not epochs:
-        return DEFAULT_TRAIN_STEPS
-    return resolve_steps(rows, steps or None, epochs or None, batch_size, what)
+    """The step count from pipeline parameters: epochs when given (above 0), else the steps.
+
+    Steps always hold a value (their default is Vertex's 1000), so epochs take precedence; `rlhf run` and
+    `rlhf submit` refuse a user who gives both.
+    """
+    if epochs < 0:
+        raise ValueError(f"{what}: epochs must not be negative, got {epochs}")
+    if epochs:
+        return steps_from_epochs(rows, epochs, batch_size)
+    return resolve_steps(rows, steps, None, batch_size, what)

@@ -194,3 +194,9 @@ def download_directory(uri: str, destination: Path) -> list[Path]:
         _gcs_call(f"{GCS_PREFIX}{location.bucket}/{blob.name}", lambda: blob.download_to_filename(str(target)))
         written.append(target)
     return written
+
+
+def bucket_exists(uri: str) -> bool:
+    """Whether the bucket of a gs:// URI exists (and these credentials may see it)."""
+    bucket = GcsPath.parse(uri).bucket
+    return _gcs_call(uri, lambda: gcs_client().bucket(bucket).exists())

@@ -56,7 +56,9 @@ class Dataset:
         return not self.problems
 
 
-class _RowError(Exception):
+class RowError(Exception):
+    """What is wrong with one row, and its kind (the key `on_invalid=skip` counts under)."""
+
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
@@ -97,7 +99,7 @@ def _read_file(file: str, dataset: Dataset, on_invalid: OnInvalid) -> None:
         rows_in_file += 1
         try:
             row = _parse_row(raw, dataset.kind)
-        except _RowError as error:
+        except RowError as error:
             if on_invalid == "skip":
                 dataset.skipped[error.kind] += 1
             else:
@@ -113,15 +115,15 @@ def _parse_row(raw: bytes, kind: DatasetKind) -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise _RowError("invalid_utf8", f"invalid UTF-8 (byte {error.start + 1} of the line)") from None
-    row = _parse_json(text)
+        raise RowError("invalid_utf8", f"invalid UTF-8 (byte {error.start + 1} of the line)") from None
+    row = parse_json(text)
     if kind == "preference" or (kind == "eval" and any(k in row for k in CANDIDATE_KEYS)):
         _check_keys(row, required=CANDIDATE_KEYS)
-        _check_prompt(row)
+        check_prompt(row)
         _check_candidates(row)
     else:
         _check_keys(row, required=())
-        _check_prompt(row)
+        check_prompt(row)
     return dict(row)
 
 
@@ -133,22 +135,22 @@ def _unique_keys(pairs: list) -> dict:
     seen = {}
     for key, value in pairs:
         if key in seen:
-            raise _RowError("duplicate_key", f"key {key!r} appears twice in one object")
+            raise RowError("duplicate_key", f"key {key!r} appears twice in one object")
         seen[key] = value
     return seen
 
 
-def _parse_json(text: str) -> dict:
+def parse_json(text: str) -> dict:
     try:
         value = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
     except json.JSONDecodeError as error:
-        raise _RowError("not_json", f"not valid JSON: {error.msg} (column {error.colno})") from None
+        raise RowError("not_json", f"not valid JSON: {error.msg} (column {error.colno})") from None
     except ValueError as error:
-        raise _RowError("not_json", f"not valid JSON: {error}") from None
+        raise RowError("not_json", f"not valid JSON: {error}") from None
     except RecursionError:
-        raise _RowError("not_json", "not valid JSON here: nested too deeply") from None
+        raise RowError("not_json", "not valid JSON here: nested too deeply") from None
     if not isinstance(value, dict):
-        raise _RowError("not_object", f"expected a JSON object {{...}}, got {_json_type(value)}")
+        raise RowError("not_object", f"expected a JSON object {{...}}, got {_json_type(value)}")
     return value
 
 
@@ -176,62 +178,62 @@ def _check_keys(row: dict, required: tuple[str, ...]) -> None:
     extra = [k for k in row if k not in allowed]
     if extra:
         expected = ", ".join(["input_text (or messages)", *required])
-        raise _RowError("extra_key", f"unexpected key {_keys(extra)}; a row holds {expected}")
+        raise RowError("extra_key", f"unexpected key {_keys(extra)}; a row holds {expected}")
     prompt_keys = [k for k in PROMPT_KEYS if k in row]
     if not prompt_keys:
-        raise _RowError("missing_key", "missing key 'input_text' (or chat 'messages')")
+        raise RowError("missing_key", "missing key 'input_text' (or chat 'messages')")
     if len(prompt_keys) == 2:
-        raise _RowError("extra_key", "give either 'input_text' or 'messages', not both")
+        raise RowError("extra_key", "give either 'input_text' or 'messages', not both")
     missing = [k for k in required if k not in row]
     if missing:
-        raise _RowError("missing_key", f"missing key {_keys(missing)}")
+        raise RowError("missing_key", f"missing key {_keys(missing)}")
 
 
 def _keys(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names)
 
 
-def _check_text(row: dict, key: str) -> None:
+def check_text(row: dict, key: str) -> None:
     value = row[key]
     if not isinstance(value, str):
-        raise _RowError("wrong_type", f"'{key}' must be a string, got {_json_type(value)}")
+        raise RowError("wrong_type", f"'{key}' must be a string, got {_json_type(value)}")
     if not value.strip():
-        raise _RowError("empty_text", f"'{key}' is empty or only whitespace")
+        raise RowError("empty_text", f"'{key}' is empty or only whitespace")
 
 
-def _check_prompt(row: dict) -> None:
+def check_prompt(row: dict) -> None:
     if "input_text" in row:
-        _check_text(row, "input_text")
+        check_text(row, "input_text")
         return
     messages = row["messages"]
     if not isinstance(messages, list):
-        raise _RowError("wrong_type", f"'messages' must be an array of {{role, content}}, got {_json_type(messages)}")
+        raise RowError("wrong_type", f"'messages' must be an array of {{role, content}}, got {_json_type(messages)}")
     if not messages:
-        raise _RowError("bad_messages", "'messages' is empty")
+        raise RowError("bad_messages", "'messages' is empty")
     for index, message in enumerate(messages):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
-            raise _RowError("bad_messages", f"{where} must be an object {{role, content}}, got {_json_type(message)}")
+            raise RowError("bad_messages", f"{where} must be an object {{role, content}}, got {_json_type(message)}")
         if set(message) != {"role", "content"}:
-            raise _RowError("bad_messages", f"{where} must have exactly the keys 'role' and 'content'")
+            raise RowError("bad_messages", f"{where} must have exactly the keys 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise _RowError("bad_messages", f"{where}.role must be one of {', '.join(ROLES)}")
+            raise RowError("bad_messages", f"{where}.role must be one of {', '.join(ROLES)}")
         if not isinstance(message["content"], str):
-            raise _RowError("wrong_type", f"{where}.content must be a string, got {_json_type(message['content'])}")
+            raise RowError("wrong_type", f"{where}.content must be a string, got {_json_type(message['content'])}")
         if not message["content"].strip():
-            raise _RowError("empty_text", f"{where}.content is empty or only whitespace")
+            raise RowError("empty_text", f"{where}.content is empty or only whitespace")
     if messages[-1]["role"] != "user":
-        raise _RowError("bad_messages", "the last message must be the user's: the completion answers it")
+        raise RowError("bad_messages", "the last message must be the user's: the completion answers it")
 
 
 def _check_candidates(row: dict) -> None:
-    _check_text(row, "candidate_0")
-    _check_text(row, "candidate_1")
+    check_text(row, "candidate_0")
+    check_text(row, "candidate_1")
     choice = row["choice"]
     if type(choice) is not int or choice not in (0, 1):
-        raise _RowError("bad_choice", f"'choice' must be the integer 0 or 1, got {_json_type(choice)}")
+        raise RowError("bad_choice", f"'choice' must be the integer 0 or 1, got {_json_type(choice)}")
     if row["candidate_0"].strip() == row["candidate_1"].strip():
-        raise _RowError("identical_candidates", "candidate_0 and candidate_1 are the same text")
+        raise RowError("identical_candidates", "candidate_0 and candidate_1 are the same text")
 
 
 def chosen(row: dict) -> str:

@@ -98,3 +98,9 @@ FILE_CASES = {
     "empty_file": (b"", "empty file"),
     "blank_lines_only": (b"\n  \n\n", "empty file"),
 }
+
+
+def file_cases() -> list[tuple[str, str, bytes, int, str]]:
+    """(dataset kind, case name, file content, 0, phrase) for every problem with a whole file's content."""
+    return [(kind, name, content, 0, phrase)
+            for kind in ("preference", "prompt", "eval") for name, (content, phrase) in FILE_CASES.items()]

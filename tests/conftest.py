@@ -54,3 +54,17 @@ def gcs_emulator():
 def gcs_bucket(gcs_emulator):
     """A fresh bucket for one test."""
     return gcs_emulator.create_bucket(f"test-{uuid.uuid4().hex[:16]}")
+
+
+@pytest.fixture(scope="session")
+def unloadable_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model's config and tokenizer with weights that are not safetensors data: any stage that
+    loads this model fails, and one that does not load it cannot tell it from a good one."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("unloadable-model")
+    for file in tiny_model_dir.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, directory / file.name)
+    (directory / "model.safetensors").write_bytes(b"these bytes are not a safetensors file")
+    return directory

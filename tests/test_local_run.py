@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from pipeline.local_run import LOCAL_DEFAULTS, resolve_parameters
+from pipeline.local_run import LOCAL_DEFAULTS
+from pipeline.parameters import resolve_parameters
 
 TINY_RUN = ["reward_model_train_epochs=1", "reward_model_batch_size=8", "reinforcement_learning_train_steps=2",
             "reinforcement_learning_batch_size=4", "reinforcement_learning_micro_batch_size=4",
@@ -20,7 +21,7 @@ def rlhf(*args):
 def test_parameters_come_from_defaults_then_file_then_set(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("kl_coeff: 0.5\nreward_model_train_epochs: 3\n")
-    resolved = resolve_parameters(params, ["kl_coeff=0.2", "instruction=Be brief.", "plain_text=true"])
+    resolved = resolve_parameters(params, ["kl_coeff=0.2", "instruction=Be brief.", "plain_text=true"], LOCAL_DEFAULTS)
     assert resolved["kl_coeff"] == 0.2 and resolved["reward_model_train_epochs"] == 3
     assert resolved["instruction"] == "Be brief." and resolved["plain_text"] is True
     assert resolved["preference_dataset"] == LOCAL_DEFAULTS["preference_dataset"]
@@ -32,10 +33,42 @@ def test_parameters_come_from_defaults_then_file_then_set(tmp_path):
     ("kl_coeff=high", "takes a number"),
     ("plain_text=maybe", "takes true or false"),
     ("kl_coeff", "expected name=value"),
+    ("reward_model_train_steps=0", "reward_model_train_steps=0: must be at least 1"),
+    ("reinforcement_learning_train_steps=-3", "reinforcement_learning_train_steps=-3: must be at least 1"),
+    ("reinforcement_learning_train_epochs=-1", "reinforcement_learning_train_epochs=-1: must not be negative"),
+    ("kl_coeff=-0.5", "kl_coeff=-0.5: must not be negative"),
+    ("top_p=1.5", "top_p=1.5: must be above 0 and at most 1"),
+    ("prompt_sequence_length=8190", "8254 tokens is beyond smollm2-135m-instruct's 8192"),
+    ("large_model_reference=no-such-model", "unknown large_model_reference 'no-such-model'"),
+    ("large_model_reference=text-bison@001", "Vertex AI hosted model with no open weights"),
+    ("preference_dataset=/gcs/bucket/pref.jsonl", "a /gcs/ path exists only inside Vertex AI"),
 ])
 def test_bad_parameters_are_named(assignment, phrase):
     with pytest.raises(ValueError, match=phrase.replace("(", r"\(").replace(")", r"\)")):
-        resolve_parameters(None, [assignment])
+        resolve_parameters(None, [assignment], LOCAL_DEFAULTS)
+
+
+def test_steps_and_epochs_of_one_stage_are_not_both_taken(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("reward_model_train_epochs: 3\n")
+    with pytest.raises(ValueError, match="reward_model_train_steps and reward_model_train_epochs are both given"):
+        resolve_parameters(params, ["reward_model_train_steps=10"], LOCAL_DEFAULTS)
+    # Giving steps replaces the local default epochs instead of clashing with it.
+    resolved = resolve_parameters(None, ["reward_model_train_steps=10"], LOCAL_DEFAULTS)
+    assert resolved["reward_model_train_steps"] == 10 and "reward_model_train_epochs" not in resolved
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--output-dir", "gs://bucket/runs"], "--output-dir gs://bucket/runs: a local path is required here"),
+    (["run", "--set", "kl_coeff=-1", "--set", "reward_model_train_steps=0"], "bad pipeline parameters:"),
+    (["train-policy", "--prompt-dataset", "p.jsonl", "--reward-model", "gs://b/rm", "--output-dir", "out"],
+     "--reward-model gs://b/rm: a local path is required here"),
+])
+def test_bad_parameters_stop_the_command_before_it_runs(args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_path):
@@ -63,12 +96,18 @@ def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_p
 
 
 def test_a_failed_stage_is_named_with_its_log(tiny_model_dir, tmp_path):
+    import shutil
+
+    # Weights cut short: the reference passes the checks, and the first stage that loads the model fails.
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
     output = tmp_path / "run"
-    sets = [arg for pair in TINY_RUN + [f"large_model_reference={tiny_model_dir}", "reward_lora_dim=-1"]
-            for arg in ("--set", pair)]
+    sets = [arg for pair in TINY_RUN + [f"large_model_reference={broken}"] for arg in ("--set", pair)]
     result = rlhf("run", "--output-dir", str(output), *sets)
     assert result.returncode == 1
     log = output / "logs" / "train-reward-model.log"
     assert f"rlhf run: failed: stage 'train-reward-model' failed; its log: {log}" in result.stderr
-    assert "lora_dim must be 0 (full fine-tuning) or more" in result.stderr
+    assert "safetensors" in result.stderr.split("its log:")[1].lower()
     assert "Traceback" not in result.stderr.split("its log:")[0]

@@ -37,7 +37,7 @@ def test_yaml_loads_back_with_its_parameters_and_tasks():
     assert "defaultValue" not in parameters["preference_dataset"]
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"validate-datasets", "resolve-steps", "train-reward-model", "train-policy",
-                          "bulk-inference", "bulk-inference-2", "evaluate"}
+                          "bulk-inference", "bulk-inference-2", "evaluate", "condition-1", "condition-2"}
     assert tasks["resolve-steps"]["dependentTasks"] == ["validate-datasets"]
     assert sorted(tasks["train-reward-model"]["dependentTasks"]) == ["resolve-steps", "validate-datasets"]
     assert "train-reward-model" in tasks["train-policy"]["dependentTasks"]
@@ -62,3 +62,17 @@ def test_bad_data_stops_the_local_pipeline_at_validation(local_runner, tmp_path)
         rlhf_pipeline(preference_dataset=str(bad))
     run_dir = next(local_runner.iterdir())
     assert not (run_dir / "resolve-steps").exists()
+
+
+def test_the_image_installs_the_pinned_torch_and_every_package():
+    import re
+    import tomllib
+
+    dockerfile = (REPO_ROOT / "Dockerfile").read_text()
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    pin = next(d for d in project["project"]["dependencies"] if d.startswith("torch=="))
+    assert f"ARG TORCH_VERSION={pin.removeprefix('torch==')}" in dockerfile
+    copied = set(re.findall(r"^COPY (\w+) \1$", dockerfile, re.MULTILINE))
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= copied
+    assert "rlhf prepare-model" in dockerfile

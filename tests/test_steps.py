@@ -25,3 +25,15 @@ def test_steps_or_epochs_but_not_both():
         resolve_steps(100, None, None, 64, "reward model")
     with pytest.raises(ValueError, match="positive"):
         resolve_steps(100, 0, None, 64, "reward model")
+
+
+def test_pipeline_steps_come_from_epochs_when_given_else_from_the_steps():
+    from rlhf.steps import DEFAULT_TRAIN_STEPS, resolve_stage_steps
+
+    assert resolve_stage_steps(3000, DEFAULT_TRAIN_STEPS, 30, 64, "reward model") == 1410
+    assert resolve_stage_steps(2000, DEFAULT_TRAIN_STEPS, 0, 64, "reinforcement learning") == 1000
+    assert resolve_stage_steps(2000, 7, 0, 64, "reinforcement learning") == 7
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        resolve_stage_steps(2000, 0, 0, 64, "reward model")
+    with pytest.raises(ValueError, match="epochs must not be negative"):
+        resolve_stage_steps(2000, 10, -1, 64, "reward model")

@@ -1,0 +1,33 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def upload_model(
+    policy: Input[Model],
+    model_display_name: str,
+    deploy_model: bool,
+    project: str,
+    location: str,
+    encryption_spec_key_name: str,
+    serving_container_image: str,
+    deploy_machine_type: str,
+    deploy_accelerator_type: str,
+    deploy_accelerator_count: int,
+    registered_model: Output[Artifact],
+):
+    """The tuned policy into the Vertex AI Model Registry, served by `rlhf serve`; deployed when asked."""
+    from rlhf.model_registry import RegistrySettings, upload_and_deploy
+
+    settings = RegistrySettings(
+        model_display_name=model_display_name, serving_container_image=serving_container_image, project=project,
+        location=location, encryption_spec_key_name=encryption_spec_key_name, deploy=deploy_model,
+        deploy_machine_type=deploy_machine_type, deploy_accelerator_type=deploy_accelerator_type,
+        deploy_accelerator_count=deploy_accelerator_count)
+    names = upload_and_deploy(policy.uri, settings)
+    registered_model.metadata["model"] = names["model"]
+    if names["endpoint"]:
+        registered_model.metadata["endpoint"] = names["endpoint"]
+    print(f"Registered {names['model']}" + (f", deployed to {names['endpoint']}" if names["endpoint"] else ""))

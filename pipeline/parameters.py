@@ -1,0 +1,181 @@
+"""Pipeline parameters: gathered from defaults, a YAML file and `--set name=value`, typed, and checked
+before anything runs, so a bad value stops `rlhf run` or `rlhf submit` at once instead of deep in training.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import yaml
+
+from rlhf.model_reference import ModelReferenceError, classify_model_reference, context_length
+
+# (steps, epochs): epochs, when given, define the steps; giving both is ambiguous.
+STEP_PARAMETERS = (("reward_model_train_steps", "reward_model_train_epochs"),
+                   ("reinforcement_learning_train_steps", "reinforcement_learning_train_epochs"))
+DATASET_PARAMETERS = ("preference_dataset", "prompt_dataset", "eval_dataset")
+# The stages that run on an accelerator on Vertex AI, by the prefix of their resource parameters.
+ACCELERATED_STAGES = ("reward_model", "reinforcement_learning", "inference")
+# Accelerators the CUDA image can use on Vertex AI Pipelines (TPUs would need torch_xla, not in the image).
+VERTEX_GPUS = ("NVIDIA_TESLA_T4", "NVIDIA_L4", "NVIDIA_TESLA_V100", "NVIDIA_TESLA_P100", "NVIDIA_TESLA_A100",
+               "NVIDIA_A100_80GB", "NVIDIA_H100_80GB", "NVIDIA_H100_MEGA_80GB", "NVIDIA_H200_141GB", "NVIDIA_B200")
+_CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")
+_MEMORY = re.compile(r"[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?")
+
+
+class ParameterError(ValueError):
+    """One or more bad pipeline parameters; the message lists each with what is wrong."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("bad pipeline parameters:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def pipeline_parameters() -> dict[str, inspect.Parameter]:
+    from pipeline.definition import rlhf_pipeline
+
+    return dict(inspect.signature(rlhf_pipeline.pipeline_func).parameters)
+
+
+def pipeline_defaults() -> dict:
+    """The pipeline's own defaults (sized for Vertex AI); required parameters are absent."""
+    return {name: p.default for name, p in pipeline_parameters().items() if p.default is not inspect.Parameter.empty}
+
+
+def _coerce(name: str, value, parameter: inspect.Parameter):
+    kind = parameter.annotation
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} takes true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} takes a whole number, got {value!r}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{name} takes a number, got {value!r}")
+    return "" if value is None else str(value)
+
+
+def read_given(params_file: Path | None, assignments: list[str]) -> dict:
+    """What the user gave: the YAML file, then each `name=value` (values parsed as YAML scalars)."""
+    given: dict = {}
+    if params_file:
+        try:
+            loaded = yaml.safe_load(Path(params_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"{params_file}: cannot read the parameters: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{params_file}: expected a mapping of parameter names to values")
+        given.update(loaded)
+    for assignment in assignments:
+        name, separator, text = assignment.partition("=")
+        if not separator:
+            raise ValueError(f"--set {assignment!r}: expected name=value")
+        given[name.strip()] = yaml.safe_load(text) if text.strip() else ""
+    return given
+
+
+def resolve_parameters(params_file: Path | None, assignments: list[str], defaults: dict,
+                       target: str = "local") -> dict:
+    """`defaults`, overridden by what the user gave, typed and checked for `target` (local or vertex)."""
+    accepted = pipeline_parameters()
+    given = read_given(params_file, assignments)
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}")
+    parameters = dict(defaults)
+    for steps, epochs in STEP_PARAMETERS:
+        # A default for one of the pair must not turn the user's choice of the other into "both given".
+        if steps in given:
+            parameters.pop(epochs, None)
+        if epochs in given:
+            parameters.pop(steps, None)
+    parameters.update(given)
+    typed = {name: _coerce(name, value, accepted[name]) for name, value in parameters.items()}
+    problems = check_parameters(typed, given, target)
+    if problems:
+        raise ParameterError(problems)
+    return typed
+
+
+def check_parameters(parameters: dict, given: dict, target: str) -> list[str]:
+    """Every problem with the parameters, one line each; empty when they are fine."""
+    problems = []
+    defaults = pipeline_defaults()
+    value = lambda name: parameters.get(name, defaults.get(name))  # noqa: E731
+
+    def require(condition: bool, name: str, what: str) -> None:
+        if not condition:
+            problems.append(f"{name}={value(name)!r}: {what}")
+
+    for steps, epochs in STEP_PARAMETERS:
+        if steps in given and epochs in given:
+            problems.append(f"{steps} and {epochs} are both given; give one of them")
+        require(value(steps) >= 1, steps, "must be at least 1")
+        require(value(epochs) >= 0, epochs, "must not be negative (0 means: use the steps)")
+    for name in ("reward_model_batch_size", "reward_model_micro_batch_tokens", "reinforcement_learning_batch_size",
+                 "reinforcement_learning_micro_batch_size", "inference_batch_size", "prompt_sequence_length",
+                 "target_sequence_length"):
+        require(value(name) >= 1, name, "must be at least 1")
+    for name in ("reward_lora_dim", "policy_lora_dim"):
+        require(value(name) >= 0, name, "must not be negative (0 means full fine-tuning)")
+    for name in ("reward_model_learning_rate_multiplier", "reinforcement_learning_rate_multiplier", "temperature"):
+        require(value(name) > 0, name, "must be above 0")
+    require(value("kl_coeff") >= 0, "kl_coeff", "must not be negative")
+    require(0 < value("top_p") <= 1, "top_p", "must be above 0 and at most 1")
+    require(0 <= value("eval_fraction") < 1, "eval_fraction", "must be at least 0 and below 1")
+    require(value("on_invalid") in ("fail", "skip"), "on_invalid", "must be fail or skip")
+    require(bool(value("preference_dataset")), "preference_dataset", "is required")
+    problems += _check_model(parameters, value, target)
+    if target == "vertex":
+        problems += _check_vertex(value)
+    else:
+        for name in DATASET_PARAMETERS:
+            require(not str(value(name) or "").startswith("/gcs/"), name,
+                    "a /gcs/ path exists only inside Vertex AI; use the gs:// URI")
+    return problems
+
+
+def _check_model(parameters: dict, value, target: str) -> list[str]:
+    reference = value("large_model_reference")
+    try:
+        kind, _ = classify_model_reference(reference)
+        longest = context_length(reference)
+    except ModelReferenceError as error:
+        return [str(error)]
+    problems = []
+    if target == "vertex" and kind == "local":
+        problems.append(f"large_model_reference={reference!r}: a local directory is not visible to Vertex AI; "
+                        "copy it to gs://BUCKET/DIR and pass that")
+    total = value("prompt_sequence_length") + value("target_sequence_length")
+    if longest is not None and total > longest:
+        problems.append(f"prompt_sequence_length + target_sequence_length = {total} tokens is beyond "
+                        f"{reference}'s {longest}")
+    return problems
+
+
+def _check_vertex(value) -> list[str]:
+    problems = []
+    for name in DATASET_PARAMETERS:
+        uri = value(name) or ""
+        if uri and not uri.startswith("gs://"):
+            problems.append(f"{name}={uri!r}: Vertex AI reads datasets from gs:// URIs; upload it and pass the URI")
+    for stage in ACCELERATED_STAGES:
+        kind, count = value(f"{stage}_accelerator_type"), value(f"{stage}_accelerator_count")
+        if kind not in VERTEX_GPUS:
+            problems.append(f"{stage}_accelerator_type={kind!r}: not a GPU the image can use; one of "
+                            f"{', '.join(VERTEX_GPUS)}")
+        if count not in (1, 2, 4, 8):
+            problems.append(f"{stage}_accelerator_count={count!r}: must be 1, 2, 4 or 8")
+        if not _CPU.fullmatch(value(f"{stage}_cpu_limit")):
+            problems.append(f"{stage}_cpu_limit={value(f'{stage}_cpu_limit')!r}: a number of CPUs, such as 8 or 500m")
+        if not _MEMORY.fullmatch(value(f"{stage}_memory_limit")):
+            problems.append(f"{stage}_memory_limit={value(f'{stage}_memory_limit')!r}: a size, such as 32G")
+    if value("deploy_model") and not value("model_display_name"):
+        problems.append("deploy_model=True: needs model_display_name (the model is uploaded, then deployed)")
+    return problems
