@@ -28,167 +28,175 @@ RETRIES = 2
 RETRY_BACKOFF = "60s"
 
 
-def _on_machine(task, accelerator_type, accelerator_count, cpu_limit, memory_limit):
-    return (task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
-            .set_cpu_limit(cpu_limit).set_memory_limit(memory_limit)
-            .set_retry(num_retries=RETRIES, backoff_duration=RETRY_BACKOFF))
+def _on_machine(task, accelerator_type, accelerator_count, cpu_limit, memory_limit, retries: int):
+    task = (task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
+            .set_cpu_limit(cpu_limit).set_memory_limit(memory_limit))
+    return task.set_retry(num_retries=retries, backoff_duration=RETRY_BACKOFF) if retries else task
 
 
-@dsl.pipeline(name="rlhf-pipeline", description="Tune a language model from human preferences.")
-def rlhf_pipeline(
-    preference_dataset: str,
-    large_model_reference: str = "smollm2-135m-instruct",
-    prompt_dataset: str = "",
-    eval_dataset: str = "",
-    on_invalid: str = "fail",
-    eval_fraction: float = 0.1,
-    seed: int = 0,
-    model_display_name: str = "",
-    deploy_model: bool = False,
-    project: str = "",
-    location: str = "us-central1",
-    tensorboard_resource_id: str = "",
-    encryption_spec_key_name: str = "",
-    reward_model_train_steps: int = 1000,
-    reward_model_train_epochs: int = 0,
-    reward_model_batch_size: int = 64,
-    reward_model_micro_batch_tokens: int = 4096,
-    reward_model_learning_rate_multiplier: float = 1.0,
-    reward_lora_dim: int = 4,
-    reinforcement_learning_train_steps: int = 1000,
-    reinforcement_learning_train_epochs: int = 0,
-    reinforcement_learning_batch_size: int = 64,
-    reinforcement_learning_micro_batch_size: int = 8,
-    reinforcement_learning_rate_multiplier: float = 1.0,
-    kl_coeff: float = 0.1,
-    policy_lora_dim: int = 8,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    export_merged_model: bool = False,
-    inference_batch_size: int = 8,
-    prompt_sequence_length: int = 512,
-    target_sequence_length: int = 64,
-    instruction: str = "",
-    plain_text: bool = False,
-    reward_model_accelerator_type: str = "NVIDIA_L4",
-    reward_model_accelerator_count: int = 1,
-    reward_model_cpu_limit: str = "8",
-    reward_model_memory_limit: str = "32G",
-    reinforcement_learning_accelerator_type: str = "NVIDIA_L4",
-    reinforcement_learning_accelerator_count: int = 1,
-    reinforcement_learning_cpu_limit: str = "8",
-    reinforcement_learning_memory_limit: str = "32G",
-    inference_accelerator_type: str = "NVIDIA_L4",
-    inference_accelerator_count: int = 1,
-    inference_cpu_limit: str = "8",
-    inference_memory_limit: str = "32G",
-    serving_container_image: str = IMAGE,
-    deploy_machine_type: str = "g2-standard-8",
-    deploy_accelerator_type: str = "NVIDIA_L4",
-    deploy_accelerator_count: int = 1,
-):
-    validated = validate_datasets(
-        preference_dataset=preference_dataset, prompt_dataset=prompt_dataset, eval_dataset=eval_dataset,
-        on_invalid=on_invalid, eval_fraction=eval_fraction, seed=seed,
-    ).set_display_name("validate")
-    steps = resolve_steps(
-        train_pair_count=validated.outputs["train_pair_count"],
-        prompt_count=validated.outputs["prompt_count"],
-        reward_model_train_steps=reward_model_train_steps,
-        reward_model_train_epochs=reward_model_train_epochs,
-        reward_model_batch_size=reward_model_batch_size,
-        reinforcement_learning_train_steps=reinforcement_learning_train_steps,
-        reinforcement_learning_train_epochs=reinforcement_learning_train_epochs,
-        reinforcement_learning_batch_size=reinforcement_learning_batch_size,
-    ).set_display_name("resolve steps")
-    reward_model = train_reward_model(
-        train_pairs=validated.outputs["train_pairs"],
-        held_out_pairs=validated.outputs["held_out_pairs"],
-        large_model_reference=large_model_reference,
-        train_steps=steps.outputs["reward_model_steps"],
-        batch_size=reward_model_batch_size,
-        micro_batch_tokens=reward_model_micro_batch_tokens,
-        learning_rate_multiplier=reward_model_learning_rate_multiplier,
-        lora_dim=reward_lora_dim,
-        prompt_sequence_length=prompt_sequence_length,
-        target_sequence_length=target_sequence_length,
-        instruction=instruction,
-        plain_text=plain_text,
-        seed=seed,
-    ).set_display_name("train reward model")
-    _on_machine(reward_model, reward_model_accelerator_type, reward_model_accelerator_count, reward_model_cpu_limit,
-                reward_model_memory_limit)
-    policy = train_policy(
-        prompts=validated.outputs["prompts"],
-        reward_model=reward_model.outputs["reward_model"],
-        large_model_reference=large_model_reference,
-        train_steps=steps.outputs["reinforcement_learning_steps"],
-        batch_size=reinforcement_learning_batch_size,
-        micro_batch_size=reinforcement_learning_micro_batch_size,
-        learning_rate_multiplier=reinforcement_learning_rate_multiplier,
-        kl_coeff=kl_coeff,
-        lora_dim=policy_lora_dim,
-        temperature=temperature,
-        top_p=top_p,
-        prompt_sequence_length=prompt_sequence_length,
-        target_sequence_length=target_sequence_length,
-        instruction=instruction,
-        plain_text=plain_text,
-        seed=seed,
-        export_merged=export_merged_model,
-    ).set_display_name("train policy (PPO)")
-    _on_machine(policy, reinforcement_learning_accelerator_type, reinforcement_learning_accelerator_count,
-                reinforcement_learning_cpu_limit, reinforcement_learning_memory_limit)
-    predictions = {}
-    for side, tuned in (("base", False), ("tuned", True)):
-        predictions[side] = bulk_inference(
-            prompts=validated.outputs["eval_prompts"],
-            policy=policy.outputs["policy"],
-            use_tuned_adapter=tuned,
-            target_sequence_length=target_sequence_length,
+def build_pipeline(retries: int = RETRIES):
+    """The pipeline with `retries` per accelerator stage: RETRIES for Vertex AI; `rlhf run` builds it with 0,
+    since on a laptop a failure is no preemption and a retry would undo a Ctrl-C."""
+    def rlhf_pipeline(
+        preference_dataset: str,
+        large_model_reference: str = "smollm2-135m-instruct",
+        prompt_dataset: str = "",
+        eval_dataset: str = "",
+        on_invalid: str = "fail",
+        eval_fraction: float = 0.1,
+        seed: int = 0,
+        model_display_name: str = "",
+        deploy_model: bool = False,
+        project: str = "",
+        location: str = "us-central1",
+        tensorboard_resource_id: str = "",
+        encryption_spec_key_name: str = "",
+        reward_model_train_steps: int = 1000,
+        reward_model_train_epochs: int = 0,
+        reward_model_batch_size: int = 64,
+        reward_model_micro_batch_tokens: int = 4096,
+        reward_model_learning_rate_multiplier: float = 1.0,
+        reward_lora_dim: int = 4,
+        reinforcement_learning_train_steps: int = 1000,
+        reinforcement_learning_train_epochs: int = 0,
+        reinforcement_learning_batch_size: int = 64,
+        reinforcement_learning_micro_batch_size: int = 8,
+        reinforcement_learning_rate_multiplier: float = 1.0,
+        kl_coeff: float = 0.1,
+        policy_lora_dim: int = 8,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        export_merged_model: bool = False,
+        inference_batch_size: int = 8,
+        prompt_sequence_length: int = 512,
+        target_sequence_length: int = 64,
+        instruction: str = "",
+        plain_text: bool = False,
+        reward_model_accelerator_type: str = "NVIDIA_L4",
+        reward_model_accelerator_count: int = 1,
+        reward_model_cpu_limit: str = "8",
+        reward_model_memory_limit: str = "32G",
+        reinforcement_learning_accelerator_type: str = "NVIDIA_L4",
+        reinforcement_learning_accelerator_count: int = 1,
+        reinforcement_learning_cpu_limit: str = "8",
+        reinforcement_learning_memory_limit: str = "32G",
+        inference_accelerator_type: str = "NVIDIA_L4",
+        inference_accelerator_count: int = 1,
+        inference_cpu_limit: str = "8",
+        inference_memory_limit: str = "32G",
+        serving_container_image: str = IMAGE,
+        deploy_machine_type: str = "g2-standard-8",
+        deploy_accelerator_type: str = "NVIDIA_L4",
+        deploy_accelerator_count: int = 1,
+    ):
+        validated = validate_datasets(
+            preference_dataset=preference_dataset, prompt_dataset=prompt_dataset, eval_dataset=eval_dataset,
+            on_invalid=on_invalid, eval_fraction=eval_fraction, seed=seed,
+        ).set_display_name("validate")
+        steps = resolve_steps(
+            train_pair_count=validated.outputs["train_pair_count"],
+            prompt_count=validated.outputs["prompt_count"],
+            reward_model_train_steps=reward_model_train_steps,
+            reward_model_train_epochs=reward_model_train_epochs,
+            reward_model_batch_size=reward_model_batch_size,
+            reinforcement_learning_train_steps=reinforcement_learning_train_steps,
+            reinforcement_learning_train_epochs=reinforcement_learning_train_epochs,
+            reinforcement_learning_batch_size=reinforcement_learning_batch_size,
+        ).set_display_name("resolve steps")
+        reward_model = train_reward_model(
+            train_pairs=validated.outputs["train_pairs"],
+            held_out_pairs=validated.outputs["held_out_pairs"],
+            large_model_reference=large_model_reference,
+            train_steps=steps.outputs["reward_model_steps"],
+            batch_size=reward_model_batch_size,
+            micro_batch_tokens=reward_model_micro_batch_tokens,
+            learning_rate_multiplier=reward_model_learning_rate_multiplier,
+            lora_dim=reward_lora_dim,
             prompt_sequence_length=prompt_sequence_length,
-            batch_size=inference_batch_size,
-        ).set_display_name(f"bulk inference ({side})")
-        _on_machine(predictions[side], inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
-                    inference_memory_limit)
-    evaluation = evaluate(
-        base_predictions=predictions["base"].outputs["predictions"],
-        tuned_predictions=predictions["tuned"].outputs["predictions"],
-        reward_model=reward_model.outputs["reward_model"],
-        policy=policy.outputs["policy"],
-        preference_dataset=preference_dataset,
-        prompt_dataset=prompt_dataset,
-        eval_dataset=eval_dataset,
-        large_model_reference=large_model_reference,
-        reward_model_train_steps=steps.outputs["reward_model_steps"],
-        reinforcement_learning_train_steps=steps.outputs["reinforcement_learning_steps"],
-        reward_model_learning_rate_multiplier=reward_model_learning_rate_multiplier,
-        reinforcement_learning_rate_multiplier=reinforcement_learning_rate_multiplier,
-        kl_coeff=kl_coeff,
-        instruction=instruction,
-        target_sequence_length=target_sequence_length,
-        seed=seed,
-    ).set_display_name("evaluate")
-    _on_machine(evaluation, inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
-                inference_memory_limit)
-    with dsl.If(model_display_name != "", name="upload-requested"):
-        upload_model(
-            policy=policy.outputs["policy"],
-            model_display_name=model_display_name,
-            deploy_model=deploy_model,
-            project=project,
-            location=location,
-            encryption_spec_key_name=encryption_spec_key_name,
-            serving_container_image=serving_container_image,
-            deploy_machine_type=deploy_machine_type,
-            deploy_accelerator_type=deploy_accelerator_type,
-            deploy_accelerator_count=deploy_accelerator_count,
-        ).after(evaluation).set_display_name("upload model")
-    with dsl.If(tensorboard_resource_id != "", name="tensorboard-requested"):
-        upload_tensorboard(
+            target_sequence_length=target_sequence_length,
+            instruction=instruction,
+            plain_text=plain_text,
+            seed=seed,
+        ).set_display_name("train reward model")
+        _on_machine(reward_model, reward_model_accelerator_type, reward_model_accelerator_count, reward_model_cpu_limit,
+                    reward_model_memory_limit, retries)
+        policy = train_policy(
+            prompts=validated.outputs["prompts"],
+            reward_model=reward_model.outputs["reward_model"],
+            large_model_reference=large_model_reference,
+            train_steps=steps.outputs["reinforcement_learning_steps"],
+            batch_size=reinforcement_learning_batch_size,
+            micro_batch_size=reinforcement_learning_micro_batch_size,
+            learning_rate_multiplier=reinforcement_learning_rate_multiplier,
+            kl_coeff=kl_coeff,
+            lora_dim=policy_lora_dim,
+            temperature=temperature,
+            top_p=top_p,
+            prompt_sequence_length=prompt_sequence_length,
+            target_sequence_length=target_sequence_length,
+            instruction=instruction,
+            plain_text=plain_text,
+            seed=seed,
+            export_merged=export_merged_model,
+        ).set_display_name("train policy (PPO)")
+        _on_machine(policy, reinforcement_learning_accelerator_type, reinforcement_learning_accelerator_count,
+                    reinforcement_learning_cpu_limit, reinforcement_learning_memory_limit, retries)
+        predictions = {}
+        for side, tuned in (("base", False), ("tuned", True)):
+            predictions[side] = bulk_inference(
+                prompts=validated.outputs["eval_prompts"],
+                policy=policy.outputs["policy"],
+                use_tuned_adapter=tuned,
+                target_sequence_length=target_sequence_length,
+                prompt_sequence_length=prompt_sequence_length,
+                batch_size=inference_batch_size,
+            ).set_display_name(f"bulk inference ({side})")
+            _on_machine(predictions[side], inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
+                        inference_memory_limit, retries)
+        evaluation = evaluate(
+            base_predictions=predictions["base"].outputs["predictions"],
+            tuned_predictions=predictions["tuned"].outputs["predictions"],
             reward_model=reward_model.outputs["reward_model"],
             policy=policy.outputs["policy"],
-            tensorboard_resource_id=tensorboard_resource_id,
-            project=project,
-            location=location,
-        ).set_display_name("upload TensorBoard logs")
+            preference_dataset=preference_dataset,
+            prompt_dataset=prompt_dataset,
+            eval_dataset=eval_dataset,
+            large_model_reference=large_model_reference,
+            reward_model_train_steps=steps.outputs["reward_model_steps"],
+            reinforcement_learning_train_steps=steps.outputs["reinforcement_learning_steps"],
+            reward_model_learning_rate_multiplier=reward_model_learning_rate_multiplier,
+            reinforcement_learning_rate_multiplier=reinforcement_learning_rate_multiplier,
+            kl_coeff=kl_coeff,
+            instruction=instruction,
+            target_sequence_length=target_sequence_length,
+            seed=seed,
+        ).set_display_name("evaluate")
+        _on_machine(evaluation, inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
+                    inference_memory_limit, retries)
+        with dsl.If(model_display_name != "", name="upload-requested"):
+            upload_model(
+                policy=policy.outputs["policy"],
+                model_display_name=model_display_name,
+                deploy_model=deploy_model,
+                project=project,
+                location=location,
+                encryption_spec_key_name=encryption_spec_key_name,
+                serving_container_image=serving_container_image,
+                deploy_machine_type=deploy_machine_type,
+                deploy_accelerator_type=deploy_accelerator_type,
+                deploy_accelerator_count=deploy_accelerator_count,
+            ).after(evaluation).set_display_name("upload model")
+        with dsl.If(tensorboard_resource_id != "", name="tensorboard-requested"):
+            upload_tensorboard(
+                reward_model=reward_model.outputs["reward_model"],
+                policy=policy.outputs["policy"],
+                tensorboard_resource_id=tensorboard_resource_id,
+                project=project,
+                location=location,
+            ).set_display_name("upload TensorBoard logs")
+
+    return dsl.pipeline(name="rlhf-pipeline", description="Tune a language model from human preferences.")(
+        rlhf_pipeline)
+
+
+rlhf_pipeline = build_pipeline()

@@ -132,7 +132,7 @@ def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
     """Run the pipeline; return the report's path. Raises RunError naming a failed stage and its log."""
     from kfp import local
 
-    from pipeline.definition import rlhf_pipeline
+    from pipeline.definition import build_pipeline
     from rlhf.evaluation import COMPARISON_FILE, METRICS_FILE, REPORT_HTML, REPORT_MARKDOWN
     from rlhf.model_reference import resolve_model_reference
 
@@ -151,7 +151,7 @@ def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rlhf_pipeline(**parameters)
+            build_pipeline(retries=0)(**parameters)
     except RuntimeError as error:
         router.close()
         if router.failed:

@@ -76,3 +76,14 @@ def test_the_image_installs_the_pinned_torch_and_every_package():
     packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert packages <= copied
     assert "rlhf prepare-model" in dockerfile
+
+
+def test_local_runs_do_not_retry_failed_stages():
+    """The local runner honours retry policies: a deterministic failure, or a Ctrl-C, must not be retried."""
+    from pipeline.definition import build_pipeline, rlhf_pipeline
+
+    def retried(pipeline):
+        return {name for name, task in pipeline.pipeline_spec.root.dag.tasks.items() if task.HasField("retry_policy")}
+
+    assert {"train-reward-model", "train-policy", "evaluate"} <= retried(rlhf_pipeline)
+    assert retried(build_pipeline(retries=0)) == set()
