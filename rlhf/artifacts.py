@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+TENSORBOARD_DIR = "tensorboard"  # the training curves inside a reward-model or policy artifact
+
 
 def save_weights(model, directory: Path) -> None:
     """save_pretrained in safetensors, without the model-card template peft adds: artifacts are data only."""

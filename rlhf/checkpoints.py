@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from rlhf.storage import write_bytes
 
 STATE = "state.json"
 WEIGHTS = "trainable.safetensors"
@@ -210,3 +213,38 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def resume(checkpoint_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+           fingerprint: str, what: str, total_steps: int) -> tuple[int, list]:
+    """Prepare `checkpoint_dir` and restore its last complete checkpoint, if any: (start step, history)."""
+    # Made before anything else is written: an output directory holding it is one a rerun resumes in.
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    discard_incomplete(checkpoint_dir)
+    checkpoint = latest_checkpoint(checkpoint_dir)
+    if checkpoint is None:
+        return 0, []
+    state = load_checkpoint(checkpoint, model, optimizer, fingerprint)
+    scheduler.load_state_dict(state["scheduler"])
+    print(f"Resuming {what} from {checkpoint} (step {state['step']} of {total_steps})", file=sys.stderr)
+    return state["step"], state["history"]
+
+
+def finished_result(metrics_file: Path, fingerprint: str, what: str) -> dict | None:
+    """The metrics of this run when it has already finished in their directory; None when it has not.
+    A finished run of other data, settings or stage there is refused, never returned as this one."""
+    if not metrics_file.is_file():
+        return None
+    finished = json.loads(metrics_file.read_text())
+    if finished.get("fingerprint") != fingerprint:
+        raise CheckpointMismatch(f"{metrics_file.parent} holds the result of another run (other data, settings or "
+                                 f"stage), not this {what}; write to a new output directory")
+    print(f"{metrics_file.parent} already holds this {what}; returning it", file=sys.stderr)
+    return finished
+
+
+def finish(metrics_file: Path, checkpoint_dir: Path, metrics: dict) -> dict:
+    """Mark the run finished: its metrics, written whole or not at all; its checkpoints are no longer needed."""
+    write_bytes(str(metrics_file), (json.dumps(metrics, indent=2) + "\n").encode())
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return metrics

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.artifacts import TENSORBOARD_DIR
 from rlhf.inference import load_generator
 from rlhf.modeling import pick_placement
 from rlhf.policy import Policy, make_rollout
@@ -141,8 +142,8 @@ def evaluate_run(base_rows: list[dict], tuned_rows: list[dict], reward_model_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     write_jsonl(output_dir / COMPARISON_FILE, comparison)
-    reward_scalars = read_scalars(Path(reward_model_dir) / "tensorboard")
-    policy_scalars = read_scalars(Path(policy_dir) / "tensorboard")
+    reward_scalars = read_scalars(Path(reward_model_dir) / TENSORBOARD_DIR)
+    policy_scalars = read_scalars(Path(policy_dir) / TENSORBOARD_DIR)
     (output_dir / REPORT_HTML).write_text(render_html(parameters, metrics, comparison, reward_scalars, policy_scalars),
                                           encoding="utf-8")
     (output_dir / REPORT_MARKDOWN).write_text(render_markdown(metrics, comparison), encoding="utf-8")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,26 +36,18 @@ from typing import Callable
 
 import torch
 
+from rlhf.artifacts import TENSORBOARD_DIR
 from rlhf.batching import batch_indices, warmup_cosine
-from rlhf.checkpoints import (
-    CheckpointMismatch,
-    discard_incomplete,
-    disk_full_explained,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from rlhf.checkpoints import disk_full_explained, finish, finished_result, resume, save_checkpoint
 from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
 from rlhf.policy import Policy, PolicySpec, Rollout, save_policy
 from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.rewards import RewardFunction
-from rlhf.storage import write_bytes
 
 BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
-TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
@@ -245,12 +236,8 @@ def train_policy(
         raise ValueError("reinforcement learning: no prompts")
     output_dir = Path(output_dir)
     run_id = fingerprint(config, large_model_reference, reward_fn.name, prompt_rows)
-    if (output_dir / METRICS_FILE).is_file():
-        finished = json.loads((output_dir / METRICS_FILE).read_text())
-        if finished.get("fingerprint") != run_id:
-            raise CheckpointMismatch(f"{output_dir} holds the result of another run (other data, settings or stage), "
-                                     "not this policy; write to a new output directory")
-        print(f"{output_dir} already holds this tuned policy; returning it", file=sys.stderr)
+    finished = finished_result(output_dir / METRICS_FILE, run_id, "tuned policy")
+    if finished is not None:
         return finished
 
     placement = pick_placement(config.device)
@@ -273,16 +260,8 @@ def train_policy(
 
     checkpoint_dir = output_dir / CHECKPOINT_DIR
     with disk_full_explained(checkpoint_dir):
-        # Made before anything else is written: an output directory holding it is one a rerun resumes in.
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        discard_incomplete(checkpoint_dir)
-        start_step, history = 0, []
-        checkpoint = latest_checkpoint(checkpoint_dir)
-        if checkpoint:
-            state = load_checkpoint(checkpoint, policy, optimizer, run_id)
-            scheduler.load_state_dict(state["scheduler"])
-            start_step, history = state["step"], state["history"]
-            print(f"Resuming the policy from {checkpoint} (step {start_step} of {config.train_steps})", file=sys.stderr)
+        start_step, history = resume(checkpoint_dir, policy, optimizer, scheduler, run_id, "the policy",
+                                     config.train_steps)
 
         writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
         progress = Progress(config.train_steps, "policy (PPO)", initial=start_step)
@@ -386,7 +365,4 @@ def train_policy(
             "dtype": str(placement.dtype).removeprefix("torch."),
             "fingerprint": run_id,
         }
-        # Written whole or not at all: its presence is what marks the run as finished.
-        write_bytes(str(output_dir / METRICS_FILE), (json.dumps(metrics, indent=2) + "\n").encode())
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        return metrics
+        return finish(output_dir / METRICS_FILE, checkpoint_dir, metrics)

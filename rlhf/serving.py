@@ -19,6 +19,7 @@ from rlhf.inference import Generator, InferenceConfig
 from rlhf.model_reference import resolve_model_reference
 from rlhf.policy import ADAPTER_DIR, MERGED_DIR, read_policy_spec
 from rlhf.storage import download_directory, is_gcs
+from rlhf.validation import RowError, check_prompt
 
 MAX_INSTANCES = 64  # per request: more would hold the one model for too long
 SAMPLING_PARAMETERS = {"max_new_tokens": int, "temperature": float, "top_p": float}
@@ -51,12 +52,13 @@ def _instance_row(instance, index: int) -> dict:
             return {"input_text": instance["input_text"]}
         if isinstance(instance.get("prompt"), str) and instance["prompt"].strip():
             return {"input_text": instance["prompt"]}
-        messages = instance.get("messages")
-        if (isinstance(messages, list) and messages and all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                             and m.get("role") in ("system", "user", "assistant")
-                                                             for m in messages)
-                and messages[-1]["role"] == "user"):
-            return {"messages": messages}
+        if "messages" in instance:
+            row = {"messages": instance["messages"]}
+            try:
+                check_prompt(row)
+            except RowError as error:
+                raise BadRequest(f"instances[{index}]: {error}") from None
+            return row
     raise BadRequest(f"instances[{index}]: expected a non-empty string, or an object with input_text, prompt, "
                      "or messages ending with the user's turn")
 

@@ -6,7 +6,8 @@ import re
 import time
 from pathlib import Path
 
-TENSORBOARD_DIR = "tensorboard"
+from rlhf.artifacts import TENSORBOARD_DIR
+
 _RESOURCE = re.compile(r"projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/tensorboards/(?P<id>\d+)")
 
 
