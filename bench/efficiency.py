@@ -106,7 +106,8 @@ def _attention_pairs(packed) -> int:
 def policy_update(base: str, repetitions: int) -> dict:
     """One PPO minibatch update of train_policy: the clipped losses' forward, backward, clipping and AdamW."""
     from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
-    from rlhf.policy import Policy, make_rollout
+    from rlhf.policy import Policy
+    from rlhf.rollouts import make_rollout
     from rlhf.ppo import Experience, PPOConfig, ppo_losses
 
     tokenizer = load_tokenizer(base)

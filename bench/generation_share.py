@@ -19,8 +19,8 @@ from ppo import make_reward_model, settings_from
 
 NAME = "generation_share"
 PHASES = ("generation", "forward", "scoring", "update")
-LABELS = {"generation": "generation (sampling with the KV cache)",
-          "forward": "policy log-probs + values, reference log-probs (no grad)",
+LABELS = {"generation": "generation (sampling with the KV cache; the policy's log-probs and values on the way)",
+          "forward": "reference log-probs (no grad)",
           "scoring": "reward model", "update": "PPO update (forward, backward, AdamW)",
           "other": "other (advantages, logging)"}
 

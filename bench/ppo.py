@@ -53,7 +53,7 @@ def pooled_steps(side_runs) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="PPO steps per run (the first is warm-up)")
+    parser.add_argument("--steps", type=int, default=6, help="PPO steps per run (the first is warm-up)")
     parser.add_argument("--batch-size", type=int, default=4, help="prompts (episodes) per PPO step")
     parser.add_argument("--new-tokens", type=int, default=48, help="completion tokens sampled at most")
     parser.add_argument("--rounds", type=int, default=2, help="runs per side, alternating sides")

@@ -17,7 +17,8 @@ import torch
 
 from rlhf.model_reference import DEFAULT_MODEL, resolve_model_reference
 from rlhf.modeling import add_lora, load_backbone, load_causal_lm, load_tokenizer, pick_placement
-from rlhf.policy import Policy, make_rollout
+from rlhf.policy import Policy
+from rlhf.rollouts import make_rollout
 
 
 def median_seconds(work, repetitions: int) -> float:

@@ -20,7 +20,7 @@ import torch
 from rlhf.inference import load_generator
 from rlhf.modeling import load_tokenizer, pick_placement
 from rlhf.pairs import pair_id, prompt_fields
-from rlhf.policy import generate
+from rlhf.decoding import generate
 from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
 

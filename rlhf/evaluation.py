@@ -11,7 +11,8 @@ import torch
 from rlhf.artifacts import TENSORBOARD_DIR
 from rlhf.inference import load_generator
 from rlhf.modeling import pick_placement
-from rlhf.policy import Policy, make_rollout
+from rlhf.policy import Policy
+from rlhf.rollouts import make_rollout
 from rlhf.reward_model import load_reward_model, score_packed
 from rlhf.validation import prompt_key
 

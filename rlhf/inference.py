@@ -14,7 +14,7 @@ import torch
 
 from rlhf.artifacts import refuse_pickles
 from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
-from rlhf.policy import generate
+from rlhf.decoding import generate
 from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
 
@@ -59,6 +59,9 @@ class Generator:
         self.config = config
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_generator(model_path, adapter_dir, pick_placement(config.device))
+        if adapter_dir is not None:
+            # Merged once: decoding then runs a plain model, without the adapter's extra products in every layer.
+            self.model = self.model.merge_and_unload()
         self.encoder = PromptEncoder(self.tokenizer, PromptFormat(config.instruction, config.use_chat_template),
                                      config.prompt_sequence_length, config.target_sequence_length)
 

@@ -2,10 +2,11 @@
 
 Read `train_policy` top to bottom. Each step:
 1. take `batch_size` prompts in a seeded order;
-2. roll out, `micro_batch_size` prompts at a time: sample completions with the KV cache; with no gradient,
-   the policy's log-probs and values, the reference log-probs (the same model with the adapter switched
-   off; skipped when kl_coeff is 0) and the reward of each completion (a completion that never emits
-   EOS gets `unfinished_reward` instead of its score, unless that is turned off);
+2. roll out, `micro_batch_size` prompts at a time: sample completions with the KV cache, keeping the
+   policy's log-prob of each sampled token and the value of the state before it from that same pass; with
+   no gradient, the reference log-probs (the same model with the adapter switched off; skipped when
+   kl_coeff is 0) and the reward of each completion (a completion that never emits EOS gets
+   `unfinished_reward` instead of its score, unless that is turned off);
 3. per-token rewards: `-kl_coeff * (log p_policy - log p_reference)` on every token, plus the score on the
    last one; advantages with GAE(gamma, lambda), whitened over the batch;
 4. `ppo_epochs` passes over the rollouts in minibatches: the clipped policy objective plus
@@ -14,7 +15,8 @@ Read `train_policy` top to bottom. Each step:
    approx_kl, response_length, plus sample completions as text) and checkpoint.
 
 Value function: a linear head on the policy's own last hidden state, trained jointly with the LoRA
-adapter. It comes out of the same forward pass that gives the log-probs, so it costs almost nothing.
+adapter. It comes out of the same forward passes that give the log-probs (while sampling, and in the
+update), so it costs almost nothing.
 A separate critic (a second backbone with its own LoRA and head, e.g. initialised from the reward
 model) needs its own forward pass in the rollout and its own forward and backward pass in every update.
 Measured on the default model, CPU, 8 rollouts of 160 prompt + 48 completion tokens
@@ -40,7 +42,8 @@ from rlhf.artifacts import TENSORBOARD_DIR
 from rlhf.batching import batch_indices, warmup_cosine
 from rlhf.checkpoints import disk_full_explained, finish, finished_result, resume, save_checkpoint
 from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
-from rlhf.policy import Policy, PolicySpec, Rollout, save_policy
+from rlhf.policy import Policy, PolicySpec, save_policy
+from rlhf.rollouts import Rollout
 from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.rewards import RewardFunction
@@ -153,10 +156,10 @@ def fingerprint(config: PPOConfig, model_reference: str, reward_name: str, rows:
 def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_fn: RewardFunction,
             config: PPOConfig) -> Experience:
     started = clock(policy.device)
-    rollout = policy.generate(prompts, config.target_sequence_length, config.temperature, config.top_p)
+    rollout, log_probs, values = policy.roll_out(prompts, config.target_sequence_length, config.temperature,
+                                                 config.top_p)
     generated = clock(policy.device)
     mask = rollout.completion_mask.float()
-    log_probs, _, values = policy.evaluate(rollout, config.temperature)
     kl = None
     rewards = torch.zeros_like(log_probs)
     if config.kl_coeff > 0:
@@ -189,19 +192,21 @@ def whiten(experiences: list[Experience]) -> None:
 def ppo_losses(policy: Policy, experience: Experience, config: PPOConfig) -> dict[str, torch.Tensor]:
     """Token sums (not means) of the losses and statistics for one micro-batch, with gradients on the losses."""
     mask = experience.rollout.completion_mask.float()
-    log_probs, entropy, values = policy.evaluate(experience.rollout, config.temperature)
-    ratio = torch.exp(log_probs - experience.old_log_probs)
+    log_probs, entropy, values = policy.evaluate(experience.rollout, config.temperature, with_entropy=True)
+    # Zero outside the completions: there the old log-probs are those of padding and say nothing.
+    log_ratio = (log_probs - experience.old_log_probs) * mask
+    ratio = torch.exp(log_ratio)
     advantages = experience.advantages
     policy_loss = torch.max(-advantages * ratio,
                             -advantages * ratio.clamp(1 - config.clip_range, 1 + config.clip_range))
     clipped_values = experience.old_values + (values - experience.old_values).clamp(
         -config.value_clip_range, config.value_clip_range)
     value_loss = 0.5 * torch.max((values - experience.returns) ** 2, (clipped_values - experience.returns) ** 2)
-    log_ratio = (log_probs - experience.old_log_probs).detach()
+    log_ratio = log_ratio.detach()
     return {
         "policy_loss": (policy_loss * mask).sum(),
         "value_loss": (value_loss * mask).sum(),
-        "entropy": (entropy.detach() * mask).sum(),
+        "entropy": (entropy * mask).sum(),
         "approx_kl": (((ratio.detach() - 1) - log_ratio) * mask).sum(),
         "clip_fraction": (((ratio.detach() - 1).abs() > config.clip_range).float() * mask).sum(),
     }
@@ -319,8 +324,8 @@ def train_policy(
                 "response_length": float(lengths.mean()),
                 "ended_share": float(ended.mean()),
                 "learning_rate": scheduler.get_last_lr()[0],
-                # Where the step's time went: sampling, the policy/reference log-prob and value passes, the reward
-                # function, and the PPO epochs (forward, backward, optimizer).
+                # Where the step's time went: sampling (with the policy's log-probs and values), the reference
+                # log-prob pass, the reward function, and the PPO epochs (forward, backward, optimizer).
                 **{f"time/{phase}": sum(e.seconds[phase] for e in experiences)
                    for phase in ("generation", "forward", "scoring")},
                 "time/update": update_seconds,

@@ -113,7 +113,9 @@ def load_reward_model(directory: Path, placement: Placement, base_model_path: st
     if spec.lora_dim > 0:
         from peft import PeftModel
 
-        backbone = PeftModel.from_pretrained(load_backbone(base, placement), directory / ADAPTER_DIR)
+        # A loaded reward model only scores: merged once, it runs as a plain backbone, without the adapter's
+        # extra products in every layer.
+        backbone = PeftModel.from_pretrained(load_backbone(base, placement), directory / ADAPTER_DIR).merge_and_unload()
     else:
         backbone = load_backbone(str(directory / BACKBONE_DIR), placement)
     head_weights = load_file(directory / HEAD_FILE)

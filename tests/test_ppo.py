@@ -5,7 +5,8 @@ import torch
 
 from rlhf.checkpoints import CheckpointMismatch
 from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
-from rlhf.policy import Policy, completion_mask, read_policy_spec
+from rlhf.policy import Policy, read_policy_spec
+from rlhf.rollouts import completion_mask
 from rlhf.ppo import CHECKPOINT_DIR, PPOConfig, gae, train_policy
 
 TARGETS = range(3, 100)  # a quarter of the tiny vocabulary

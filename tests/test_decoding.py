@@ -1,0 +1,141 @@
+"""Our decoding loop against `transformers`' `generate`, and what it keeps for PPO against a full forward pass."""
+
+import pytest
+import torch
+
+from rlhf.decoding import adapter_merged, decode, generate
+from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
+from rlhf.policy import Policy
+from rlhf.rollouts import left_pad
+
+TEXTS = ["dog", "a longer post about the cat and dog", "my roommate keeps leaving dishes"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [tokenizer(text)["input_ids"] for text in TEXTS]
+
+
+def tuned_policy(tiny_model_dir, tokenizer, eos_id=None) -> Policy:
+    policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4,
+                           eos_id if eos_id is not None else tokenizer.eos_token_id, tokenizer.pad_token_id, seed=0)
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))  # make the adapter matter
+    return policy
+
+
+def reference_generate(model, prompts, eos_id, pad_id, max_new_tokens, **sampling):
+    from transformers import GenerationConfig
+
+    ids, mask = left_pad(prompts, pad_id)
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
+                                use_cache=True, **sampling)
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=settings)
+
+
+def test_greedy_decoding_gives_the_tokens_of_transformers_generate(tiny_model_dir, tokenizer, prompts):
+    model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu"))
+    # As EOS, the token row 0 emits second: row 0 stops there, the other rows elsewhere or not at all, and get padded.
+    eos_id = int(reference_generate(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 2)[0, -1])
+    expected = reference_generate(model, prompts, eos_id, tokenizer.pad_token_id, 12)
+    rollout = generate(model, prompts, 12, eos_id, tokenizer.pad_token_id, greedy=True)
+    assert torch.equal(rollout.sequences, expected)
+    assert rollout.ended[0]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampling_draws_tokens_as_often_as_their_probability(temperature):
+    from rlhf.decoding import pick_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -30.0]]).repeat(40000, 1)
+    torch.manual_seed(0)
+    drawn = pick_tokens(logits, temperature=temperature, top_p=1.0, greedy=False)
+    frequencies = torch.bincount(drawn, minlength=6).double() / len(drawn)
+    expected = (logits[0].double() / temperature).softmax(-1)
+    assert (frequencies - expected).abs().max() < 0.01  # about 4 standard errors at 40000 draws
+    assert frequencies[5] == 0
+
+
+def test_sampling_is_reproducible_from_the_seed(tiny_model_dir, tokenizer, prompts):
+    model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu"))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        runs.append(generate(model, prompts, 12, tokenizer.eos_token_id, tokenizer.pad_token_id, 0.9, 0.95).sequences)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_nucleus_sampling_never_draws_outside_the_nucleus(tiny_model_dir, tokenizer, prompts):
+    from rlhf.decoding import pick_tokens
+
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]]).repeat(2000, 1)
+    torch.manual_seed(0)
+    drawn = pick_tokens(logits, temperature=1.0, top_p=0.9, greedy=False)
+    assert set(drawn.tolist()) == {0, 1}  # p = 0.70, 0.26: the first two reach 0.9, the rest never appear
+    assert set(pick_tokens(logits, temperature=1.0, top_p=0.01, greedy=False).tolist()) == {0}
+
+
+def test_sampled_log_probs_and_values_equal_a_full_forward_pass(tiny_model_dir, tokenizer, prompts):
+    policy = tuned_policy(tiny_model_dir, tokenizer)
+    torch.manual_seed(3)
+    rollout, log_probs, values = policy.roll_out(prompts, max_new_tokens=10, temperature=0.7, top_p=1.0)
+    with torch.no_grad():
+        expected_log_probs, _, expected_values = policy.evaluate(rollout, temperature=0.7)
+    mask = rollout.completion_mask.bool()
+    torch.testing.assert_close(log_probs[mask], expected_log_probs[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(values[mask], expected_values[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_rolling_out_samples_from_the_adapted_policy_not_the_base(tiny_model_dir, tokenizer, prompts):
+    policy = tuned_policy(tiny_model_dir, tokenizer)
+    tuned = policy.generate(prompts, 10, 1.0, 1.0, greedy=True)
+    base = policy.generate(prompts, 10, 1.0, 1.0, greedy=True, use_adapter=False)
+    with torch.no_grad():
+        plain = load_causal_lm(str(tiny_model_dir), pick_placement("cpu"))
+        tuned_reference = reference_generate(policy.model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 10)
+        base_reference = reference_generate(plain, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 10)
+    assert torch.equal(tuned.sequences, tuned_reference)
+    assert torch.equal(base.sequences, base_reference)
+    assert not torch.equal(tuned.sequences, base.sequences)
+
+
+def test_merging_for_decoding_gives_back_the_exact_base_weights(tiny_model_dir, tokenizer):
+    policy = tuned_policy(tiny_model_dir, tokenizer)
+    before = {name: p.detach().clone() for name, p in policy.model.named_parameters()}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        adapted = policy.model(input_ids=ids).logits
+        with adapter_merged(policy.model):
+            merged = policy.model(input_ids=ids).logits
+        after = policy.model(input_ids=ids).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    assert torch.equal(after, adapted)
+    for name, parameter in policy.model.named_parameters():
+        assert torch.equal(parameter, before[name]), name
+
+
+def test_decoding_stops_once_every_row_has_ended_and_pads_after_eos(tiny_model_dir, tokenizer, prompts):
+    model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu"))
+    first = decode(model, prompts, 1, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
+    eos_id = int(first.rollout.sequences[0, -1])  # row 0 ends at once
+    decoded = decode(model, prompts, 30, eos_id, tokenizer.pad_token_id, greedy=True)
+    completions = decoded.rollout.sequences[:, decoded.rollout.prompt_length:]
+    assert decoded.rollout.ended[0]
+    assert decoded.rollout.completion_mask[0].tolist() == [1] + [0] * (completions.shape[1] - 1)
+    assert (completions[0, 1:] == tokenizer.pad_token_id).all()
+    if decoded.rollout.ended.all():
+        assert completions.shape[1] < 30
+
+
+def test_no_new_tokens_is_refused(tiny_model_dir, tokenizer, prompts):
+    model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu"))
+    with pytest.raises(ValueError, match="at least one new token"):
+        decode(model, prompts, 0, tokenizer.eos_token_id, tokenizer.pad_token_id)
