@@ -64,6 +64,16 @@ def ensure_trl_venv() -> None:
     marker.write_text(json.dumps(wanted) + "\n")
 
 
+def start_comparison(steps: int) -> list[float]:
+    """What every run against TRL does first: check the settings and the data, make the TRL environment;
+    returns the load average at the start."""
+    if steps < 2:
+        sys.exit("--steps must be at least 2: the first step is warm-up")
+    require_data()
+    ensure_trl_venv()
+    return load_average()
+
+
 def trl_versions() -> dict:
     code = ("import json, torch, transformers, peft, trl; print(json.dumps({'trl': trl.__version__, "
             "'torch': torch.__version__.split('+')[0], 'transformers': transformers.__version__, "

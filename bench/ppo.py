@@ -17,8 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import (OUR_PYTHON, SCRATCH, TRL_PYTHON, ensure_trl_venv, load_average, machine, model_dir,
-                    our_versions, require_data, run_child, spread_text, summary, trl_versions, write_results)
+from common import (OUR_PYTHON, SCRATCH, TRL_PYTHON, load_average, machine, model_dir, our_versions, run_child,
+                    spread_text, start_comparison, summary, trl_versions, write_results)
 from data import prompt_slice
 
 NAME = "ppo"
@@ -59,11 +59,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs per side, alternating sides")
     parser.add_argument("--results-name", default=NAME, help=f"bench/results/NAME.json and .md (default {NAME})")
     args = parser.parse_args()
-    if args.steps < 2:
-        sys.exit("--steps must be at least 2: the first step is warm-up")
-    require_data()
-    ensure_trl_venv()
-    load_at_start = load_average()
+    load_at_start = start_comparison(args.steps)
 
     from rlhf.modeling import load_tokenizer
 

@@ -14,8 +14,8 @@ import argparse
 import statistics
 import sys
 
-from common import (OUR_PYTHON, SCRATCH, TRL_PYTHON, ensure_trl_venv, load_average, machine, model_dir,
-                    our_versions, require_data, run_child, spread_text, summary, trl_versions, write_results)
+from common import (OUR_PYTHON, SCRATCH, TRL_PYTHON, load_average, machine, model_dir, our_versions, run_child,
+                    spread_text, start_comparison, summary, trl_versions, write_results)
 from data import preference_slices
 
 NAME = "reward_model"
@@ -46,11 +46,7 @@ def main() -> None:
     parser.add_argument("--held-out-pairs", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="runs per side, alternating sides")
     args = parser.parse_args()
-    if args.steps < 2:
-        sys.exit("--steps must be at least 2: the first step is warm-up")
-    require_data()
-    ensure_trl_venv()
-    load_at_start = load_average()
+    load_at_start = start_comparison(args.steps)
 
     from rlhf.modeling import load_tokenizer
 
