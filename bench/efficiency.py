@@ -116,8 +116,8 @@ def policy_update(base: str, repetitions: int) -> dict:
     completions = [torch.randint(100, tokenizer.vocab_size, (POLICY["completion_tokens"],),
                                  generator=generator).tolist() for _ in rows]
     rollout = make_rollout([r["prompt_ids"] for r in rows], completions, tokenizer.pad_token_id, [True] * len(rows))
-    policy = Policy.create(load_causal_lm(base, pick_placement("cpu")), POLICY["lora_rank"], tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, 0)
+    policy = Policy.create(load_causal_lm(base, pick_placement("cpu")), POLICY["lora_rank"], [tokenizer.eos_token_id],
+                           tokenizer.pad_token_id)
     policy.model.train()
     config = PPOConfig()
     with torch.no_grad():

@@ -12,6 +12,8 @@ def train_policy(
     train_steps: int,
     batch_size: int,
     micro_batch_size: int,
+    minibatch_size: int,
+    ppo_epochs: int,
     learning_rate_multiplier: float,
     kl_coeff: float,
     lora_dim: int,
@@ -37,7 +39,7 @@ def train_policy(
 
     config = PPOConfig(
         train_steps=train_steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
-        ppo_minibatch_size=max(micro_batch_size, batch_size // 2), learning_rate_multiplier=learning_rate_multiplier,
+        ppo_minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, learning_rate_multiplier=learning_rate_multiplier,
         kl_coeff=kl_coeff, lora_dim=lora_dim, temperature=temperature, top_p=top_p,
         prompt_sequence_length=prompt_sequence_length, target_sequence_length=target_sequence_length,
         instruction=instruction, use_chat_template=False if plain_text else None, seed=seed,

@@ -14,6 +14,7 @@ from rlhf.evaluation import evaluate_outputs
 from rlhf.inference import InferenceConfig, bulk_infer
 from rlhf.model_reference import DEFAULT_MODEL, resolve_model_reference
 from rlhf.modeling import pick_placement
+from rlhf.policy import read_policy_spec
 from rlhf.ppo import PPOConfig, train_policy
 from rlhf.rewards import RewardModelReward
 
@@ -47,7 +48,8 @@ def main() -> None:
     base_rows = bulk_infer(eval_prompts, base, inference)
     tuned_rows = bulk_infer(eval_prompts, base, inference, args.output_dir / "policy" / "adapter")
     evaluation, comparison = evaluate_outputs(base_rows, tuned_rows, args.reward_model, base,
-                                              args.output_dir / "policy" / "adapter")
+                                              args.output_dir / "policy" / "adapter",
+                                              read_policy_spec(args.output_dir / "policy"))
     result = {"training": training, "evaluation": evaluation,
               "side_by_side": [{k: c[k] for k in ("base", "tuned", "base_reward", "tuned_reward")}
                                for c in comparison[:3]]}

@@ -42,7 +42,7 @@ def main() -> None:
     path = resolve_model_reference(DEFAULT_MODEL)
     placement = pick_placement("auto")
     tokenizer = load_tokenizer(path)
-    policy = Policy.create(load_causal_lm(path, placement), 8, tokenizer.eos_token_id, tokenizer.pad_token_id, 0)
+    policy = Policy.create(load_causal_lm(path, placement), 8, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     critic = add_lora(load_backbone(path, placement), 8)
     critic_head = torch.nn.Linear(critic.config.hidden_size, 1).to(placement.device)
     generator = torch.Generator().manual_seed(0)

@@ -30,10 +30,13 @@ LOCAL_DEFAULTS = {
     "reward_model_train_epochs": 2,
     "reward_model_batch_size": 16,
     "reward_model_learning_rate_multiplier": 10.0,
-    "reinforcement_learning_train_steps": 6,
+    "reinforcement_learning_train_steps": 12,
     "reinforcement_learning_batch_size": 8,
     "reinforcement_learning_micro_batch_size": 8,
+    "reinforcement_learning_minibatch_size": 8,
+    "reinforcement_learning_ppo_epochs": 4,
     "reinforcement_learning_rate_multiplier": 5.0,
+    "kl_coeff": 0.05,
     "target_sequence_length": 64,
 }
 

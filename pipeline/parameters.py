@@ -122,16 +122,20 @@ def check_parameters(parameters: dict, given: dict, target: str) -> list[str]:
                  "reinforcement_learning_micro_batch_size", "inference_batch_size", "prompt_sequence_length",
                  "target_sequence_length"):
         require(value(name) >= 1, name, "must be at least 1")
-    for name in ("reward_lora_dim", "policy_lora_dim"):
-        require(value(name) >= 0, name, "must not be negative (0 means full fine-tuning)")
+    require(value("reward_lora_dim") >= 0, "reward_lora_dim", "must not be negative (0 means full fine-tuning)")
+    require(value("policy_lora_dim") >= 1, "policy_lora_dim",
+            "must be at least 1: the reference model is the policy with its adapter switched off")
     for name in ("reward_model_learning_rate_multiplier", "reinforcement_learning_rate_multiplier", "temperature"):
         require(value(name) > 0, name, "must be above 0")
     require(value("kl_coeff") >= 0, "kl_coeff", "must not be negative")
     require(0 < value("top_p") <= 1, "top_p", "must be above 0 and at most 1")
-    require(0 <= value("eval_fraction") < 1, "eval_fraction", "must be at least 0 and below 1")
+    require(0 < value("eval_fraction") < 1, "eval_fraction", "must be above 0 and below 1")
     require(value("on_invalid") in ("fail", "skip"), "on_invalid", "must be fail or skip")
     require(bool(value("preference_dataset")), "preference_dataset", "is required")
     problems += _check_model(parameters, value, target)
+    if not problems:
+        # The stages' own checks, on the settings as each stage will get them (before any stage runs).
+        problems += [problem for config, names in stage_configs(value) for problem in config.problems(names)]
     if target == "vertex":
         problems += _check_vertex(value)
     else:
@@ -139,6 +143,36 @@ def check_parameters(parameters: dict, given: dict, target: str) -> list[str]:
             require(not str(value(name) or "").startswith("/gcs/"), name,
                     "a /gcs/ path exists only inside Vertex AI; use the gs:// URI")
     return problems
+
+
+# Which stage setting each pipeline parameter sets: the one mapping the checks use (the components pass the same
+# parameters to the same fields, and a test pins the pipeline's defaults to the dataclasses').
+SHARED_SETTINGS = {"prompt_sequence_length": "prompt_sequence_length",
+                   "target_sequence_length": "target_sequence_length", "instruction": "instruction", "seed": "seed"}
+REWARD_MODEL_SETTINGS = {
+    "reward_model_train_steps": "train_steps", "reward_model_batch_size": "batch_size",
+    "reward_model_micro_batch_tokens": "micro_batch_tokens",
+    "reward_model_learning_rate_multiplier": "learning_rate_multiplier", "reward_lora_dim": "lora_dim",
+    **SHARED_SETTINGS}
+POLICY_SETTINGS = {
+    "reinforcement_learning_train_steps": "train_steps", "reinforcement_learning_batch_size": "batch_size",
+    "reinforcement_learning_micro_batch_size": "micro_batch_size",
+    "reinforcement_learning_minibatch_size": "ppo_minibatch_size", "reinforcement_learning_ppo_epochs": "ppo_epochs",
+    "reinforcement_learning_rate_multiplier": "learning_rate_multiplier", "kl_coeff": "kl_coeff",
+    "policy_lora_dim": "lora_dim", "temperature": "temperature", "top_p": "top_p",
+    "export_merged_model": "export_merged", **SHARED_SETTINGS}
+
+
+def stage_configs(value) -> list:
+    """The reward-model and PPO configs a run's parameters give (the steps as given: epochs resolve later),
+    each with the parameter names its fields go by."""
+    from rlhf.ppo import PPOConfig
+    from rlhf.reward_training import RewardTrainingConfig
+
+    chat = {"use_chat_template": False if value("plain_text") else None}
+    return [(kind(**{field: value(name) for name, field in settings.items()}, **chat),
+             {field: name for name, field in settings.items()})
+            for kind, settings in ((RewardTrainingConfig, REWARD_MODEL_SETTINGS), (PPOConfig, POLICY_SETTINGS))]
 
 
 def _check_model(parameters: dict, value, target: str) -> list[str]:

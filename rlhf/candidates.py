@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.inference import load_generator
-from rlhf.modeling import load_tokenizer, pick_placement
+from rlhf.modeling import load_tokenizer, pick_placement, stop_token_ids
 from rlhf.pairs import pair_id, prompt_fields
 from rlhf.decoding import generate
 from rlhf.progress import Progress
@@ -76,6 +76,7 @@ def generate_candidates(rows: list[dict], model_path: str, config: CandidateConf
     placement = pick_placement(config.device)
     tokenizer = load_tokenizer(model_path)
     model = load_generator(model_path, None, placement)
+    stop_ids = stop_token_ids(model, tokenizer)
     encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
                             config.prompt_sequence_length, config.target_sequence_length)
     prompts = [encoder.encode_prompt(r) for r in rows]
@@ -93,7 +94,7 @@ def generate_candidates(rows: list[dict], model_path: str, config: CandidateConf
                 seed = _call_seed(config.seed, batch_number, candidate, attempt)
                 torch.manual_seed(seed)
                 rollout = generate(model, [prompts[i] for i in pending], config.target_sequence_length,
-                                   tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, config.top_p)
+                                   stop_ids, tokenizer.pad_token_id, temperature, config.top_p)
                 texts.append([tokenizer.decode(c, skip_special_tokens=True).strip() for c in rollout.completions()])
                 ended.append(rollout.ended.tolist())
                 seeds.append(seed)

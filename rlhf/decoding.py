@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,10 +113,11 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
 
 
 @torch.no_grad()
-def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, keep_hidden: bool = False) -> Decoded:
-    """Sample (or greedily decode) up to `max_new_tokens` per prompt; a row stops at its first EOS and is
-    padded after it, and decoding stops once every row has stopped."""
+    """Sample (or greedily decode) up to `max_new_tokens` per prompt; a row stops at its first stop token
+    (`stop_ids`: EOS and the model's other end-of-turn ids, see `modeling.stop_token_ids`) and is padded
+    after it, and decoding stops once every row has stopped."""
     if max_new_tokens < 1:
         raise ValueError(f"decoding needs at least one new token, got max_new_tokens={max_new_tokens}")
     device = next(model.parameters()).device
@@ -125,6 +127,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pa
     model.eval()
     cache = preallocated_cache(model, ids.shape[1] + max_new_tokens)
     inputs, attention, position = ids, mask, positions(mask)
+    stop = torch.tensor(list(stop_ids), device=device)
     stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, log_probs, hidden = [], [], []
     for _ in range(max_new_tokens):
@@ -136,7 +139,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pa
         log_probs.append(F.log_softmax(logits / temperature, dim=-1).gather(1, chosen[:, None]).squeeze(1))
         if keep_hidden:
             hidden.append(output.hidden_states[-1][:, -1])
-        stopped |= chosen == eos_id
+        stopped |= torch.isin(chosen, stop)
         if bool(stopped.all()):
             break
         inputs = chosen[:, None]
@@ -144,12 +147,12 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pa
         position = position[:, -1:] + 1
     model.train(was_training)
     completions = torch.stack(tokens, dim=1)
-    keep, ended = completion_mask(completions, eos_id)
+    keep, ended = completion_mask(completions, stop_ids)
     rollout = Rollout(torch.cat([ids, completions], dim=1), torch.cat([mask, keep], dim=1), keep, ended)
     return Decoded(rollout, torch.stack(log_probs, dim=1), torch.stack(hidden, dim=1) if keep_hidden else None)
 
 
-def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollout:
     """Completions only."""
-    return decode(model, prompts, max_new_tokens, eos_id, pad_id, temperature, top_p, greedy).rollout
+    return decode(model, prompts, max_new_tokens, stop_ids, pad_id, temperature, top_p, greedy).rollout

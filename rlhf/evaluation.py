@@ -1,4 +1,6 @@
-"""Base against tuned, side by side: rewards, win rate with a bootstrap interval, KL, lengths."""
+"""Base against tuned, side by side, by two judges: the reward model (scores, win rate with a bootstrap
+interval) and, where the instruction defines one, the rule judge (`rlhf.rule_judge`), which never sees the
+reward model. Also the KL of the tuned policy to the base, lengths, ended shares and repeated n-grams."""
 
 from __future__ import annotations
 
@@ -11,10 +13,14 @@ import torch
 from rlhf.artifacts import TENSORBOARD_DIR
 from rlhf.inference import load_generator
 from rlhf.modeling import pick_placement
-from rlhf.policy import Policy
-from rlhf.rollouts import make_rollout
+from rlhf.modeling import stop_token_ids
+from rlhf.policy import Policy, PolicySpec
 from rlhf.reward_model import load_reward_model, score_packed
+from rlhf.rule_judge import CHECKS, SummaryRule, rule_for_instruction
 from rlhf.validation import prompt_key
+
+REPEAT_NGRAM = 4  # word n-grams counted for repetition
+KL_BATCH = 8  # completions sampled per pass for the KL to base
 
 
 def completion_ids(tokenizer, text: str, ended: bool, limit: int) -> list[int]:
@@ -49,10 +55,47 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
+    """Share of a text's word n-grams that repeat an earlier one in it: degenerate loops score near 1."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _post(row: dict) -> str:
+    return row["input_text"] if "input_text" in row else row["messages"][-1]["content"]
+
+
+@torch.no_grad()
+def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, seed: int) -> float:
+    """KL(tuned || base) in nats per completion: the mean, over one completion per prompt sampled from the
+    tuned policy at the training temperature (and nucleus), of the summed per-token log-ratio of the tuned and
+    the base (adapter off) distributions at that temperature, on the generated token ids themselves."""
+    policy = Policy(model, None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    sums = []
+    for first in range(0, len(prompts), KL_BATCH):
+        rollout = policy.generate(prompts[first:first + KL_BATCH], spec.target_sequence_length, spec.temperature,
+                                  spec.top_p)
+        tuned, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False)
+        base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, use_adapter=False)
+        sums.extend(((tuned - base) * rollout.completion_mask).sum(dim=1).tolist())
+    return _mean(sums)
+
+
+def rule_verdicts(rule: SummaryRule, rows: list[dict]) -> list[dict]:
+    verdicts = []
+    for row in rows:
+        verdict = rule.judge(_post(row), row["prediction"], stopped=row.get("ended", True))
+        verdicts.append({"passed": verdict.passed, "failed": verdict.failed()})
+    return verdicts
+
+
 def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model_dir: Path, base_model_path: str,
-                     adapter_dir: Path | None, device: str = "auto", seed: int = 0,
+                     adapter_dir: Path | None, spec: PolicySpec | None = None, device: str = "auto", seed: int = 0,
                      max_tokens: int = 4096) -> tuple[dict, list[dict]]:
-    """Metrics and the per-prompt comparison rows (ordered by reward gain, largest first)."""
+    """Metrics and the per-prompt comparison rows (ordered by reward gain, largest first). `spec` (the tuned
+    policy's) gives the instruction, for the rule judge, and the sampling settings, for the KL to base."""
     if len(base_rows) != len(tuned_rows) or not base_rows:
         raise ValueError(f"evaluation needs the same prompts on both sides, got {len(base_rows)} and {len(tuned_rows)}")
     for base, tuned in zip(base_rows, tuned_rows):
@@ -71,26 +114,25 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
     scores = reward.normalise(scores)
     base_scores, tuned_scores = scores[:, 0].tolist(), scores[:, 1].tolist()
 
-    kl_to_base = None
-    if adapter_dir is not None:
-        model = load_generator(base_model_path, adapter_dir, placement)
-        policy = Policy(model, None, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        kls = []
-        for first in range(0, len(prompts), 8):
-            rows = range(first, min(first + 8, len(prompts)))
-            rollout = make_rollout([prompts[i] for i in rows], [tuned_ids[i] for i in rows], tokenizer.pad_token_id,
-                                   [True] * len(rows)).to(placement.device)
-            with torch.no_grad():
-                tuned_lp, _, _ = policy.evaluate(rollout, 1.0, with_values=False)
-                base_lp, _, _ = policy.evaluate(rollout, 1.0, with_values=False, use_adapter=False)
-            kls.extend(((tuned_lp - base_lp) * rollout.completion_mask).sum(dim=1).tolist())
-        kl_to_base = _mean(kls)
+    kl = None
+    if adapter_dir is not None and spec is not None:
+        from rlhf.prompts import PromptEncoder
 
+        policy_encoder = PromptEncoder(tokenizer, spec.prompt_format(), spec.prompt_sequence_length,
+                                       spec.target_sequence_length)
+        kl = kl_to_base(load_generator(base_model_path, adapter_dir, placement), tokenizer,
+                        [policy_encoder.encode_prompt(r) for r in base_rows], spec, seed)
+
+    rule = rule_for_instruction(spec.instruction if spec is not None else reward.spec.instruction)
+    judged = {side: rule_verdicts(rule, rows) if rule else None for side, rows in (("base", base_rows),
+                                                                                    ("tuned", tuned_rows))}
     comparison = []
-    for base, tuned, b, t in zip(base_rows, tuned_rows, base_scores, tuned_scores):
+    for index, (base, tuned, b, t) in enumerate(zip(base_rows, tuned_rows, base_scores, tuned_scores)):
         entry = {key: base[key] for key in ("input_text", "messages") if key in base}
         entry.update({"base": base["prediction"], "tuned": tuned["prediction"], "base_reward": b,
                       "tuned_reward": t, "reward_gain": t - b})
+        if rule:
+            entry.update({"base_rule": judged["base"][index], "tuned_rule": judged["tuned"][index]})
         comparison.append(entry)
     comparison.sort(key=lambda e: -e["reward_gain"])
     metrics = {
@@ -99,12 +141,23 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
         "tuned_mean_reward": _mean(tuned_scores),
         "win_rate_vs_base": win_rate(base_scores, tuned_scores),
         "win_rate_ci95": bootstrap_interval(base_scores, tuned_scores, seed),
-        "kl_to_base": kl_to_base,
+        "kl_to_base": kl,
+        "kl_to_base_sampling": None if kl is None else {"temperature": spec.temperature, "top_p": spec.top_p,
+                                                        "completions": len(base_rows)},
         "base_mean_words": _mean([_words(r["prediction"]) for r in base_rows]),
         "tuned_mean_words": _mean([_words(r["prediction"]) for r in tuned_rows]),
         "base_ended_share": _mean([float(r.get("ended", True)) for r in base_rows]),
         "tuned_ended_share": _mean([float(r.get("ended", True)) for r in tuned_rows]),
+        "base_repeated_ngram_share": _mean([repeated_ngram_share(r["prediction"]) for r in base_rows]),
+        "tuned_repeated_ngram_share": _mean([repeated_ngram_share(r["prediction"]) for r in tuned_rows]),
+        "judges": ["reward_model"] + (["rule"] if rule else []),
     }
+    if rule:
+        metrics["rule"] = rule.description
+        for side in ("base", "tuned"):
+            metrics[f"rule_pass_rate_{side}"] = _mean([float(v["passed"]) for v in judged[side]])
+            metrics[f"rule_checks_{side}"] = {check: _mean([float(check not in v["failed"]) for v in judged[side]])
+                                              for check in CHECKS}
     return metrics, comparison
 
 
@@ -136,7 +189,7 @@ def evaluate_run(base_rows: list[dict], tuned_rows: list[dict], reward_model_dir
     spec = read_policy_spec(policy_dir)
     base_model_path = resolve_model_reference(spec.large_model_reference)
     evaluation, comparison = evaluate_outputs(base_rows, tuned_rows, reward_model_dir, base_model_path,
-                                              Path(policy_dir) / ADAPTER_DIR, device, seed)
+                                              Path(policy_dir) / ADAPTER_DIR, spec, device, seed)
     metrics = {"reward_model": _stage_metrics(reward_model_dir, REWARD_MODEL_KEYS),
                "policy": _stage_metrics(policy_dir, POLICY_KEYS), "evaluation": evaluation}
     output_dir = Path(output_dir)

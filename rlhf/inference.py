@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from rlhf.artifacts import refuse_pickles
-from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
+from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.decoding import generate
 from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
@@ -62,6 +62,7 @@ class Generator:
         if adapter_dir is not None:
             # Merged once: decoding then runs a plain model, without the adapter's extra products in every layer.
             self.model = self.model.merge_and_unload()
+        self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.encoder = PromptEncoder(self.tokenizer, PromptFormat(config.instruction, config.use_chat_template),
                                      config.prompt_sequence_length, config.target_sequence_length)
 
@@ -75,7 +76,7 @@ class Generator:
         for first in range(0, len(order), config.batch_size):
             batch = order[first:first + config.batch_size]
             rollout = generate(self.model, [prompts[i] for i in batch], config.target_sequence_length,
-                               self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, config.temperature,
+                               self.stop_ids, self.tokenizer.pad_token_id, config.temperature,
                                config.top_p, config.greedy)
             for index, completion, ended in zip(batch, rollout.completions(), rollout.ended.tolist()):
                 row = rows[index]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +37,31 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def _no_dropout(config) -> None:
-    for name in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if isinstance(getattr(config, name, None), float):
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and each EOS id of the model's generation config
+    (gemma's `<end_of_turn>`, llama-3's `<|eot_id|>` are listed there, not as the tokenizer's EOS)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
+_DROPOUT_SETTING = re.compile(r"dropout|pdrop|layerdrop")
+
+
+def _no_dropout_settings(config) -> None:
+    """Zero every dropout probability the config holds, whatever the architecture names it: layers that call
+    the functional dropout read these numbers, not a module."""
+    for name, value in list(vars(config).items()):
+        if _DROPOUT_SETTING.search(name) and isinstance(value, float):
             setattr(config, name, 0.0)
+
+
+def disable_dropout(model) -> None:
+    """Every `nn.Dropout` to 0: training (RL above all, whose log-prob ratios must be 1 before an update)
+    needs the same outputs as sampling and scoring."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 class ModelLoadError(RuntimeError):
@@ -51,11 +73,12 @@ def _load(auto_class, path: str, placement: Placement, trust_remote_code: bool):
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        _no_dropout(config)
+        _no_dropout_settings(config)
         model = auto_class.from_pretrained(path, config=config, dtype=placement.dtype, use_safetensors=True,
                                            trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     except Exception as error:  # transformers, safetensors and the OS each fail with their own types
         raise ModelLoadError(f"cannot load the model from {path}: {type(error).__name__}: {error}") from error
+    disable_dropout(model)
     return model.to(placement.device)
 
 
@@ -86,6 +109,15 @@ def add_lora(model, rank: int, alpha: float | None = None):
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=lora_targets(model),
                         bias="none")
     return get_peft_model(model, config)
+
+
+def value_head(model) -> torch.nn.Linear:
+    """A zero linear head from the model's hidden size to one number: every value starts at 0, so the first
+    advantages are the rewards themselves rather than a random head's error."""
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head.to(next(model.parameters()).device)
 
 
 def scalar_head(model, seed: int) -> torch.nn.Linear:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,23 +29,25 @@ FORMAT = "rlhf-policy/1"
 
 @dataclass
 class PolicySpec(ModelSpec):
+    temperature: float = 1.0  # the rollouts' sampling temperature: evaluation measures the KL to base at it
+    top_p: float = 1.0  # the rollouts' nucleus
     format: str = FORMAT
 
 
 class Policy(torch.nn.Module):
-    def __init__(self, model, value_head: torch.nn.Linear, eos_id: int, pad_id: int):
+    def __init__(self, model, value_head: torch.nn.Linear | None, stop_ids: Sequence[int], pad_id: int):
         super().__init__()
         self.model = model  # a peft.PeftModel around a causal LM
         self.value_head = value_head
-        self.eos_id = eos_id
+        self.stop_ids = list(stop_ids)
         self.pad_id = pad_id
 
     @classmethod
-    def create(cls, causal_lm, lora_dim: int, eos_id: int, pad_id: int, seed: int) -> "Policy":
-        from rlhf.modeling import add_lora, scalar_head
+    def create(cls, causal_lm, lora_dim: int, stop_ids: Sequence[int], pad_id: int) -> "Policy":
+        from rlhf.modeling import add_lora, value_head
 
-        head = scalar_head(causal_lm, seed)
-        return cls(add_lora(causal_lm, lora_dim), head, eos_id, pad_id)
+        head = value_head(causal_lm)
+        return cls(add_lora(causal_lm, lora_dim), head, stop_ids, pad_id)
 
     @property
     def device(self) -> torch.device:
@@ -53,7 +56,7 @@ class Policy(torch.nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                  greedy: bool = False, use_adapter: bool = True) -> Rollout:
         with adapter_merged(self.model) if use_adapter else self.model.disable_adapter():
-            return decode(self.model, prompts, max_new_tokens, self.eos_id, self.pad_id, temperature, top_p,
+            return decode(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id, temperature, top_p,
                           greedy).rollout
 
     def roll_out(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
@@ -61,7 +64,7 @@ class Policy(torch.nn.Module):
         """Sampled completions with, from the sampling pass itself, each token's log-prob [batch, completion]
         (as `evaluate` gives it) and the value of the state before it [batch, completion]."""
         with adapter_merged(self.model):
-            decoded = decode(self.model, prompts, max_new_tokens, self.eos_id, self.pad_id, temperature, top_p,
+            decoded = decode(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id, temperature, top_p,
                              keep_hidden=True)
         values = self.value_head(decoded.hidden.float()).squeeze(-1)
         return decoded.rollout, decoded.log_probs, values
@@ -90,7 +93,8 @@ class Policy(torch.nn.Module):
                 entropy = -(log_probs.exp() * log_probs).sum(-1)
         values = None
         if with_values:
-            hidden = output.hidden_states[-1][:, -length - 1:-1]
+            # Detached: the value loss trains the head, never the policy's adapter (see ppo.ppo_update).
+            hidden = output.hidden_states[-1][:, -length - 1:-1].detach()
             values = self.value_head(hidden.float()).squeeze(-1)
         return token_log_probs, entropy, values
 

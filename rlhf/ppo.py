@@ -14,9 +14,11 @@ Read `train_policy` top to bottom. Each step:
 5. log (TensorBoard names as Vertex's: reward, kl_loss, rl_loss, entropy, value_loss, clip_fraction,
    approx_kl, response_length, plus sample completions as text) and checkpoint.
 
-Value function: a linear head on the policy's own last hidden state, trained jointly with the LoRA
-adapter. It comes out of the same forward passes that give the log-probs (while sampling, and in the
-update), so it costs almost nothing.
+Value function: a linear head on the policy's own last hidden state. It comes out of the same forward
+passes that give the log-probs (while sampling, and in the update), so it costs almost nothing. It starts
+at zero (the first advantages are the rewards themselves, not a random head's error) and reads the
+hidden state detached, so the value loss trains the head alone and never moves the policy; the two
+gradients are clipped and logged apart (`policy_grad_norm`, `value_grad_norm`).
 A separate critic (a second backbone with its own LoRA and head, e.g. initialised from the reward
 model) needs its own forward pass in the rollout and its own forward and backward pass in every update.
 Measured on the default model, CPU, 8 rollouts of 160 prompt + 48 completion tokens
@@ -41,10 +43,11 @@ import torch
 from rlhf.artifacts import TENSORBOARD_DIR
 from rlhf.batching import batch_indices, warmup_cosine
 from rlhf.checkpoints import disk_full_explained, finish, finished_result, resume, save_checkpoint
-from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
+from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.policy import Policy, PolicySpec, save_policy
 from rlhf.rollouts import Rollout
 from rlhf.progress import Progress
+from rlhf.settings import StageSettings
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.rewards import RewardFunction
 
@@ -54,13 +57,15 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(StageSettings):
     """Hyperparameters of the reinforcement-learning stage."""
+
+    stage = "reinforcement learning"
 
     train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates)
     batch_size: int = 64  # prompts per step
     micro_batch_size: int = 8  # rollouts per forward pass, in generation and in training
-    ppo_minibatch_size: int = 32  # rollouts per optimizer step within a PPO epoch
+    ppo_minibatch_size: int = 32  # rollouts per optimizer step; divides batch_size, a multiple of micro_batch_size
     ppo_epochs: int = 2  # passes over each batch of rollouts
     learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
     warmup_fraction: float = 0.1  # share of steps with a linear warm-up, then cosine decay to 0
@@ -80,7 +85,7 @@ class PPOConfig:
     target_sequence_length: int = 64  # new tokens generated at most
     instruction: str = ""  # put before every input
     use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
-    seed: int = 0  # data order, value head initialisation and sampling
+    seed: int = 0  # data order and sampling
     checkpoint_every: int = 20  # steps between checkpoints
     sample_every: int = 10  # steps between sample completions logged as text
     export_merged: bool = False  # also write base + adapter merged into a plain model directory
@@ -89,18 +94,31 @@ class PPOConfig:
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier
 
-    def validate(self) -> None:
-        for name in ("train_steps", "batch_size", "micro_batch_size", "ppo_minibatch_size", "ppo_epochs",
-                     "lora_dim", "prompt_sequence_length", "target_sequence_length", "checkpoint_every",
-                     "sample_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"reinforcement learning: {name} must be at least 1, got {getattr(self, name)}")
+    def updates_per_step(self) -> int:
+        """Optimizer steps per PPO step: `validate` makes minibatches whole numbers of micro-batches."""
+        return self.ppo_epochs * (self.batch_size // self.ppo_minibatch_size)
+
+    def stage_problems(self, say) -> list[str]:
+        found = self.below_one(("train_steps", "batch_size", "micro_batch_size", "ppo_minibatch_size", "ppo_epochs",
+                                "prompt_sequence_length", "target_sequence_length", "checkpoint_every",
+                                "sample_every"), say)
+        if self.lora_dim < 1:
+            found.append(f"{say('lora_dim')} must be at least 1: the reference model is the policy with its "
+                         "adapter switched off, so the policy needs one")
+        if not found:
+            # As TRL does: a remainder would make some optimizer steps smaller and the schedule miscount them.
+            if self.batch_size % self.micro_batch_size:
+                found.append(f"{say('batch_size')} must be a multiple of {say('micro_batch_size')}")
+            if self.ppo_minibatch_size % self.micro_batch_size or self.batch_size % self.ppo_minibatch_size:
+                found.append(f"{say('ppo_minibatch_size')} must be a multiple of {say('micro_batch_size')} and "
+                             f"divide {say('batch_size')}")
         if self.kl_coeff < 0:
-            raise ValueError(f"reinforcement learning: kl_coeff must not be negative, got {self.kl_coeff}")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError("reinforcement learning: temperature must be positive and top_p in (0, 1]")
-        if self.learning_rate_multiplier <= 0:
-            raise ValueError("reinforcement learning: learning_rate_multiplier must be positive")
+            found.append(f"{say('kl_coeff')} must not be negative")
+        if self.temperature <= 0:
+            found.append(f"{say('temperature')} must be above 0")
+        if not 0 < self.top_p <= 1:
+            found.append(f"{say('top_p')} must be above 0 and at most 1")
+        return found
 
 
 @dataclass
@@ -113,6 +131,7 @@ class Experience:
     advantages: torch.Tensor  # [batch, completion]
     returns: torch.Tensor  # [batch, completion]
     scores: torch.Tensor  # [batch]: reward-model score, or the unfinished penalty
+    raw_scores: torch.Tensor  # [batch]: the reward-model score of every completion, ended or not
     kl: torch.Tensor | None  # [batch]: summed per-token log-ratio policy/reference; None when kl_coeff is 0
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of generation, forward, scoring
 
@@ -138,10 +157,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         advantages[:, t] = running
     advantages = advantages * mask
     return advantages, advantages + values
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
 def fingerprint(config: PPOConfig, model_reference: str, reward_name: str, rows: list[dict]) -> str:
@@ -171,13 +186,14 @@ def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_f
     forwarded = clock(policy.device)
     scores = reward_fn(rows, rollout.completions()).to(mask.device).float()
     scored = clock(policy.device)
+    raw_scores = scores
     if config.penalize_unfinished:
         scores = torch.where(rollout.ended, scores, torch.full_like(scores, config.unfinished_reward))
     last = mask.sum(dim=1).long() - 1
     rewards[torch.arange(len(rows)), last] += scores
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
     seconds = {"generation": generated - started, "forward": forwarded - generated, "scoring": scored - forwarded}
-    return Experience(rollout, log_probs, values * mask, advantages, returns, scores, kl, seconds)
+    return Experience(rollout, log_probs, values * mask, advantages, returns, scores, raw_scores, kl, seconds)
 
 
 def whiten(experiences: list[Experience]) -> None:
@@ -210,6 +226,55 @@ def ppo_losses(policy: Policy, experience: Experience, config: PPOConfig) -> dic
         "approx_kl": (((ratio.detach() - 1) - log_ratio) * mask).sum(),
         "clip_fraction": (((ratio.detach() - 1).abs() > config.clip_range).float() * mask).sum(),
     }
+
+
+def ppo_update(policy: Policy, experiences: list[Experience], optimizer, scheduler, config: PPOConfig, step: int,
+               checkpoint_dir: Path) -> dict[str, float]:
+    """`ppo_epochs` passes over the step's rollouts in minibatches of `ppo_minibatch_size`, one optimizer step
+    each. Returns the token means of the losses and statistics, and the mean gradient norms before clipping.
+
+    The value head reads detached hidden states, so the value loss trains the head alone and the policy
+    loss the adapter alone: each has its own gradient norm and its own clip, and value error never moves
+    the policy."""
+    policy_parameters = [p for p in policy.model.parameters() if p.requires_grad]
+    value_parameters = list(policy.value_head.parameters())
+    micro_per_minibatch = config.ppo_minibatch_size // config.micro_batch_size
+    totals = dict.fromkeys(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), 0.0)
+    norms = {"policy_grad_norm": 0.0, "value_grad_norm": 0.0}
+    token_count, updates = 0.0, 0
+    for _ in range(config.ppo_epochs):
+        order = torch.randperm(len(experiences)).tolist()
+        for first in range(0, len(order), micro_per_minibatch):
+            group = [experiences[i] for i in order[first:first + micro_per_minibatch]]
+            tokens = sum(float(e.rollout.completion_mask.sum()) for e in group)
+            for experience in group:
+                losses = ppo_losses(policy, experience, config)
+                loss = (losses["policy_loss"] + config.value_loss_coeff * losses["value_loss"]) / tokens
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"reinforcement learning: the loss is {float(loss)} at step {step + 1}; the last good "
+                        f"checkpoint in {checkpoint_dir} is kept")
+                loss.backward()
+                for name in totals:
+                    totals[name] += float(losses[name].detach())
+            norms["policy_grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy_parameters, config.max_grad_norm))
+            norms["value_grad_norm"] += float(torch.nn.utils.clip_grad_norm_(value_parameters, config.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            token_count += tokens
+            updates += 1
+    return {**{name: value / token_count for name, value in totals.items()},
+            **{name: value / updates for name, value in norms.items()}}
+
+
+def _ending_does_not_pay(config: PPOConfig, record: dict) -> bool:
+    finished = record["score_finished"]
+    return config.penalize_unfinished and finished is not None and config.unfinished_reward > finished
+
+
+def _mean_where(values: torch.Tensor, where: torch.Tensor) -> float | None:
+    return float(values[where].mean()) if bool(where.any()) else None
 
 
 def _samples_markdown(tokenizer, rows: list[dict], experience: Experience, count: int = 3) -> str:
@@ -253,13 +318,12 @@ def train_policy(
     prompts = [encoder.encode_prompt(r) for r in prompt_rows]
 
     torch.manual_seed(config.seed)
-    policy = Policy.create(load_causal_lm(base_path, placement), config.lora_dim, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, config.seed)
+    model = load_causal_lm(base_path, placement)
+    policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     policy.model.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=0.0)
-    updates_per_step = config.ppo_epochs * math.ceil(config.batch_size / config.ppo_minibatch_size)
-    total_updates = config.train_steps * updates_per_step
+    total_updates = config.train_steps * config.updates_per_step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
 
@@ -270,8 +334,7 @@ def train_policy(
 
         writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
         progress = Progress(config.train_steps, "policy (PPO)", initial=start_step)
-        episodes, started, interrupted = 0, time.monotonic(), False
-        micro_per_minibatch = max(1, config.ppo_minibatch_size // config.micro_batch_size)
+        episodes, started, interrupted, warned = 0, time.monotonic(), False, False
         for step in range(start_step, config.train_steps):
             chosen = batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
             experiences, batch_rows = [], []
@@ -282,32 +345,12 @@ def train_policy(
                 batch_rows.append(rows)
             whiten(experiences)
 
-            totals = {"policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clip_fraction": 0.0}
-            token_count = 0
             update_started = clock(placement.device)
-            for _ in range(config.ppo_epochs):
-                order = torch.randperm(len(experiences)).tolist()
-                for first in range(0, len(order), micro_per_minibatch):
-                    group = [experiences[i] for i in order[first:first + micro_per_minibatch]]
-                    tokens = sum(float(e.rollout.completion_mask.sum()) for e in group)
-                    for experience in group:
-                        losses = ppo_losses(policy, experience, config)
-                        loss = (losses["policy_loss"] + config.value_loss_coeff * losses["value_loss"]) / tokens
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"reinforcement learning: the loss is {float(loss)} at step {step + 1}; the last good "
-                                f"checkpoint in {checkpoint_dir} is kept")
-                        loss.backward()
-                        for name in totals:
-                            totals[name] += float(losses[name].detach())
-                    torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    token_count += tokens
+            totals = ppo_update(policy, experiences, optimizer, scheduler, config, step, checkpoint_dir)
             update_seconds = clock(placement.device) - update_started
 
             scores = torch.cat([e.scores for e in experiences])
+            raw_scores = torch.cat([e.raw_scores for e in experiences])
             kl = float(torch.cat([e.kl for e in experiences]).mean()) if config.kl_coeff > 0 else None
             lengths = torch.cat([e.rollout.completion_mask.sum(dim=1).float() for e in experiences])
             ended = torch.cat([e.rollout.ended.float() for e in experiences])
@@ -316,11 +359,17 @@ def train_policy(
                 "reward": float(scores.mean()),
                 "kl": kl,
                 "kl_loss": config.kl_coeff * kl if kl is not None else None,
-                "rl_loss": totals["policy_loss"] / token_count,
-                "value_loss": totals["value_loss"] / token_count,
-                "entropy": totals["entropy"] / token_count,
-                "approx_kl": totals["approx_kl"] / token_count,
-                "clip_fraction": totals["clip_fraction"] / token_count,
+                "rl_loss": totals["policy_loss"],
+                "value_loss": totals["value_loss"],
+                "entropy": totals["entropy"],
+                "approx_kl": totals["approx_kl"],
+                "clip_fraction": totals["clip_fraction"],
+                "policy_grad_norm": totals["policy_grad_norm"],
+                "value_grad_norm": totals["value_grad_norm"],
+                # Raw reward-model scores of the completions that ended and of those the limit cut: the
+                # unfinished penalty only works while it stays below the first.
+                "score_finished": _mean_where(raw_scores, ended > 0),
+                "score_unfinished": _mean_where(raw_scores, ended == 0),
                 "response_length": float(lengths.mean()),
                 "ended_share": float(ended.mean()),
                 "learning_rate": scheduler.get_last_lr()[0],
@@ -331,6 +380,11 @@ def train_policy(
                 "time/update": update_seconds,
             }
             history.append(record)
+            if not warned and _ending_does_not_pay(config, record):
+                warned = True
+                print(f"Warning: at step {step + 1} the unfinished penalty {config.unfinished_reward} is above the "
+                      f"mean score of completions that end ({record['score_finished']:.3f}): never ending pays; "
+                      "lower --unfinished-reward", file=sys.stderr)
             for name, value in record.items():
                 if name != "step" and value is not None:
                     writer.add_scalar(name, value, step + 1)
@@ -354,7 +408,8 @@ def train_policy(
         spec = PolicySpec(large_model_reference=large_model_reference, lora_dim=config.lora_dim,
                           prompt_sequence_length=config.prompt_sequence_length,
                           target_sequence_length=config.target_sequence_length, instruction=config.instruction,
-                          use_chat_template=config.use_chat_template)
+                          use_chat_template=config.use_chat_template, temperature=config.temperature,
+                          top_p=config.top_p)
         save_policy(policy, spec, output_dir, tokenizer, merged=config.export_merged)
         tail = history[-max(1, min(10, len(history) // 5 or 1)):]
         metrics = {

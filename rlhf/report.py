@@ -117,6 +117,48 @@ def verdict(evaluation: dict) -> str:
             f"{evaluation['base_mean_words']:.0f}.")
 
 
+def rule_verdict(evaluation: dict) -> str:
+    """The rule judge's sentence, or what stands in for it when the instruction defines no rule."""
+    if "rule_pass_rate_tuned" not in evaluation:
+        return ("No rule judge: the instruction defines none (one is defined for \"Summarize in less than N "
+                "words.\"), so the reward model is the only judge here.")
+    tuned, base = evaluation["rule_pass_rate_tuned"], evaluation["rule_pass_rate_base"]
+    change = "more" if tuned > base else "fewer" if tuned < base else "as many"
+    points = f"{abs(tuned - base) * 100:.0f} points " if tuned != base else ""
+    return (f"By the rule ({evaluation['rule']}), {tuned:.0%} of tuned completions pass against {base:.0%} of "
+            f"base completions: {points}{change}.")
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def judges_table(evaluation: dict) -> list[tuple[str, str, str]]:
+    """(measure, base, tuned) rows: the rule's checks, ended shares, words, repetition."""
+    rows = []
+    if "rule_pass_rate_tuned" in evaluation:
+        rows.append(("passes the rule", _percent(evaluation["rule_pass_rate_base"]),
+                     _percent(evaluation["rule_pass_rate_tuned"])))
+        for check in evaluation["rule_checks_tuned"]:
+            rows.append((f"rule: {check.replace('_', ' ')}", _percent(evaluation["rule_checks_base"][check]),
+                         _percent(evaluation["rule_checks_tuned"][check])))
+    rows.append(("mean reward (reward model)", f"{evaluation['base_mean_reward']:+.2f}",
+                 f"{evaluation['tuned_mean_reward']:+.2f}"))
+    rows.append(("ended within the token limit", _percent(evaluation.get("base_ended_share")),
+                 _percent(evaluation.get("tuned_ended_share"))))
+    rows.append(("mean words", f"{evaluation['base_mean_words']:.0f}", f"{evaluation['tuned_mean_words']:.0f}"))
+    if "base_repeated_ngram_share" in evaluation:
+        rows.append(("repeated word 4-grams", _percent(evaluation["base_repeated_ngram_share"]),
+                     _percent(evaluation["tuned_repeated_ngram_share"])))
+    return rows
+
+
+def _rule_cell(judged: dict | None) -> str:
+    if judged is None:
+        return ""
+    return "passes" if judged["passed"] else "fails: " + ", ".join(c.replace("_", " ") for c in judged["failed"])
+
+
 def _prompt_text(row: dict) -> str:
     return row["input_text"] if "input_text" in row else "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])
 
@@ -131,6 +173,7 @@ h1{font-size:1.6em} h2{margin-top:1.6em;border-bottom:1px solid #d0d7de;padding-
 table{border-collapse:collapse;width:100%;font-size:13px} td,th{border:1px solid #d0d7de;padding:6px;vertical-align:top}
 th{background:#f6f8fa;cursor:pointer;user-select:none} td.num{text-align:right;white-space:nowrap}
 td.prompt{max-width:420px;white-space:pre-wrap} .params td{font-family:ui-monospace,monospace}
+table.judges{width:auto;margin:12px 0} td.rule{font-size:12px;color:#57606a}
 .gain-pos{color:#1a7f37} .gain-neg{color:#cf222e}
 """
 
@@ -166,14 +209,21 @@ def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_
                                                 ("response_length", "PPO: response length (tokens)")))
     distribution = histogram({"base": [c["base_reward"] for c in comparison],
                               "tuned": [c["tuned_reward"] for c in comparison]}, "Reward: base vs tuned")
+    with_rule = "rule_pass_rate_tuned" in evaluation
     rows = []
     for entry in comparison:
         gain = entry["reward_gain"]
+        rule_cells = (f'<td class="rule">{esc(_rule_cell(entry.get("base_rule")))}</td>'
+                      f'<td class="rule">{esc(_rule_cell(entry.get("tuned_rule")))}</td>') if with_rule else ""
         rows.append(
             f'<tr><td class="prompt">{esc(_prompt_text(entry))}</td><td>{esc(entry["base"])}</td>'
-            f'<td>{esc(entry["tuned"])}</td><td class="num" data-value="{entry["base_reward"]}">{entry["base_reward"]:+.3f}</td>'
+            f'<td>{esc(entry["tuned"])}</td>{rule_cells}'
+            f'<td class="num" data-value="{entry["base_reward"]}">{entry["base_reward"]:+.3f}</td>'
             f'<td class="num" data-value="{entry["tuned_reward"]}">{entry["tuned_reward"]:+.3f}</td>'
             f'<td class="num {"gain-pos" if gain > 0 else "gain-neg"}" data-value="{gain}">{gain:+.3f}</td></tr>')
+    rule_headers = "<th>base by the rule</th><th>tuned by the rule</th>" if with_rule else ""
+    judge_rows = "".join(f"<tr><td>{esc(name)}</td><td class=\"num\">{esc(base)}</td><td class=\"num\">{esc(tuned)}</td></tr>"
+                         for name, base, tuned in judges_table(evaluation))
     parameter_rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(json.dumps(v))}</td></tr>"
                              for k, v in sorted(parameters.items()))
     summary_rows = "".join(
@@ -186,13 +236,16 @@ def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_
 <body>
 <h1>RLHF run report</h1>
 <p class="verdict" id="verdict">{esc(verdict(evaluation))}</p>
+<p class="verdict" id="rule-verdict">{esc(rule_verdict(evaluation))}</p>
+<table class="judges" id="judges"><thead><tr><th>base vs tuned on the evaluation prompts</th><th>base</th>
+<th>tuned</th></tr></thead><tbody>{judge_rows}</tbody></table>
+<h2>Base vs tuned, side by side</h2>
+<p>Ordered by reward gain (tuned minus base); click a column header to sort.</p>
+<table class="sortable" id="side-by-side"><thead><tr><th>prompt</th><th>base</th><th>tuned</th>{rule_headers}
+<th>base reward</th><th>tuned reward</th><th>gain</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
 <h2>Reward model</h2><div class="charts" id="reward-model-charts">{reward_charts}</div>
 <h2>Reinforcement learning (PPO)</h2><div class="charts" id="policy-charts">{policy_charts}</div>
 <h2>Rewards on the evaluation prompts</h2><div class="charts" id="reward-distribution">{distribution}</div>
-<h2>Base vs tuned, side by side</h2>
-<p>Ordered by reward gain (tuned minus base); click a column header to sort.</p>
-<table class="sortable" id="side-by-side"><thead><tr><th>prompt</th><th>base</th><th>tuned</th><th>base reward</th>
-<th>tuned reward</th><th>gain</th></tr></thead><tbody>{''.join(rows)}</tbody></table>
 <h2>Metrics</h2><table class="params"><tbody>{summary_rows}</tbody></table>
 <h2>Run parameters</h2><table class="params"><tbody>{parameter_rows}</tbody></table>
 <script>{SORT_SCRIPT}</script>
@@ -202,7 +255,10 @@ def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_
 
 def render_markdown(metrics: dict, comparison: list[dict], limit: int = 10) -> str:
     evaluation = metrics["evaluation"]
-    lines = ["# RLHF run report", "", verdict(evaluation), "", "| metric | value |", "|---|---|"]
+    lines = ["# RLHF run report", "", verdict(evaluation), "", rule_verdict(evaluation), "",
+             "| on the evaluation prompts | base | tuned |", "|---|---|---|"]
+    lines += [f"| {name} | {base} | {tuned} |" for name, base, tuned in judges_table(evaluation)]
+    lines += ["", "| metric | value |", "|---|---|"]
     for stage in ("reward_model", "policy", "evaluation"):
         for name, value in metrics.get(stage, {}).items():
             if not isinstance(value, dict):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +32,7 @@ from rlhf.checkpoints import disk_full_explained, finish, finished_result, resum
 from rlhf.modeling import Placement, add_lora, load_backbone, load_tokenizer, pick_placement
 from rlhf.packing import pack, packed_length
 from rlhf.progress import Progress
+from rlhf.settings import StageSettings
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.reward_model import RewardModel, RewardModelSpec, save_reward_model, score_packed
 from rlhf.validation import chosen, rejected
@@ -41,8 +43,10 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
-class RewardTrainingConfig:
+class RewardTrainingConfig(StageSettings):
     """Hyperparameters of the reward-model stage."""
+
+    stage = "reward model"
 
     train_steps: int = 1000  # optimizer steps (the pipeline turns epochs into steps before this)
     batch_size: int = 64  # preference pairs per optimizer step
@@ -59,23 +63,19 @@ class RewardTrainingConfig:
     seed: int = 0  # data order and head initialisation
     checkpoint_every: int = 50  # steps between checkpoints
     log_every: int = 1  # steps between TensorBoard points
-    normalization_pairs: int = 512  # training pairs scored after training for the reward mean and std
+    normalization_pairs: int = 512  # training pairs (a seeded sample) scored after training for the reward mean and std
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
 
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier
 
-    def validate(self) -> None:
-        for name in ("train_steps", "batch_size", "micro_batch_tokens", "prompt_sequence_length",
-                     "target_sequence_length", "checkpoint_every", "log_every", "normalization_pairs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"reward model: {name} must be at least 1, got {getattr(self, name)}")
+    def stage_problems(self, say) -> list[str]:
+        found = self.below_one(("train_steps", "batch_size", "micro_batch_tokens", "prompt_sequence_length",
+                                "target_sequence_length", "checkpoint_every", "log_every", "normalization_pairs"),
+                               say)
         if self.lora_dim < 0:
-            raise ValueError(f"reward model: lora_dim must be 0 (full fine-tuning) or more, got {self.lora_dim}")
-        if self.learning_rate_multiplier <= 0:
-            raise ValueError("reward model: learning_rate_multiplier must be positive")
-        if not 0 <= self.warmup_fraction < 1:
-            raise ValueError("reward model: warmup_fraction must be in [0, 1)")
+            found.append(f"{say('lora_dim')} must be 0 (full fine-tuning) or more")
+        return found
 
 
 @dataclass
@@ -100,6 +100,12 @@ def fingerprint(config: RewardTrainingConfig, model_reference: str, rows: list[d
     for row in rows:
         digest.update(json.dumps({k: v for k, v in row.items() if k != "source"}, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def normalisation_sample(pairs: list[EncodedPair], count: int, seed: int) -> list[EncodedPair]:
+    """A seeded sample of `count` training pairs (all of them when fewer), in no file order: the first rows of
+    a file are often one source, one date or one topic."""
+    return random.Random(seed).sample(pairs, min(count, len(pairs)))
 
 
 def pairwise_loss(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +152,12 @@ def train_reward_model(
         return finished
 
     placement: Placement = pick_placement(config.device)
+    if config.lora_dim == 0 and placement.dtype != torch.float32:
+        # Updated in bfloat16, most weights would never move (an update below a weight's rounding step is lost):
+        # full fine-tuning keeps the weights in float32.
+        print(f"Full fine-tuning keeps float32 weights (not {placement.dtype}); LoRA (lora_dim > 0) trains in "
+              f"{placement.dtype}", file=sys.stderr)
+        placement = Placement(placement.device, torch.float32)
     base_path = base_model_path or resolve_model_reference(large_model_reference)
 
     tokenizer = load_tokenizer(base_path)
@@ -215,7 +227,7 @@ def train_reward_model(
             print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
             return {"interrupted": True, "step": history[-1]["step"]}
 
-        normalisation = train_pairs[:config.normalization_pairs]
+        normalisation = normalisation_sample(train_pairs, config.normalization_pairs, config.seed)
         scores = score_packed(model, [p.prompt for p in normalisation], [[p.winner, p.loser] for p in normalisation],
                               pad_id, config.micro_batch_tokens)
         evaluation = evaluate_pairs(model, held_out_pairs, pad_id, config.micro_batch_tokens)

@@ -1,12 +1,14 @@
 """Rollouts: prompts and their completions laid out as one batch, and the masks that say which tokens are real.
 
 Prompts are left-padded so every completion starts at the same column; completions are right-padded, and a
-completion ends at its first EOS whatever follows it (the pad and EOS ids may be the same).
+completion ends at its first stop token (EOS, or any id the model's generation config lists as one) whatever
+follows it (the pad and EOS ids may be the same).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -48,9 +50,9 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-def completion_mask(completions: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of tokens up to and including the first EOS, and whether each row has an EOS at all."""
-    is_eos = completions == eos_id
+def completion_mask(completions: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of tokens up to and including the first stop token, and whether each row has one at all."""
+    is_eos = torch.isin(completions, torch.tensor(list(stop_ids), device=completions.device))
     ended = is_eos.any(dim=1)
     # Tokens strictly after the first EOS are padding, whatever their id (pad and EOS may be the same id).
     after_first_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0

@@ -27,7 +27,7 @@ def test_validate_without_datasets_checks_the_bundled_sample():
     result = rlhf("validate")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["preference"]["rows"] >= 48 and summary["eval"]["rows"] >= 8
+    assert summary["preference"]["rows"] >= 96 and summary["eval"]["rows"] >= 16
     assert "bundled sample" in result.stderr
 
 
@@ -80,13 +80,13 @@ def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
                    "--large-model-reference", str(tiny_model_dir), "--output-dir", str(reward_model),
                    "--reward-model-train-epochs", "1", "--batch-size", "16", *model)
     assert trained.returncode == 0, trained.stderr[-2000:]
-    assert json.loads(trained.stdout)["steps"] == 3  # 42 training pairs after holding 3 prompts out
+    assert json.loads(trained.stdout)["steps"] == 6  # 84 training pairs after holding 3 of 24 prompts out
 
     evaluated = rlhf("evaluate-reward-model", "--reward-model", str(reward_model),
                      "--preference-dataset", sample_dataset("preference.jsonl"))
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     report = json.loads(evaluated.stdout)
-    assert report["pairs"] == 48 and report["length_baseline_accuracy"] == 0.5
+    assert report["pairs"] == 96 and report["length_baseline_accuracy"] == 51 / 96  # the longer candidate wins 51
     assert {"accuracy", "mean_margin", "model_prefers_longer", "accuracy_where_shorter_won"} <= set(report)
 
     other_base = rlhf("train-policy", "--prompt-dataset", sample_dataset("prompts.jsonl"), "--reward-model",
@@ -105,7 +105,7 @@ def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
         inferred = rlhf("infer", "--eval-dataset", sample_dataset("eval.jsonl"), "--output", str(output), *extra,
                         *model)
         assert inferred.returncode == 0, inferred.stderr[-2000:]
-        assert len(output.read_text().splitlines()) == 8
+        assert len(output.read_text().splitlines()) == 16
     with_adapter = tmp_path / "adapter.jsonl"
     inferred = rlhf("infer", "--eval-dataset", sample_dataset("eval.jsonl"), "--output", str(with_adapter),
                     "--large-model-reference", str(tiny_model_dir), "--adapter", str(policy / "adapter"), *model)
@@ -117,5 +117,5 @@ def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
     compared = rlhf("evaluate", "--base-outputs", str(base_out), "--tuned-outputs", str(tuned_out),
                     "--reward-model", str(reward_model), "--policy", str(policy), "--output-dir", str(tmp_path / "eval"))
     assert compared.returncode == 0, compared.stderr[-2000:]
-    assert json.loads(compared.stdout)["evaluation"]["prompts"] == 8
+    assert json.loads(compared.stdout)["evaluation"]["prompts"] == 16
     assert (tmp_path / "eval" / "report.html").is_file()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlhf.decoding import adapter_merged, decode, generate
-from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
+from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.policy import Policy
 from rlhf.rollouts import left_pad
 
@@ -21,13 +21,14 @@ def prompts(tokenizer):
     return [tokenizer(text)["input_ids"] for text in TEXTS]
 
 
-def tuned_policy(tiny_model_dir, tokenizer, eos_id=None) -> Policy:
-    policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4,
-                           eos_id if eos_id is not None else tokenizer.eos_token_id, tokenizer.pad_token_id, seed=0)
+def tuned_policy(tiny_model_dir, tokenizer) -> Policy:
+    policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4, [tokenizer.eos_token_id],
+                           tokenizer.pad_token_id)
     with torch.no_grad():
         for name, parameter in policy.model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))  # make the adapter matter
+        policy.value_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))  # and the values
     return policy
 
 
@@ -46,7 +47,7 @@ def test_greedy_decoding_gives_the_tokens_of_transformers_generate(tiny_model_di
     # As EOS, the token row 0 emits second: row 0 stops there, the other rows elsewhere or not at all, and get padded.
     eos_id = int(reference_generate(model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, 2)[0, -1])
     expected = reference_generate(model, prompts, eos_id, tokenizer.pad_token_id, 12)
-    rollout = generate(model, prompts, 12, eos_id, tokenizer.pad_token_id, greedy=True)
+    rollout = generate(model, prompts, 12, [eos_id], tokenizer.pad_token_id, greedy=True)
     assert torch.equal(rollout.sequences, expected)
     assert rollout.ended[0]
 
@@ -69,7 +70,7 @@ def test_sampling_is_reproducible_from_the_seed(tiny_model_dir, tokenizer, promp
     runs = []
     for _ in range(2):
         torch.manual_seed(11)
-        runs.append(generate(model, prompts, 12, tokenizer.eos_token_id, tokenizer.pad_token_id, 0.9, 0.95).sequences)
+        runs.append(generate(model, prompts, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id, 0.9, 0.95).sequences)
     assert torch.equal(runs[0], runs[1])
 
 
@@ -122,20 +123,35 @@ def test_merging_for_decoding_gives_back_the_exact_base_weights(tiny_model_dir, 
         assert torch.equal(parameter, before[name]), name
 
 
-def test_decoding_stops_once_every_row_has_ended_and_pads_after_eos(tiny_model_dir, tokenizer, prompts):
+def first_greedy_tokens(model, tokenizer, prompts) -> list[int]:
+    first = decode(model, prompts, 1, [tokenizer.eos_token_id], tokenizer.pad_token_id, greedy=True)
+    return first.rollout.sequences[:, -1].tolist()
+
+
+def test_a_row_stops_at_its_stop_token_and_is_padded_after_it(tiny_model_dir, tokenizer, prompts):
     model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu"))
-    first = decode(model, prompts, 1, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True)
-    eos_id = int(first.rollout.sequences[0, -1])  # row 0 ends at once
-    decoded = decode(model, prompts, 30, eos_id, tokenizer.pad_token_id, greedy=True)
+    stop_id = first_greedy_tokens(model, tokenizer, prompts)[0]  # row 0 ends at once
+    decoded = decode(model, prompts, 30, [stop_id], tokenizer.pad_token_id, greedy=True)
     completions = decoded.rollout.sequences[:, decoded.rollout.prompt_length:]
     assert decoded.rollout.ended[0]
     assert decoded.rollout.completion_mask[0].tolist() == [1] + [0] * (completions.shape[1] - 1)
     assert (completions[0, 1:] == tokenizer.pad_token_id).all()
-    if decoded.rollout.ended.all():
-        assert completions.shape[1] < 30
+
+
+def test_decoding_stops_on_every_id_the_generation_config_lists_once_every_row_has_ended(tiny_model_dir, tokenizer,
+                                                                                         prompts):
+    model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu"))
+    firsts = first_greedy_tokens(model, tokenizer, prompts)
+    # As gemma lists <end_of_turn> and llama-3 <|eot_id|> beside the tokenizer's EOS: here, each row's first token.
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, *dict.fromkeys(firsts)]
+    stop_ids = stop_token_ids(model, tokenizer)
+    assert stop_ids[0] == tokenizer.eos_token_id and set(firsts) <= set(stop_ids)
+    decoded = decode(model, prompts, 30, stop_ids, tokenizer.pad_token_id, greedy=True)
+    assert decoded.rollout.ended.all()
+    assert decoded.rollout.completion_mask.tolist() == [[1]] * len(prompts)  # and no token was decoded after
 
 
 def test_no_new_tokens_is_refused(tiny_model_dir, tokenizer, prompts):
     model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu"))
     with pytest.raises(ValueError, match="at least one new token"):
-        decode(model, prompts, 0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        decode(model, prompts, 0, [tokenizer.eos_token_id], tokenizer.pad_token_id)

@@ -109,3 +109,125 @@ def test_charts_handle_empty_and_flat_series():
     assert "no data" in line_chart([], "empty")
     assert "<path" in line_chart([(1, 0.5), (2, 0.5)], "flat")
     assert "<rect" in histogram({"base": [0.1, 0.1], "tuned": [0.1]}, "same")
+
+
+@pytest.fixture(scope="module")
+def perturbed_policy(tiny_model_dir, tmp_path_factory):
+    """A policy artifact whose adapter moves the model, trained at temperature 0.5."""
+    import torch
+
+    from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
+    from rlhf.policy import Policy, PolicySpec, save_policy
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4, [tokenizer.eos_token_id],
+                           tokenizer.pad_token_id)
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    directory = tmp_path_factory.mktemp("perturbed-policy")
+    spec = PolicySpec(large_model_reference=str(tiny_model_dir), lora_dim=4, prompt_sequence_length=64,
+                      target_sequence_length=6, instruction="Summarize.", temperature=0.5)
+    save_policy(policy, spec, directory, tokenizer, merged=False)
+    return directory, spec, policy, tokenizer
+
+
+def test_kl_to_base_is_measured_on_completions_sampled_at_the_training_temperature(perturbed_policy,
+                                                                                   tiny_model_dir):
+    import torch
+    import torch.nn.functional as F
+
+    from rlhf.evaluation import kl_to_base
+    from rlhf.inference import load_generator
+    from rlhf.modeling import pick_placement
+    from rlhf.policy import ADAPTER_DIR
+    from rlhf.prompts import PromptEncoder
+
+    directory, spec, policy, tokenizer = perturbed_policy
+    encoder = PromptEncoder(tokenizer, spec.prompt_format(), spec.prompt_sequence_length, spec.target_sequence_length)
+    prompts = [encoder.encode_prompt(r) for r in ROWS]
+    model = load_generator(str(tiny_model_dir), directory / ADAPTER_DIR, pick_placement("cpu"))
+    measured = kl_to_base(model, tokenizer, prompts, spec, seed=3)
+
+    # The same draws by hand: tuned and base log-softmax at temperature 0.5 on the sampled ids.
+    torch.manual_seed(3)
+    rollout = policy.generate(prompts, spec.target_sequence_length, 0.5, 1.0)
+    length = rollout.completion_mask.shape[1]
+    with torch.no_grad():
+        tuned_logits = policy.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                                    position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
+        with policy.model.disable_adapter():
+            base_logits = policy.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                                       position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
+    targets = rollout.sequences[:, -length:, None]
+    per_token = [F.log_softmax(logits[:, -length - 1:-1] / 0.5, -1).gather(-1, targets).squeeze(-1)
+                 for logits in (tuned_logits, base_logits)]
+    expected = float(((per_token[0] - per_token[1]) * rollout.completion_mask).sum(1).mean())
+    assert measured == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert measured > 0.01
+    # A policy equal to its base (a fresh adapter) is at KL 0.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.zero_()
+    assert kl_to_base(model, tokenizer, prompts, spec, seed=3) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_rule_judge_scores_both_sides_where_the_instruction_defines_it(tiny_model_dir, tmp_path,
+                                                                           perturbed_policy):
+    from dataclasses import replace
+
+    from rlhf.policy import ADAPTER_DIR
+    from rlhf.reward_training import train_reward_model
+    from tests.test_reward_model import config as reward_config, marker_pairs
+
+    directory, spec, _, _ = perturbed_policy
+    rows = marker_pairs(24)
+    train_reward_model(reward_config(train_steps=2), rows[:20], rows[20:], str(tiny_model_dir), tmp_path / "rm")
+    post = {"input_text": "My neighbour parks his truck across my driveway every morning. What should I do?"}
+    base = [dict(post, prediction="You should call the city about the truck.", ended=True),
+            dict(post, prediction="My neighbour parks his truck across my driveway every morning.", ended=True)]
+    tuned = [dict(post, prediction="A neighbour parks his truck across the poster's driveway every morning.",
+                  ended=True),
+             dict(post, prediction="My neighbour parks his truck across my driveway every morning and", ended=False)]
+    ruled = replace(spec, instruction="Summarize in less than 50 words.")
+    metrics, comparison = evaluate_outputs(base, tuned, tmp_path / "rm", str(tiny_model_dir), directory / ADAPTER_DIR,
+                                           ruled)
+    assert metrics["judges"] == ["reward_model", "rule"]
+    assert metrics["rule_pass_rate_base"] == 0.5 and metrics["rule_pass_rate_tuned"] == 0.5
+    assert metrics["rule_checks_base"]["no_advice"] == 0.5 and metrics["rule_checks_tuned"]["ended"] == 0.5
+    judged = {entry["tuned"]: entry["tuned_rule"] for entry in comparison}
+    assert judged[tuned[1]["prediction"]] == {"passed": False, "failed": ["ended"]}
+    assert metrics["kl_to_base_sampling"] == {"temperature": 0.5, "top_p": 1.0, "completions": 2}
+    plain, _ = evaluate_outputs(base, tuned, tmp_path / "rm", str(tiny_model_dir), directory / ADAPTER_DIR, spec)
+    assert plain["judges"] == ["reward_model"] and "rule_pass_rate_tuned" not in plain
+
+
+def test_repeated_ngrams_measure_degenerate_loops():
+    from rlhf.evaluation import repeated_ngram_share
+
+    assert repeated_ngram_share("the dog barks at night and the cat sleeps") == 0.0
+    loop = "I am not sure. " * 5
+    assert repeated_ngram_share(loop) > 0.7
+    assert repeated_ngram_share("too short") == 0.0
+
+
+def test_the_report_leads_with_both_judges():
+    from rlhf.report import rule_verdict
+
+    judged = {**EVALUATION, "rule": "a summary", "rule_pass_rate_base": 0.125, "rule_pass_rate_tuned": 0.75,
+              "rule_checks_base": {"ended": 0.5}, "rule_checks_tuned": {"ended": 1.0},
+              "base_ended_share": 0.5, "tuned_ended_share": 1.0, "base_repeated_ngram_share": 0.1,
+              "tuned_repeated_ngram_share": 0.0}
+    assert rule_verdict(judged) == ("By the rule (a summary), 75% of tuned completions pass against 12% of base "
+                                    "completions: 62 points more.")
+    assert rule_verdict(EVALUATION).startswith("No rule judge")
+    metrics = {"reward_model": {}, "policy": {}, "evaluation": judged}
+    comparison = [dict(entry, base_rule={"passed": False, "failed": ["no_advice"]},
+                       tuned_rule={"passed": True, "failed": []}) for entry in COMPARISON]
+    page = render_html({}, metrics, comparison, {}, {})
+    assert page.index('id="rule-verdict"') < page.index('id="judges"') < page.index('id="side-by-side"') < page.index(
+        "<h2>Reward model</h2>")
+    assert "fails: no advice" in page and "<td class=\"num\">75%</td>" in page
+    assert "| passes the rule | 12% | 75% |" in render_markdown(metrics, comparison)

@@ -11,6 +11,7 @@ from pipeline.parameters import resolve_parameters
 
 TINY_RUN = ["reward_model_train_epochs=1", "reward_model_batch_size=8", "reinforcement_learning_train_steps=2",
             "reinforcement_learning_batch_size=4", "reinforcement_learning_micro_batch_size=4",
+            "reinforcement_learning_minibatch_size=4",
             "target_sequence_length=12", "prompt_sequence_length=256"]
 
 
@@ -81,16 +82,16 @@ def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_p
         assert f"{stage}: started" in result.stderr and f"{stage}: success in" in result.stderr
         assert (output / "logs" / f"{stage}.log").is_file()
     assert "policy (PPO): 2/2 steps (100%)" in result.stderr  # stage progress reaches the terminal
-    assert "bulk inference: 8/8 prompts (100%)" in result.stderr
+    assert "bulk inference: 16/16 prompts (100%)" in result.stderr
     metrics = json.loads((output / "metrics.json").read_text())
     assert {"eval_accuracy", "eval_pairs", "final_rank_loss"} <= set(metrics["reward_model"])
     assert {"final_reward", "final_kl", "steps"} <= set(metrics["policy"])
     assert metrics["policy"]["steps"] == 2
     assert {"base_mean_reward", "tuned_mean_reward", "win_rate_vs_base", "kl_to_base", "base_mean_words",
             "tuned_mean_words", "prompts"} <= set(metrics["evaluation"])
-    assert metrics["evaluation"]["prompts"] == 8
+    assert metrics["evaluation"]["prompts"] == 16
     page = (output / "report.html").read_text()
-    assert page.count("<svg") == 6 and page.count('<td class="prompt">') == 8
+    assert page.count("<svg") == 6 and page.count('<td class="prompt">') == 16
     again = rlhf("run", "--output-dir", str(output))
     assert again.returncode == 2 and "not empty" in again.stderr
 

@@ -109,8 +109,8 @@ def test_merged_export_is_a_plain_model_equal_to_base_plus_adapter(tiny_model_di
 def test_reference_log_probs_are_the_base_models_own(tiny_model_dir):
     placement = pick_placement("cpu")
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    policy = Policy.create(load_causal_lm(str(tiny_model_dir), placement), 8, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, seed=0)
+    policy = Policy.create(load_causal_lm(str(tiny_model_dir), placement), 8, [tokenizer.eos_token_id],
+                           tokenizer.pad_token_id)
     with torch.no_grad():
         for name, parameter in policy.model.named_parameters():
             if "lora_B" in name:
@@ -133,8 +133,8 @@ def test_reference_log_probs_are_the_base_models_own(tiny_model_dir):
 def test_greedy_generation_agrees_with_the_evaluated_distribution(tiny_model_dir):
     placement = pick_placement("cpu")
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    policy = Policy.create(load_causal_lm(str(tiny_model_dir), placement), 4, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, seed=0)
+    policy = Policy.create(load_causal_lm(str(tiny_model_dir), placement), 4, [tokenizer.eos_token_id],
+                           tokenizer.pad_token_id)
     prompts = [tokenizer("dog")["input_ids"], tokenizer("a longer post about the cat and dog")["input_ids"]]
     rollout = policy.generate(prompts, max_new_tokens=8, temperature=1.0, top_p=1.0, greedy=True)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_greedy_generation_agrees_with_the_evaluated_distribution(tiny_model_dir
 def test_completion_mask_stops_after_the_first_eos_even_when_pad_is_eos():
     eos = 2
     completions = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, 8, 9], [5, 6, 7, 8, 9]])
-    mask, ended = completion_mask(completions, eos)
+    mask, ended = completion_mask(completions, [eos])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
     assert ended.tolist() == [True, True, False]
 
@@ -187,14 +187,27 @@ def test_checkpoints_of_another_run_are_refused(tiny_model_dir, tmp_path):
         train_policy(config(train_steps=3, kl_coeff=0.5), PROMPTS, TargetTokenShare(), str(tiny_model_dir), tmp_path)
 
 
+class NaNFromStep(TargetTokenShare):
+    """The known reward until step `step`, then NaN: the loss turns non-finite after good checkpoints."""
+
+    def __init__(self, step: int):
+        self.calls, self.step = 0, step
+
+    def __call__(self, rows, completions):
+        self.calls += 1  # one call per micro-batch, one micro-batch per step below
+        scores = super().__call__(rows, completions)
+        return scores if self.calls < self.step else torch.full_like(scores, float("nan"))
+
+
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"at step \d+"):
-        train_policy(config(train_steps=6, checkpoint_every=1, learning_rate_multiplier=float("inf")), PROMPTS,
-                     TargetTokenShare(), str(tiny_model_dir), tmp_path)
-    checkpoints = sorted((tmp_path / CHECKPOINT_DIR).glob("step-*"))
-    for checkpoint in checkpoints:
-        assert (checkpoint / "state.json").is_file()
-    assert not list((tmp_path / CHECKPOINT_DIR).glob(".partial-*"))
+    from rlhf.checkpoints import complete_checkpoints, is_complete
+
+    with pytest.raises(FloatingPointError, match=r"at step 3; the last good checkpoint in .* is kept"):
+        train_policy(config(train_steps=6, checkpoint_every=1, micro_batch_size=64, ppo_minibatch_size=64), PROMPTS,
+                     NaNFromStep(3), str(tiny_model_dir), tmp_path)
+    saved = sorted((tmp_path / CHECKPOINT_DIR).iterdir())
+    assert [c.name for c in saved] == ["step-0000001", "step-0000002"]
+    assert all(is_complete(c) for c in saved) and complete_checkpoints(tmp_path / CHECKPOINT_DIR) == saved
 
 
 def test_bad_settings_are_refused_before_any_model_loads():

@@ -8,6 +8,7 @@ from rlhf.datasets import sample_dataset
 
 SMALL_RUN = ["reward_model_train_epochs=1", "reward_model_batch_size=8", "reinforcement_learning_train_steps=2",
              "reinforcement_learning_batch_size=4", "reinforcement_learning_micro_batch_size=4",
+             "reinforcement_learning_minibatch_size=4",
              "target_sequence_length=12", "prompt_sequence_length=256"]
 
 

@@ -48,10 +48,19 @@ def test_predictions_equal_bulk_inference_of_the_tuned_policy(client, policy_dir
 
 
 def test_sampling_parameters_apply_per_request(client):
+    def predictions(**parameters):
+        answer = client.post("/predict", json={"instances": ROWS, "parameters": parameters})
+        assert answer.status_code == 200
+        return [p["prediction"] for p in answer.json["predictions"]]
+
     short = client.post("/predict", json={"instances": ROWS, "parameters": {"max_new_tokens": 2}})
     assert short.status_code == 200 and all(p["tokens"] <= 2 for p in short.json["predictions"])
-    sampled = client.post("/predict", json={"instances": ROWS, "parameters": {"temperature": 0.8, "top_p": 0.9}})
-    assert sampled.status_code == 200 and len(sampled.json["predictions"]) == 2
+    greedy = predictions()
+    assert predictions(temperature=0) == greedy
+    # Sampling at temperature 1 does leave the greedy path here, so the two checks after it can fail:
+    assert any(predictions(temperature=1.0) != greedy for _ in range(4))
+    assert predictions(temperature=1e-4) == greedy  # near-zero temperature: the likeliest token each time
+    assert predictions(temperature=1.0, top_p=1e-6) == greedy  # a nucleus of one token
 
 
 @pytest.mark.parametrize("body,message", [
