@@ -19,8 +19,9 @@ from pathlib import Path
 from rlhf.datasets import sample_dataset
 from rlhf.model_reference import DEFAULT_MODEL
 
-# Sized for a 2-core laptop CPU and the bundled sample: minutes, not hours. Vertex-sized defaults are the
-# pipeline's own (see pipeline/definition.py); anything here can be changed with --params or --set.
+# Sized for a 2-core laptop CPU and the bundled sample: `make run` from a fresh clone within 15 minutes.
+# Vertex-sized defaults are the pipeline's own (see pipeline/definition.py); anything here can be changed
+# with --params or --set. How each value was chosen, with the runs that chose it: LEARNING.md.
 LOCAL_DEFAULTS = {
     "preference_dataset": sample_dataset("preference.jsonl"),
     "prompt_dataset": sample_dataset("prompts.jsonl"),
@@ -29,12 +30,12 @@ LOCAL_DEFAULTS = {
     "instruction": "Summarize in less than 50 words.",
     "reward_model_train_epochs": 2,
     "reward_model_batch_size": 16,
-    "reward_model_learning_rate_multiplier": 10.0,
+    "reward_model_learning_rate_multiplier": 30.0,
     "reinforcement_learning_train_steps": 12,
-    "reinforcement_learning_batch_size": 8,
+    "reinforcement_learning_batch_size": 16,
     "reinforcement_learning_micro_batch_size": 8,
     "reinforcement_learning_minibatch_size": 8,
-    "reinforcement_learning_ppo_epochs": 4,
+    "reinforcement_learning_ppo_epochs": 2,
     "reinforcement_learning_rate_multiplier": 5.0,
     "kl_coeff": 0.05,
     "target_sequence_length": 64,

@@ -289,7 +289,7 @@ def cmd_train_policy(args) -> int:
         train_steps=steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
         ppo_minibatch_size=args.ppo_minibatch_size, ppo_epochs=args.ppo_epochs,
         learning_rate_multiplier=args.reinforcement_learning_rate_multiplier, kl_coeff=args.kl_coeff,
-        lora_dim=args.policy_lora_dim, temperature=args.temperature, top_p=args.top_p,
+        lora_dim=args.policy_lora_dim, temperature=args.temperature, top_p=args.top_p, lam=args.gae_lambda,
         penalize_unfinished=args.unfinished_reward is not None,
         unfinished_reward=args.unfinished_reward if args.unfinished_reward is not None else 0.0,
         prompt_sequence_length=args.prompt_sequence_length, target_sequence_length=args.target_sequence_length,
@@ -686,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_pol.add_argument("--policy-lora-dim", type=_positive_int, default=8, help="LoRA rank (default 8)")
     train_pol.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     train_pol.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    train_pol.add_argument("--gae-lambda", type=float, default=1.0,
+                           help="GAE lambda; 1 gives every token the whole return (default 1.0)")
     train_pol.add_argument("--unfinished-reward", type=float, default=-2.0,
                            help="reward of a completion with no EOS, in normalised units (default -2.0)")
     train_pol.add_argument("--keep-unfinished-scores", dest="unfinished_reward", action="store_const", const=None,

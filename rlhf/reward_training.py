@@ -64,6 +64,7 @@ class RewardTrainingConfig(StageSettings):
     checkpoint_every: int = 50  # steps between checkpoints
     log_every: int = 1  # steps between TensorBoard points
     normalization_pairs: int = 512  # training pairs (a seeded sample) scored after training for the reward mean and std
+    balance_lengths: bool = False  # train on a seeded subset where the longer candidate wins half the pairs
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
 
     def learning_rate(self) -> float:
@@ -100,6 +101,20 @@ def fingerprint(config: RewardTrainingConfig, model_reference: str, rows: list[d
     for row in rows:
         digest.update(json.dumps({k: v for k, v in row.items() if k != "source"}, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def length_balanced(rows: list[dict], seed: int) -> list[dict]:
+    """A seeded subset of the pairs in which the longer candidate (in characters) wins exactly as often as the
+    shorter, so length alone predicts nothing: human labels often prefer the longer answer, and a reward
+    model trained on them learns length first. Pairs of equal length are all kept."""
+    longer, shorter, equal = [], [], []
+    for row in rows:
+        difference = len(chosen(row)) - len(rejected(row))
+        (longer if difference > 0 else shorter if difference < 0 else equal).append(row)
+    keep = min(len(longer), len(shorter))
+    generator = random.Random(seed)
+    kept = {id(r) for r in generator.sample(longer, keep) + generator.sample(shorter, keep) + equal}
+    return [row for row in rows if id(row) in kept]
 
 
 def normalisation_sample(pairs: list[EncodedPair], count: int, seed: int) -> list[EncodedPair]:
@@ -146,6 +161,8 @@ def train_reward_model(
     if not train_rows:
         raise ValueError("reward model: no training pairs")
     output_dir = Path(output_dir)
+    if config.balance_lengths:
+        train_rows = length_balanced(train_rows, config.seed)
     run_id = fingerprint(config, large_model_reference, train_rows)
     finished = finished_result(output_dir / METRICS_FILE, run_id, "reward model")
     if finished is not None:

@@ -146,3 +146,16 @@ def test_full_fine_tuning_keeps_float32_weights_where_the_device_runs_bfloat16(t
             moved += int((tensor != original.float()).sum())
             changed += tensor.numel()
     assert changed and moved / changed > 0.9  # at lr 1e-5, nearly every weight moves
+
+
+def test_a_length_balanced_sample_leaves_length_no_predictive_power():
+    from rlhf.reward_training import length_balanced
+
+    rows = [{"input_text": f"p{i}", "candidate_0": "a" * (5 + i % 7), "candidate_1": "b" * 8, "choice": i % 3 % 2}
+            for i in range(300)]
+    kept = length_balanced(rows, seed=0)
+    longer_wins = [len(r[f"candidate_{r['choice']}"]) > len(r[f"candidate_{1 - r['choice']}"]) for r in kept]
+    shorter_wins = [len(r[f"candidate_{r['choice']}"]) < len(r[f"candidate_{1 - r['choice']}"]) for r in kept]
+    assert sum(longer_wins) == sum(shorter_wins) > 0
+    assert len(kept) < len(rows) and all(r in rows for r in kept)
+    assert length_balanced(rows, seed=0) == kept and length_balanced(rows, seed=1) != kept
