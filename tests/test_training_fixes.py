@@ -23,7 +23,7 @@ def test_minibatches_that_are_not_whole_micro_batches_or_do_not_divide_the_batch
 
 
 def test_the_policy_needs_an_adapter():
-    with pytest.raises(ValueError, match="lora_dim must be at least 1, got 0: the reference model"):
+    with pytest.raises(ValueError, match="lora_dim 0 must be at least 1: the reference model"):
         config(lora_dim=0).validate()
 
 
