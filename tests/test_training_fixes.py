@@ -61,6 +61,8 @@ def test_the_value_head_starts_at_zero_and_its_loss_trains_the_head_alone(tiny_m
     # With values at 0, the advantages come from the rewards alone.
     assert torch.count_nonzero(experience.advantages) > 0
     adapter = [p for p in policy.model.parameters() if p.requires_grad]
+    with torch.no_grad():  # a head that has learned something: a zero head would pass no gradient back anyway
+        policy.value_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
 
     ppo_losses(policy, experience, config())["value_loss"].backward()
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in adapter)
@@ -71,26 +73,42 @@ def test_the_value_head_starts_at_zero_and_its_loss_trains_the_head_alone(tiny_m
     assert policy.value_head.weight.grad is None
 
 
-def test_gradient_norms_and_the_scores_of_ended_and_cut_completions_are_logged(tiny_model_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def often_ending_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with half its vocabulary listed as end-of-turn ids in its generation config, as gemma
+    lists <end_of_turn>: PPO must stop on them, so some completions end and some are cut."""
+    import json
+    import shutil
+
+    directory = tmp_path_factory.mktemp("often-ending") / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    path = directory / "generation_config.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    settings["eos_token_id"] = list(range(3, 120))
+    path.write_text(json.dumps(settings))
+    return directory
+
+
+def test_gradient_norms_and_the_scores_of_ended_and_cut_completions_are_logged(often_ending_model_dir, tmp_path,
+                                                                               capsys):
     # Scores are shares in [0, 1]: a penalty of 5 pays more than ending ever does, and the run says so.
     train_policy(config(train_steps=2, batch_size=8, micro_batch_size=8, ppo_minibatch_size=8,
                         target_sequence_length=3, penalize_unfinished=True, unfinished_reward=5.0),
-                 PROMPTS, TargetTokenShare(), str(tiny_model_dir), tmp_path)
+                 PROMPTS, TargetTokenShare(), str(often_ending_model_dir), tmp_path)
     _, events = scalars(tmp_path, "reward")
-    names = set(events.Tags()["scalars"])
-    assert {"policy_grad_norm", "value_grad_norm", "score_unfinished"} <= names
-    unfinished = [e.value for e in events.Scalars("score_unfinished")]
-    assert all(0.0 <= value <= 1.0 for value in unfinished)  # raw scores, not the penalty that replaced them
-    rewards = [e.value for e in events.Scalars("reward")]
-    assert max(rewards) > 1.0  # the penalty did replace them in the reward
-    if "score_finished" in names:
-        assert "never ending pays" in capsys.readouterr().err
+    assert {"policy_grad_norm", "value_grad_norm", "score_finished", "score_unfinished"} <= set(events.Tags()["scalars"])
+    ended = [e.value for e in events.Scalars("ended_share")]
+    assert all(0 < share < 1 for share in ended)  # the listed ids end completions; the limit cuts the others
+    for name in ("score_finished", "score_unfinished"):
+        assert all(0.0 <= e.value <= 1.0 for e in events.Scalars(name))  # raw scores, not the penalty
+    assert max(e.value for e in events.Scalars("reward")) > 1.0  # the penalty did replace them in the reward
+    assert "never ending pays" in capsys.readouterr().err
 
 
-def test_a_penalty_below_the_scores_of_ended_completions_is_not_warned(tiny_model_dir, tmp_path, capsys):
+def test_a_penalty_below_the_scores_of_ended_completions_is_not_warned(often_ending_model_dir, tmp_path, capsys):
     train_policy(config(train_steps=2, batch_size=8, micro_batch_size=8, ppo_minibatch_size=8,
                         target_sequence_length=3, penalize_unfinished=True, unfinished_reward=-5.0),
-                 PROMPTS, TargetTokenShare(), str(tiny_model_dir), tmp_path)
+                 PROMPTS, TargetTokenShare(), str(often_ending_model_dir), tmp_path)
     assert "never ending pays" not in capsys.readouterr().err
 
 
