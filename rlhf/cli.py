@@ -28,6 +28,14 @@ class UsageError(Exception):
 LOCAL_PATH_ARGUMENTS = {"output_dir": "--output-dir", "reward_model": "--reward-model", "policy": "--policy",
                         "adapter": "--adapter", "params": "--params", "template": "--template"}
 LOCAL_OUTPUT_COMMANDS = ("compile", "infer")
+# The flags `train-policy` sets PPO's settings with, so a refused setting is named as the user typed it.
+PPO_FLAGS = {"batch_size": "--batch-size", "micro_batch_size": "--micro-batch-size",
+             "ppo_minibatch_size": "--ppo-minibatch-size", "ppo_epochs": "--ppo-epochs", "kl_coeff": "--kl-coeff",
+             "learning_rate_multiplier": "--reinforcement-learning-rate-multiplier",
+             "lora_dim": "--policy-lora-dim", "temperature": "--temperature", "top_p": "--top-p",
+             "lam": "--gae-lambda", "train_steps": "--reinforcement-learning-train-steps",
+             "prompt_sequence_length": "--prompt-sequence-length",
+             "target_sequence_length": "--target-sequence-length"}
 
 
 def _require_local_paths(args) -> None:
@@ -296,7 +304,9 @@ def cmd_train_policy(args) -> int:
         instruction=reward_spec.instruction if args.instruction is None else args.instruction,
         use_chat_template=False if args.plain_text else None, seed=args.seed,
         checkpoint_every=args.checkpoint_every, export_merged=args.export_merged, device=args.device)
-    config.validate()
+    problems = config.problems(PPO_FLAGS)
+    if problems:
+        raise UsageError("; ".join(problems))
     reward = RewardModelReward(Path(args.reward_model), pick_placement(args.device))
     print(f"Tuning the policy: {len(prompts)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
     metrics = train_policy(config, prompts, reward, reference, output_dir,

@@ -95,7 +95,7 @@ def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
 
     tuned = rlhf("train-policy", "--prompt-dataset", sample_dataset("prompts.jsonl"), "--reward-model",
                  str(reward_model), "--output-dir", str(policy), "--reinforcement-learning-train-steps", "2",
-                 "--batch-size", "4", "--micro-batch-size", "4", *model)
+                 "--batch-size", "4", "--micro-batch-size", "4", "--ppo-minibatch-size", "4", *model)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     assert json.loads(tuned.stdout)["steps"] == 2
 

@@ -211,7 +211,7 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(t
 
 
 def test_bad_settings_are_refused_before_any_model_loads():
-    with pytest.raises(ValueError, match="kl_coeff must not be negative"):
+    with pytest.raises(ValueError, match="kl_coeff -0.1 must not be negative"):
         config(kl_coeff=-0.1).validate()
     with pytest.raises(ValueError, match="train_steps"):
         config(train_steps=0).validate()

@@ -135,7 +135,7 @@ def tiny_models_with_dropout():
                                      embd_pdrop=0.5, attn_pdrop=0.5, bos_token_id=1, eos_token_id=2))
 
 
-@pytest.mark.parametrize("model", tiny_models_with_dropout(), ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("model", list(tiny_models_with_dropout()), ids=lambda m: type(m).__name__)
 def test_dropout_is_off_in_training_mode_whatever_the_architecture_calls_it(model):
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
