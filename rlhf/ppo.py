@@ -22,7 +22,7 @@ gradients are clipped and logged apart (`policy_grad_norm`, `value_grad_norm`). 
 (TRL and the N+ scripts use 0.95 beside a separate critic initialised from the reward model): with a
 value that starts at 0 and learns slowly, lambda 0.95 would hand a completion's first token only
 0.95^(length) of its score (0.13 at 40 tokens), and the first words, where an answer decides to
-summarise or to advise, would hardly learn. Measured on the default run: at 0.95 the tuned model learned
+summarise or to advise, would hardly learn. Measured on the bundled sample, one seed: at 0.95 the tuned model learned
 to end and to be short, at 1 also to stay on the post's topic (see LEARNING.md).
 A separate critic (a second backbone with its own LoRA and head, e.g. initialised from the reward
 model) needs its own forward pass in the rollout and its own forward and backward pass in every update.
