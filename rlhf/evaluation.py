@@ -15,9 +15,10 @@ from rlhf.inference import load_generator
 from rlhf.modeling import pick_placement
 from rlhf.modeling import stop_token_ids
 from rlhf.policy import Policy, PolicySpec
+from rlhf.prompts import PromptEncoder
 from rlhf.reward_model import load_reward_model, score_packed
 from rlhf.rule_judge import CHECKS, SummaryRule, rule_for_instruction
-from rlhf.validation import prompt_key
+from rlhf.validation import prompt_key, user_input
 
 REPEAT_NGRAM = 4  # word n-grams counted for repetition
 KL_BATCH = 8  # completions sampled per pass for the KL to base
@@ -62,10 +63,6 @@ def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def _post(row: dict) -> str:
-    return row["input_text"] if "input_text" in row else row["messages"][-1]["content"]
-
-
 @torch.no_grad()
 def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, seed: int) -> float:
     """KL(tuned || base) in nats per completion: the mean, over one completion per prompt sampled from the
@@ -86,7 +83,7 @@ def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, see
 def rule_verdicts(rule: SummaryRule, rows: list[dict]) -> list[dict]:
     verdicts = []
     for row in rows:
-        verdict = rule.judge(_post(row), row["prediction"], stopped=row.get("ended", True))
+        verdict = rule.judge(user_input(row), row["prediction"], stopped=row.get("ended", True))
         verdicts.append({"passed": verdict.passed, "failed": verdict.failed()})
     return verdicts
 
@@ -116,8 +113,6 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
 
     kl = None
     if adapter_dir is not None and spec is not None:
-        from rlhf.prompts import PromptEncoder
-
         policy_encoder = PromptEncoder(tokenizer, spec.prompt_format(), spec.prompt_sequence_length,
                                        spec.target_sequence_length)
         kl = kl_to_base(load_generator(base_model_path, adapter_dir, placement), tokenizer,

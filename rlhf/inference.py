@@ -17,6 +17,7 @@ from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement, stop_t
 from rlhf.decoding import generate
 from rlhf.progress import Progress
 from rlhf.prompts import PromptEncoder, PromptFormat
+from rlhf.validation import user_input
 
 
 @dataclass
@@ -48,7 +49,7 @@ def load_generator(model_path: str, adapter_dir: Path | None, placement):
 
 
 def _pretokenized(row: dict, instruction: str) -> str:
-    text = row["input_text"] if "input_text" in row else row["messages"][-1]["content"]
+    text = user_input(row)
     return f"{instruction}\n{text}" if instruction else text
 
 

@@ -55,6 +55,7 @@ from rlhf.progress import Progress
 from rlhf.settings import StageSettings
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.rewards import RewardFunction
+from rlhf.validation import user_input
 
 BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
 METRICS_FILE = "metrics.json"
@@ -288,7 +289,7 @@ def _mean_where(values: torch.Tensor, where: torch.Tensor) -> float | None:
 def _samples_markdown(tokenizer, rows: list[dict], experience: Experience, count: int = 3) -> str:
     lines = ["| prompt | completion | reward |", "|---|---|---|"]
     for row, completion, score in list(zip(rows, experience.rollout.completions(), experience.scores.tolist()))[:count]:
-        prompt = row.get("input_text") or row["messages"][-1]["content"]
+        prompt = user_input(row)
         cells = [prompt[-300:], tokenizer.decode(completion, skip_special_tokens=True)]
         cells = [c.replace("|", "\\|").replace("\n", " ") for c in cells]
         lines.append(f"| {cells[0]} | {cells[1]} | {score:.3f} |")

@@ -6,13 +6,7 @@ from pathlib import Path
 
 from rlhf.modeling import pick_placement
 from rlhf.reward_model import load_reward_model, score_packed
-from rlhf.validation import chosen, rejected
-
-
-def _longer_wins(row: dict) -> float:
-    """1 when the chosen candidate is the longer one, 0 when shorter, 0.5 on equal length."""
-    difference = len(chosen(row)) - len(rejected(row))
-    return 0.5 if difference == 0 else float(difference > 0)
+from rlhf.validation import chosen, longer_wins, rejected
 
 
 def evaluate_reward_model(directory: Path, rows: list[dict], device: str = "auto", max_tokens: int = 4096,
@@ -24,7 +18,7 @@ def evaluate_reward_model(directory: Path, rows: list[dict], device: str = "auto
     scores = score_packed(loaded.model, prompts, completions, loaded.tokenizer.pad_token_id, max_tokens)
     margins = (scores[:, 0] - scores[:, 1]).tolist()
     correct = [float(m > 0) for m in margins]
-    longer = [_longer_wins(r) for r in rows]
+    longer = [longer_wins(r) for r in rows]
     prefers_longer = [float((m > 0) == (lw == 1.0)) for m, lw in zip(margins, longer) if lw != 0.5]
     shorter_won = [c for c, lw in zip(correct, longer) if lw == 0.0]
 

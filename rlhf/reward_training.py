@@ -35,7 +35,7 @@ from rlhf.progress import Progress
 from rlhf.settings import StageSettings
 from rlhf.prompts import PromptEncoder, PromptFormat
 from rlhf.reward_model import RewardModel, RewardModelSpec, save_reward_model, score_packed
-from rlhf.validation import chosen, rejected
+from rlhf.validation import chosen, longer_wins, rejected
 
 BASE_LEARNING_RATE = 1e-4  # Vertex's reward-model rate; the multiplier scales it
 METRICS_FILE = "metrics.json"
@@ -107,10 +107,10 @@ def length_balanced(rows: list[dict], seed: int) -> list[dict]:
     """A seeded subset of the pairs in which the longer candidate (in characters) wins exactly as often as the
     shorter, so length alone predicts nothing: human labels often prefer the longer answer, and a reward
     model trained on them learns length first. Pairs of equal length are all kept."""
-    longer, shorter, equal = [], [], []
+    groups = {1.0: [], 0.0: [], 0.5: []}
     for row in rows:
-        difference = len(chosen(row)) - len(rejected(row))
-        (longer if difference > 0 else shorter if difference < 0 else equal).append(row)
+        groups[longer_wins(row)].append(row)
+    longer, shorter, equal = groups[1.0], groups[0.0], groups[0.5]
     keep = min(len(longer), len(shorter))
     generator = random.Random(seed)
     kept = {id(r) for r in generator.sample(longer, keep) + generator.sample(shorter, keep) + equal}

@@ -244,6 +244,17 @@ def rejected(row: dict) -> str:
     return row[f"candidate_{1 - row['choice']}"]
 
 
+def longer_wins(row: dict) -> float:
+    """1 when the chosen candidate is the longer one (in characters), 0 when shorter, 0.5 on equal length."""
+    difference = len(chosen(row)) - len(rejected(row))
+    return 0.5 if difference == 0 else float(difference > 0)
+
+
+def user_input(row: dict) -> str:
+    """The text a prompt row asks about: `input_text`, or the last (user) message of a chat."""
+    return row["input_text"] if "input_text" in row else row["messages"][-1]["content"]
+
+
 def prompt_key(row: dict) -> str:
     """A string that is equal for two rows exactly when they hold the same prompt."""
     if "input_text" in row:
