@@ -13,7 +13,7 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 WORKDIR /opt/rlhf
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md pipeline.yaml ./
 COPY rlhf rlhf
 COPY pipeline pipeline
 COPY components components

@@ -10,8 +10,10 @@ STAMP := $(VENV)/.installed
 run: $(STAMP)
 	$(VENV)/bin/rlhf run
 
-# The report's browser test needs Debian's Chromium; installed here when missing (as root, or with sudo).
+# Lint, then the whole suite. The report's browser test needs Debian's Chromium; installed here when
+# missing (as root, or with sudo).
 test: $(STAMP) chromium
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 
 chromium:

@@ -83,7 +83,7 @@ def trl_versions() -> dict:
 
 
 def model_dir() -> str:
-    from rlhf.model_reference import DEFAULT_MODEL, resolve_model_reference
+    from rlhf.models.reference import DEFAULT_MODEL, resolve_model_reference
 
     return resolve_model_reference(DEFAULT_MODEL)
 

@@ -14,7 +14,7 @@ from common import DATA, DATA_SEED
 
 
 def encoder(tokenizer, prompt_length: int, target_length: int):
-    from rlhf.prompts import PromptEncoder, PromptFormat
+    from rlhf.data.prompts import PromptEncoder, PromptFormat
 
     return PromptEncoder(tokenizer, PromptFormat(), prompt_length, target_length)
 
@@ -23,8 +23,8 @@ def preference_slices(tokenizer, train_count: int, held_out_count: int, prompt_l
                       max_length: int) -> tuple[list[dict], list[dict]]:
     """`train_count` training and `held_out_count` held-out pairs (split by post), each row with its token ids
     (`prompt_ids`, `chosen_ids`, `rejected_ids`: completions end with EOS) next to the original fields."""
-    from rlhf.datasets import prepare_datasets
-    from rlhf.validation import chosen, rejected
+    from rlhf.data.datasets import prepare_datasets
+    from rlhf.data.validation import chosen, rejected
 
     # Split by post (866 posts for 928 pairs), so no post is on both sides.
     data = prepare_datasets(str(DATA / "preference.jsonl"), eval_fraction=0.25, seed=DATA_SEED)
@@ -50,7 +50,7 @@ def preference_slices(tokenizer, train_count: int, held_out_count: int, prompt_l
 
 def prompt_slice(tokenizer, count: int, prompt_length: int) -> list[dict]:
     """`count` prompts (a seeded shuffle of prompts.jsonl) that fit `prompt_length` tokens untruncated."""
-    from rlhf.datasets import read_jsonl
+    from rlhf.data.datasets import read_jsonl
 
     rows = [{"input_text": r["input_text"]} for r in read_jsonl(DATA / "prompts.jsonl")]
     random.Random(DATA_SEED).shuffle(rows)

@@ -16,10 +16,9 @@ import statistics
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from common import load_average, machine, model_dir, our_versions, require_data, spread_text, summary, write_results
 from data import preference_slices, prompt_slice
+from torch.utils.flop_counter import FlopCounterMode
 
 NAME = "efficiency"
 REWARD = {"pairs": 8, "micro_batch_tokens": 2048, "lora_rank": 4, "prompt_length": 512, "target_length": 64}
@@ -57,11 +56,11 @@ def matmul_params(module: torch.nn.Module) -> int:
 
 def reward_step(base: str, repetitions: int) -> dict:
     """One optimizer step of train_reward_model: packed micro-batches, pairwise loss, backward, AdamW."""
-    from rlhf.batching import micro_batches
-    from rlhf.modeling import add_lora, load_backbone, load_tokenizer, pick_placement
-    from rlhf.packing import pack
-    from rlhf.reward_model import RewardModel
-    from rlhf.reward_training import pairwise_loss
+    from rlhf.models.loading import add_lora, load_backbone, load_tokenizer, pick_placement
+    from rlhf.reward.model import RewardModel
+    from rlhf.reward.packing import pack
+    from rlhf.reward.training import pairwise_loss
+    from rlhf.training.batching import micro_batches
 
     tokenizer = load_tokenizer(base)
     rows, _ = preference_slices(tokenizer, REWARD["pairs"], 1, REWARD["prompt_length"], REWARD["target_length"],
@@ -105,10 +104,10 @@ def _attention_pairs(packed) -> int:
 
 def policy_update(base: str, repetitions: int) -> dict:
     """One PPO minibatch update of train_policy: the clipped losses' forward, backward, clipping and AdamW."""
-    from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
-    from rlhf.policy import Policy
-    from rlhf.rollouts import make_rollout
-    from rlhf.ppo import Experience, PPOConfig, ppo_losses
+    from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
+    from rlhf.rl.policy import Policy
+    from rlhf.rl.ppo import Experience, PPOConfig, ppo_losses
+    from rlhf.rl.rollouts import make_rollout
 
     tokenizer = load_tokenizer(base)
     rows = prompt_slice(tokenizer, POLICY["prompts"], POLICY["prompt_length"])

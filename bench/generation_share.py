@@ -12,8 +12,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import (OUR_PYTHON, SCRATCH, load_average, machine, model_dir, our_versions, require_data, run_child,
-                    summary, write_results)
+from common import (
+    OUR_PYTHON,
+    SCRATCH,
+    load_average,
+    machine,
+    model_dir,
+    our_versions,
+    require_data,
+    run_child,
+    summary,
+    write_results,
+)
 from data import prompt_slice
 from ppo import make_reward_model, settings_from
 
@@ -36,7 +46,7 @@ def main() -> None:
     require_data()
     load_at_start = load_average()
 
-    from rlhf.modeling import load_tokenizer
+    from rlhf.models.loading import load_tokenizer
 
     settings = settings_from(argparse.Namespace(steps=args.steps, batch_size=args.batch_size,
                                                 new_tokens=args.new_tokens))

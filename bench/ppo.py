@@ -17,8 +17,21 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import (OUR_PYTHON, SCRATCH, TRL_PYTHON, load_average, machine, model_dir, our_versions, run_child,
-                    spread_text, start_comparison, summary, trl_versions, write_results)
+from common import (
+    OUR_PYTHON,
+    SCRATCH,
+    TRL_PYTHON,
+    load_average,
+    machine,
+    model_dir,
+    our_versions,
+    run_child,
+    spread_text,
+    start_comparison,
+    summary,
+    trl_versions,
+    write_results,
+)
 from data import prompt_slice
 
 NAME = "ppo"
@@ -35,8 +48,8 @@ def settings_from(args) -> dict:
 
 def make_reward_model(base: str, settings: dict, directory: Path) -> Path:
     """A reward model both sides load: the base backbone with a seeded linear head, saved in our format."""
-    from rlhf.modeling import load_backbone, pick_placement
-    from rlhf.reward_model import HEAD_FILE, RewardModel, RewardModelSpec, save_reward_model
+    from rlhf.models.loading import load_backbone, pick_placement
+    from rlhf.reward.model import HEAD_FILE, RewardModel, RewardModelSpec, save_reward_model
 
     if not (directory / HEAD_FILE).is_file():
         model = RewardModel.with_new_head(load_backbone(base, pick_placement("cpu")), settings["seed"])
@@ -61,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     load_at_start = start_comparison(args.steps)
 
-    from rlhf.modeling import load_tokenizer
+    from rlhf.models.loading import load_tokenizer
 
     settings = settings_from(args)
     base = model_dir()

@@ -14,8 +14,21 @@ import argparse
 import statistics
 import sys
 
-from common import (OUR_PYTHON, SCRATCH, TRL_PYTHON, load_average, machine, model_dir, our_versions, run_child,
-                    spread_text, start_comparison, summary, trl_versions, write_results)
+from common import (
+    OUR_PYTHON,
+    SCRATCH,
+    TRL_PYTHON,
+    load_average,
+    machine,
+    model_dir,
+    our_versions,
+    run_child,
+    spread_text,
+    start_comparison,
+    summary,
+    trl_versions,
+    write_results,
+)
 from data import preference_slices
 
 NAME = "reward_model"
@@ -48,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     load_at_start = start_comparison(args.steps)
 
-    from rlhf.modeling import load_tokenizer
+    from rlhf.models.loading import load_tokenizer
 
     settings = settings_from(args)
     base = model_dir()

@@ -1,7 +1,6 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
-
-from components.image import IMAGE
+from rlhf.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -31,8 +30,8 @@ def evaluate(
     import shutil
     from pathlib import Path
 
-    from rlhf.datasets import read_jsonl
-    from rlhf.evaluation import REPORT_HTML, REPORT_MARKDOWN, evaluate_run
+    from rlhf.data.datasets import read_jsonl
+    from rlhf.evaluation.compare import REPORT_HTML, REPORT_MARKDOWN, evaluate_run
 
     parameters = {
         "preference_dataset": preference_dataset, "prompt_dataset": prompt_dataset, "eval_dataset": eval_dataset,

@@ -1,7 +1,6 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
-
-from components.image import IMAGE
+from rlhf.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -17,10 +16,10 @@ def bulk_inference(
     """Greedy completions for every prompt, in order; the base model, or the tuned one (base + adapter)."""
     from pathlib import Path
 
-    from rlhf.datasets import read_jsonl, write_jsonl
-    from rlhf.inference import InferenceConfig, bulk_infer
-    from rlhf.model_reference import resolve_model_reference
-    from rlhf.policy import ADAPTER_DIR, read_policy_spec
+    from rlhf.data.datasets import read_jsonl, write_jsonl
+    from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+    from rlhf.models.reference import resolve_model_reference
+    from rlhf.rl.policy import ADAPTER_DIR, read_policy_spec
 
     spec = read_policy_spec(Path(policy.path))
     config = InferenceConfig(target_sequence_length=target_sequence_length,

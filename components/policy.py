@@ -1,7 +1,6 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
-
-from components.image import IMAGE
+from rlhf.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -31,11 +30,12 @@ def train_policy(
     """PPO against the reward model; a retry with the same output location resumes from its checkpoint."""
     from pathlib import Path
 
-    from rlhf.datasets import read_jsonl
-    from rlhf.modeling import pick_placement
-    from rlhf.ppo import PPOConfig, train_policy as train
-    from rlhf.rewards import RewardModelReward
-    from rlhf.stopping import Interrupted, StopFlag
+    from rlhf.data.datasets import read_jsonl
+    from rlhf.models.loading import pick_placement
+    from rlhf.rl.ppo import PPOConfig
+    from rlhf.rl.ppo import train_policy as train
+    from rlhf.rl.rewards import RewardModelReward
+    from rlhf.training.stopping import Interrupted, StopFlag
 
     config = PPOConfig(
         train_steps=train_steps, batch_size=batch_size, micro_batch_size=micro_batch_size,

@@ -1,8 +1,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-
-from components.image import IMAGE
+from rlhf.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -19,7 +18,7 @@ def resolve_steps(
     """Training steps for both stages: from epochs when given (ceil(rows / batch) * epochs), else the steps."""
     from collections import namedtuple
 
-    from rlhf.steps import resolve_stage_steps
+    from rlhf.training.steps import resolve_stage_steps
 
     steps = namedtuple("Steps", ["reward_model_steps", "reinforcement_learning_steps"])
     return steps(

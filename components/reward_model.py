@@ -1,7 +1,6 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
-
-from components.image import IMAGE
+from rlhf.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -25,9 +24,10 @@ def train_reward_model(
     """Train the pairwise reward model; a retry with the same output location resumes from its checkpoint."""
     from pathlib import Path
 
-    from rlhf.datasets import read_jsonl
-    from rlhf.reward_training import RewardTrainingConfig, train_reward_model as train
-    from rlhf.stopping import Interrupted, StopFlag
+    from rlhf.data.datasets import read_jsonl
+    from rlhf.reward.training import RewardTrainingConfig
+    from rlhf.reward.training import train_reward_model as train
+    from rlhf.training.stopping import Interrupted, StopFlag
 
     config = RewardTrainingConfig(
         train_steps=train_steps, batch_size=batch_size, micro_batch_tokens=micro_batch_tokens,

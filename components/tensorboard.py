@@ -1,7 +1,6 @@
 from kfp import dsl
 from kfp.dsl import Input, Model
-
-from components.image import IMAGE
+from rlhf.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -15,7 +14,7 @@ def upload_tensorboard(
     """The reward-model and PPO curves into a Vertex AI TensorBoard instance, one run each."""
     from pathlib import Path
 
-    from rlhf.tensorboard_upload import upload_training_curves
+    from rlhf.vertex.tensorboard_upload import upload_training_curves
 
     upload_training_curves({"reward-model": Path(reward_model.path), "policy": Path(policy.path)},
                            tensorboard_resource_id, project, location)

@@ -1,7 +1,6 @@
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
-
-from components.image import IMAGE
+from rlhf.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -19,7 +18,7 @@ def upload_model(
     registered_model: Output[Artifact],
 ):
     """The tuned policy into the Vertex AI Model Registry, served by `rlhf serve`; deployed when asked."""
-    from rlhf.model_registry import RegistrySettings, upload_and_deploy
+    from rlhf.vertex.model_registry import RegistrySettings, upload_and_deploy
 
     settings = RegistrySettings(
         model_display_name=model_display_name, serving_container_image=serving_container_image, project=project,

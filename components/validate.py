@@ -2,8 +2,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Metrics, Output
-
-from components.image import IMAGE
+from rlhf.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -29,7 +28,7 @@ def validate_datasets(
     from collections import namedtuple
     from pathlib import Path
 
-    from rlhf.datasets import DatasetError, prepare_datasets, write_jsonl
+    from rlhf.data.datasets import DatasetError, prepare_datasets, write_jsonl
 
     try:
         data = prepare_datasets(preference_dataset, prompt_dataset or None, eval_dataset or None,

@@ -9,14 +9,14 @@ import argparse
 import json
 from pathlib import Path
 
-from rlhf.datasets import read_jsonl
-from rlhf.evaluation import evaluate_outputs
-from rlhf.inference import InferenceConfig, bulk_infer
-from rlhf.model_reference import DEFAULT_MODEL, resolve_model_reference
-from rlhf.modeling import pick_placement
-from rlhf.policy import read_policy_spec
-from rlhf.ppo import PPOConfig, train_policy
-from rlhf.rewards import RewardModelReward
+from rlhf.data.datasets import read_jsonl
+from rlhf.evaluation.compare import evaluate_outputs
+from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+from rlhf.models.loading import pick_placement
+from rlhf.models.reference import DEFAULT_MODEL, resolve_model_reference
+from rlhf.rl.policy import read_policy_spec
+from rlhf.rl.ppo import PPOConfig, train_policy
+from rlhf.rl.rewards import RewardModelReward
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tldr"
 

@@ -12,11 +12,11 @@ import json
 import time
 from pathlib import Path
 
-from rlhf.datasets import prepare_datasets
-from rlhf.model_reference import DEFAULT_MODEL, resolve_model_reference
-from rlhf.reward_eval import evaluate_reward_model
-from rlhf.reward_training import RewardTrainingConfig, length_balanced, train_reward_model
-from rlhf.steps import steps_from_epochs
+from rlhf.data.datasets import prepare_datasets
+from rlhf.models.reference import DEFAULT_MODEL, resolve_model_reference
+from rlhf.reward.evaluation import evaluate_reward_model
+from rlhf.reward.training import RewardTrainingConfig, length_balanced, train_reward_model
+from rlhf.training.steps import steps_from_epochs
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tldr"
 

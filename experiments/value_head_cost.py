@@ -1,7 +1,7 @@
 """What a separate critic would cost next to the value head on the policy, on the default model.
 
 Times, for one micro-batch of rollouts (prompt + completion tokens), the rollout-time forward pass and
-the update-time forward + backward pass: (a) policy with its value head (what rlhf.ppo does), and
+the update-time forward + backward pass: (a) policy with its value head (what rlhf.rl.ppo does), and
 (b) the same plus a separate critic backbone (a second copy of the base model with its own LoRA and
 value head, the usual alternative). Prints medians of several repetitions and the ratio b / a.
 
@@ -12,13 +12,14 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 
-from rlhf.model_reference import DEFAULT_MODEL, resolve_model_reference
-from rlhf.modeling import add_lora, load_backbone, load_causal_lm, load_tokenizer, pick_placement
-from rlhf.policy import Policy
-from rlhf.rollouts import make_rollout
+from rlhf.models.loading import add_lora, load_backbone, load_causal_lm, load_tokenizer, pick_placement
+from rlhf.models.reference import DEFAULT_MODEL, resolve_model_reference
+from rlhf.rl.policy import Policy
+from rlhf.rl.rollouts import make_rollout
 
 
 def median_seconds(work, repetitions: int) -> float:
@@ -73,8 +74,8 @@ def main() -> None:
     result = {"device": str(placement.device), "batch": args.batch, "prompt_tokens": args.prompt_tokens,
               "completion_tokens": args.completion_tokens}
     for name, work in (("rollout_forward", rollout_pass), ("update_forward_backward", update_pass)):
-        shared = median_seconds(lambda: work(False), args.repetitions)
-        separate = median_seconds(lambda: work(True), args.repetitions)
+        shared = median_seconds(partial(work, False), args.repetitions)
+        separate = median_seconds(partial(work, True), args.repetitions)
         result[name] = {"value_head_seconds": round(shared, 3), "separate_critic_seconds": round(separate, 3),
                         "ratio": round(separate / shared, 3)}
     print(json.dumps(result, indent=2))

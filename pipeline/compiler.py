@@ -2,14 +2,13 @@
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_YAML = REPO_ROOT / "pipeline.yaml"
+# The compiled pipeline the package ships: in a checkout, a link to pipeline.yaml at the top of the repository.
+PIPELINE_YAML = Path(__file__).resolve().parent / "pipeline.yaml"
 
 
-def compile_pipeline(output: Path = PIPELINE_YAML) -> Path:
+def compile_pipeline(output: Path) -> Path:
     from kfp import compiler
-
-    from pipeline.definition import rlhf_pipeline
+    from rlhf.pipeline.definition import rlhf_pipeline
 
     compiler.Compiler().compile(rlhf_pipeline, str(output))
     return output

@@ -9,18 +9,15 @@ The accelerator, CPU and memory settings apply on Vertex AI; the KFP local runne
 """
 
 from kfp import dsl
-
-from components.image import IMAGE
-
-from components.resolve_steps import resolve_steps
-from components.evaluate import evaluate
-from components.inference import bulk_inference
-from components.policy import train_policy
-from components.reward_model import train_reward_model
-from components.tensorboard import upload_tensorboard
-from components.upload import upload_model
-from components.validate import validate_datasets
-
+from rlhf.components.evaluate import evaluate
+from rlhf.components.image import IMAGE
+from rlhf.components.inference import bulk_inference
+from rlhf.components.policy import train_policy
+from rlhf.components.resolve_steps import resolve_steps
+from rlhf.components.reward_model import train_reward_model
+from rlhf.components.tensorboard import upload_tensorboard
+from rlhf.components.upload import upload_model
+from rlhf.components.validate import validate_datasets
 
 # Accelerator stages are the ones a preempted or failed machine interrupts; their outputs hold checkpoints,
 # so a retry on the same output location resumes instead of starting over.

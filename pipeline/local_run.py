@@ -3,21 +3,32 @@
 Each stage's output (its component's stdout and stderr) goes to `OUTPUT/logs/<stage>.log`; the terminal
 gets one line when a stage starts and one when it ends, with its time. The report and metrics of the
 evaluate stage are copied to `OUTPUT/report.html` and `OUTPUT/metrics.json`.
+
+A run stops on Ctrl-C, SIGTERM or a closed terminal with the running stage's checkpoint, and the same
+command resumes it: `OUTPUT/run.json` records the settings, every stage keeps its output path from one
+invocation to the next, KFP's local cache reuses the stages that finished, and the stopped stage resumes
+from its checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import re
 import shutil
+import signal
 import sys
 import textwrap
 import time
 import warnings
 from pathlib import Path
 
-from rlhf.datasets import sample_dataset
-from rlhf.model_reference import DEFAULT_MODEL
+from rlhf.data.datasets import sample_dataset
+from rlhf.data.storage import is_gcs
+from rlhf.errors import RunFailure, UserError
+from rlhf.models.reference import DEFAULT_MODEL
 
 # Sized for a 2-core laptop CPU and the bundled sample: `make run` from a fresh clone within 15 minutes.
 # Vertex-sized defaults are the pipeline's own (see pipeline/definition.py); anything here can be changed
@@ -45,12 +56,103 @@ _TASK_START = re.compile(r"Executing task '?(?P<task>[\w-]+)'?")
 _TASK_END = re.compile(r"Task '?(?P<task>[\w-]+)'? finished with status (?P<status>\w+)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXECUTOR_LINE = re.compile(r"^\s*\[KFP Executor [^\]]*\]")
-_PROGRESS = re.compile(r": \d+/\d+ \w+ \(\d+%\), ")  # the lines rlhf.progress prints
+_PROGRESS = re.compile(r": \d+/\d+ \w+ \(\d+%\), ")  # the lines rlhf.training.progress prints
 PROGRESS_EVERY_SECONDS = 5.0
 
 
-class RunError(Exception):
+RUN_RECORD = "run.json"  # the settings and input digests of the run an output directory holds
+DATASET_PARAMETERS = ("preference_dataset", "prompt_dataset", "eval_dataset")
+
+
+class RunError(RunFailure):
     """A stage failed; the message names it and its log."""
+
+
+class RunStopped(RunFailure):
+    """The run stopped on request; the running stage kept its checkpoint and the same command resumes."""
+
+
+def _input_digests(parameters: dict) -> dict[str, str]:
+    """sha256 of each local dataset file, so a resumed run refuses inputs that changed since it started."""
+    digests = {}
+    for name in DATASET_PARAMETERS:
+        path = parameters.get(name)
+        if path and not is_gcs(path) and Path(path).is_file():
+            digests[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return digests
+
+
+def resumes(parameters: dict, output_dir: Path) -> bool:
+    """True when `output_dir` holds an earlier run with these settings and inputs (the run resumes it), False
+    when it is new or empty; a UserError when it holds anything else, which is never overwritten."""
+    output_dir = Path(output_dir)
+    if not output_dir.exists() or (output_dir.is_dir() and not any(output_dir.iterdir())):
+        return False
+    record = output_dir / RUN_RECORD
+    if not record.is_file():
+        raise UserError(f"--output-dir {output_dir} is not empty and holds no earlier run; choose a new directory")
+    earlier = json.loads(record.read_text())
+    names = set(earlier["parameters"]) | set(parameters)
+    differ = sorted(n for n in names if earlier["parameters"].get(n) != parameters.get(n))
+    if differ:
+        raise UserError(f"--output-dir {output_dir} holds a run with other settings ({', '.join(differ)}); "
+                        "choose a new directory, or give the same settings to resume it")
+    changed = sorted(n for n, d in _input_digests(parameters).items() if earlier["inputs"].get(n) != d)
+    if changed:
+        raise UserError(f"--output-dir {output_dir} holds a run whose inputs have changed since "
+                        f"({', '.join(changed)}); choose a new directory")
+    return True
+
+
+def _child_pids() -> list[int]:
+    """This process's children (Linux /proc): the stage the KFP local runner is running."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == os.getpid():
+            children.append(int(stat.parent.name))
+    return children
+
+
+class _StopOnSignal:
+    """While the pipeline runs, the first Ctrl-C, SIGTERM or SIGHUP asks the running stage to checkpoint and
+    stop: it is forwarded to the stage as SIGTERM (a terminal's Ctrl-C reaches it too, and its StopFlag takes
+    both as one request); between stages the run stops at once. A second Ctrl-C aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        self.previous = {s: signal.signal(s, self._request) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _request(self, signum, frame) -> None:
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.requested = True
+        stages = _child_pids()
+        for pid in stages:
+            os.kill(pid, signal.SIGTERM)
+        if not stages:
+            raise KeyboardInterrupt
+
+
+def _one_run_per_directory(pipeline_name: str) -> str:
+    """The KFP local runner names each run's folder after the time it started; a fixed name keeps every
+    stage's output path the same from one invocation to the next, which is what lets a stage resume."""
+    return pipeline_name
 
 
 class _StageRouter(io.TextIOBase):
@@ -133,37 +235,49 @@ def _find(root: Path, task: str, output: str) -> Path | None:
 
 
 def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
-    """Run the pipeline; return the report's path. Raises RunError naming a failed stage and its log."""
+    """Run the pipeline, or resume the one `output_dir` holds (see `resumes`); return the report's path.
+    Raises RunError naming a failed stage and its log, or RunStopped when stopped on request."""
     from kfp import local
+    from kfp.local import executor_input_utils
+    from rlhf.pipeline.definition import build_pipeline
 
-    from pipeline.definition import build_pipeline
-    from rlhf.evaluation import COMPARISON_FILE, METRICS_FILE, REPORT_HTML, REPORT_MARKDOWN
-    from rlhf.model_reference import resolve_model_reference
+    from rlhf.evaluation.compare import COMPARISON_FILE, METRICS_FILE, REPORT_HTML, REPORT_MARKDOWN
+    from rlhf.models.reference import resolve_model_reference
 
     output_dir = Path(output_dir)
     logs = output_dir / "logs"
-    logs.mkdir(parents=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    (output_dir / RUN_RECORD).write_text(json.dumps({"parameters": parameters, "inputs": _input_digests(parameters)},
+                                                    indent=2, sort_keys=True) + "\n")
     echo(f"Model: {parameters['large_model_reference']}")
     resolve_model_reference(parameters["large_model_reference"], progress=echo)
     root = output_dir / "pipeline_root"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
+               enable_caching=True)
 
     router = _StageRouter(logs, sys.stderr)
-    real_stdout = sys.stdout
-    sys.stdout = router
+    real_stdout, run_name = sys.stdout, executor_input_utils.get_local_pipeline_resource_name
+    sys.stdout, executor_input_utils.get_local_pipeline_resource_name = router, _one_run_per_directory
     started = time.monotonic()
+    stop = _StopOnSignal()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), stop:
             warnings.simplefilter("ignore")
             build_pipeline(retries=0)(**parameters)
-    except RuntimeError as error:
+    except (RuntimeError, KeyboardInterrupt) as error:
         router.close()
+        if stop.requested:
+            during = f" during {router.failed}" if router.failed else ""
+            raise RunStopped(f"stopped{during}; run the same command, with --output-dir {output_dir}, to resume") \
+                from None
         if router.failed:
             log = logs / f"{router.failed}.log"
             raise RunError(f"stage {router.failed!r} failed; its log: {log}\n{_reason(log) or _tail(log)}") from None
+        if isinstance(error, KeyboardInterrupt):
+            raise
         raise RunError(f"the pipeline failed: {_ANSI.sub('', str(error))}") from None
     finally:
-        sys.stdout = real_stdout
+        sys.stdout, executor_input_utils.get_local_pipeline_resource_name = real_stdout, run_name
         if not router.closed:
             router.close()
 

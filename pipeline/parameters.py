@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.model_reference import ModelReferenceError, classify_model_reference, context_length
+from rlhf.errors import UserError
+from rlhf.models.reference import ModelReferenceError, classify_model_reference, context_length
 
 # (steps, epochs): epochs, when given, define the steps; giving both is ambiguous.
 STEP_PARAMETERS = (("reward_model_train_steps", "reward_model_train_epochs"),
@@ -25,7 +26,7 @@ _CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")
 _MEMORY = re.compile(r"[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?")
 
 
-class ParameterError(ValueError):
+class ParameterError(UserError):
     """One or more bad pipeline parameters; the message lists each with what is wrong."""
 
     def __init__(self, problems: list[str]):
@@ -34,7 +35,7 @@ class ParameterError(ValueError):
 
 
 def pipeline_parameters() -> dict[str, inspect.Parameter]:
-    from pipeline.definition import rlhf_pipeline
+    from rlhf.pipeline.definition import rlhf_pipeline
 
     return dict(inspect.signature(rlhf_pipeline.pipeline_func).parameters)
 
@@ -49,15 +50,15 @@ def _coerce(name: str, value, parameter: inspect.Parameter):
     if kind is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{name} takes true or false, got {value!r}")
+        raise UserError(f"{name} takes true or false, got {value!r}")
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValueError(f"{name} takes a whole number, got {value!r}")
+        raise UserError(f"{name} takes a whole number, got {value!r}")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ValueError(f"{name} takes a number, got {value!r}")
+        raise UserError(f"{name} takes a number, got {value!r}")
     return "" if value is None else str(value)
 
 
@@ -68,14 +69,14 @@ def read_given(params_file: Path | None, assignments: list[str]) -> dict:
         try:
             loaded = yaml.safe_load(Path(params_file).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise ValueError(f"{params_file}: cannot read the parameters: {error}") from None
+            raise UserError(f"{params_file}: cannot read the parameters: {error}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{params_file}: expected a mapping of parameter names to values")
+            raise UserError(f"{params_file}: expected a mapping of parameter names to values")
         given.update(loaded)
     for assignment in assignments:
         name, separator, text = assignment.partition("=")
         if not separator:
-            raise ValueError(f"--set {assignment!r}: expected name=value")
+            raise UserError(f"--set {assignment!r}: expected name=value")
         given[name.strip()] = yaml.safe_load(text) if text.strip() else ""
     return given
 
@@ -87,7 +88,7 @@ def resolve_parameters(params_file: Path | None, assignments: list[str], default
     given = read_given(params_file, assignments)
     unknown = sorted(set(given) - set(accepted))
     if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}")
+        raise UserError(f"unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}")
     parameters = dict(defaults)
     for steps, epochs in STEP_PARAMETERS:
         # A default for one of the pair must not turn the user's choice of the other into "both given".
@@ -166,8 +167,8 @@ POLICY_SETTINGS = {
 def stage_configs(value) -> list:
     """The reward-model and PPO configs a run's parameters give (the steps as given: epochs resolve later),
     each with the parameter names its fields go by."""
-    from rlhf.ppo import PPOConfig
-    from rlhf.reward_training import RewardTrainingConfig
+    from rlhf.reward.training import RewardTrainingConfig
+    from rlhf.rl.ppo import PPOConfig
 
     chat = {"use_chat_template": False if value("plain_text") else None}
     return [(kind(**{field: value(name) for name, field in settings.items()}, **chat),

@@ -9,6 +9,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from rlhf.errors import RunFailure, UserError
+
 MAX_PROBLEM_LINES = 200
 
 
@@ -20,7 +22,7 @@ def _problem_lines(problems) -> str:
     return "\n".join(lines)
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad input from the user: printed as one clear message, never as a traceback."""
 
 
@@ -60,14 +62,14 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_steps(args) -> int:
-    from rlhf.steps import steps_from_epochs
+    from rlhf.training.steps import steps_from_epochs
 
     print(steps_from_epochs(args.rows, args.epochs, args.batch_size))
     return 0
 
 
 def cmd_validate(args) -> int:
-    from rlhf.datasets import DatasetError, prepare_datasets, sample_dataset, write_prepared
+    from rlhf.data.datasets import DatasetError, prepare_datasets, sample_dataset, write_prepared
 
     preference = args.preference_dataset
     prompt, eval_set = args.prompt_dataset, args.eval_dataset
@@ -77,7 +79,7 @@ def cmd_validate(args) -> int:
         preference, prompt, eval_set = (sample_dataset(n) for n in ("preference.jsonl", "prompts.jsonl", "eval.jsonl"))
         print(f"No dataset given: validating the bundled sample in {Path(preference).parent}", file=sys.stderr)
     if args.output_dir:
-        _require_empty_output_dir(args.output_dir, [preference, prompt, eval_set])
+        _refuse_to_overwrite("--output-dir", args.output_dir, [preference, prompt, eval_set])
     try:
         data = prepare_datasets(preference, prompt, eval_set, on_invalid=args.on_invalid,
                                 eval_fraction=args.eval_fraction, seed=args.seed)
@@ -93,17 +95,26 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _require_empty_output_dir(output_dir: str, inputs: list[str | None]) -> None:
-    out = Path(output_dir).resolve()
+def _refuse_to_overwrite(flag: str, target: str, inputs: list[str | None] = (), resumable: tuple[str, ...] = ()):
+    """The one check before a command writes: nothing the user has is overwritten. A file (`--output`,
+    `--export`) must not exist yet; a directory (`--output-dir`) must be new or empty, or hold an earlier run
+    of the same stage to resume (`resumable` names the files that mark one), and must not hold an input."""
+    if flag != "--output-dir":
+        if _uri_exists(target):
+            raise UsageError(f"{flag} {target} exists; choose a new file (nothing is overwritten)")
+        return
+    out = Path(target).resolve()
     for uri in inputs:
         if uri and not uri.startswith("gs://") and out in Path(uri).resolve().parents:
-            raise UsageError(f"--output-dir {output_dir} contains the input {uri}; choose another directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--output-dir {output_dir} exists and is not empty; choose a new directory")
+            raise UsageError(f"{flag} {target} contains the input {uri}; choose another directory")
+    earlier_run = any((out / marker).exists() for marker in resumable)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not earlier_run:
+        held = " and holds no earlier run of this stage" if resumable else ""
+        raise UsageError(f"{flag} {target} is not empty{held}; choose a new directory")
 
 
 def cmd_prepare_model(args) -> int:
-    from rlhf.model_reference import resolve_model_reference
+    from rlhf.models.reference import resolve_model_reference
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -114,14 +125,14 @@ def cmd_prepare_model(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from pipeline.compiler import PIPELINE_YAML, compile_pipeline
+    from rlhf.pipeline.compiler import compile_pipeline
 
-    print(f"Wrote {compile_pipeline(Path(args.output) if args.output else PIPELINE_YAML)}")
+    print(f"Wrote {compile_pipeline(Path(args.output))}")
     return 0
 
 
 def _vertex_settings(args):
-    from pipeline.vertex import VertexSettings
+    from rlhf.pipeline.vertex import VertexSettings
 
     labels = {}
     for label in args.label or []:
@@ -140,10 +151,10 @@ def _vertex_settings(args):
 
 def _vertex_job(args, schedule=None):
     """The settings and the job's request body and id, or a UsageError listing every problem."""
-    from pipeline.compiler import PIPELINE_YAML
-    from pipeline.parameters import ParameterError, resolve_parameters
-    from pipeline.vertex import build_job, check_settings
-    from rlhf.storage import bucket_exists
+    from rlhf.data.storage import bucket_exists
+    from rlhf.pipeline.compiler import PIPELINE_YAML
+    from rlhf.pipeline.parameters import ParameterError, resolve_parameters
+    from rlhf.pipeline.vertex import build_job, check_settings
 
     settings = _vertex_settings(args)
     problems = check_settings(settings, schedule)
@@ -171,7 +182,7 @@ def _vertex_job(args, schedule=None):
 
 
 def cmd_submit(args) -> int:
-    from pipeline.vertex import as_json, submit
+    from rlhf.pipeline.vertex import as_json, submit
 
     settings, body, job_id = _vertex_job(args)
     if args.dry_run:
@@ -184,7 +195,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    from pipeline.vertex import ScheduleSettings, as_json, create_schedule, schedule_body
+    from rlhf.pipeline.vertex import ScheduleSettings, as_json, create_schedule, schedule_body
 
     schedule = ScheduleSettings(cron=args.cron, display_name=args.schedule_name, start_time=args.start_time or "",
                                 end_time=args.end_time or "", max_concurrent_run_count=args.max_concurrent_runs,
@@ -220,13 +231,13 @@ def cmd_serve(args) -> int:
 
 
 def _stop_flag():
-    from rlhf.stopping import StopFlag
+    from rlhf.training.stopping import StopFlag
 
     return StopFlag().install()
 
 
 def _prepare_or_exit(args):
-    from rlhf.datasets import DatasetError, prepare_datasets
+    from rlhf.data.datasets import DatasetError, prepare_datasets
 
     try:
         return prepare_datasets(args.preference_dataset, None, args.eval_dataset, on_invalid=args.on_invalid,
@@ -235,20 +246,12 @@ def _prepare_or_exit(args):
         raise UsageError("the datasets have problems:\n" + _problem_lines(error.problems)) from None
 
 
-def _require_resumable_output_dir(output_dir: str, markers: tuple[str, ...]) -> Path:
-    """An output directory that is new, empty, or holds an earlier run of the same stage (to resume)."""
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not any((out / m).exists() for m in markers):
-        raise UsageError(f"--output-dir {output_dir} is not empty and holds no earlier run of this stage; "
-                         "choose a new directory")
-    return out
-
-
 def cmd_train_reward_model(args) -> int:
-    from rlhf.reward_training import CHECKPOINT_DIR, METRICS_FILE, RewardTrainingConfig, train_reward_model
-    from rlhf.steps import resolve_steps
+    from rlhf.reward.training import CHECKPOINT_DIR, METRICS_FILE, RewardTrainingConfig, train_reward_model
+    from rlhf.training.steps import resolve_steps
 
-    output_dir = _require_resumable_output_dir(args.output_dir, (CHECKPOINT_DIR, METRICS_FILE))
+    _refuse_to_overwrite("--output-dir", args.output_dir, resumable=(CHECKPOINT_DIR, METRICS_FILE))
+    output_dir = Path(args.output_dir)
     data = _prepare_or_exit(args)
     steps = resolve_steps(len(data.train_pairs), args.reward_model_train_steps, args.reward_model_train_epochs,
                           args.batch_size, "reward model")
@@ -270,7 +273,7 @@ def cmd_train_reward_model(args) -> int:
 
 
 def cmd_evaluate_reward_model(args) -> int:
-    from rlhf.reward_eval import evaluate_reward_model
+    from rlhf.reward.evaluation import evaluate_reward_model
 
     rows = _read_rows_or_exit(args.preference_dataset, "preference", args.on_invalid)
     print(json.dumps(evaluate_reward_model(Path(args.reward_model), rows, args.device), indent=2))
@@ -278,13 +281,14 @@ def cmd_evaluate_reward_model(args) -> int:
 
 
 def cmd_train_policy(args) -> int:
-    from rlhf.modeling import pick_placement
-    from rlhf.ppo import CHECKPOINT_DIR, METRICS_FILE, PPOConfig, train_policy
-    from rlhf.reward_model import read_spec
-    from rlhf.rewards import RewardModelReward
-    from rlhf.steps import resolve_steps
+    from rlhf.models.loading import pick_placement
+    from rlhf.reward.model import read_spec
+    from rlhf.rl.ppo import CHECKPOINT_DIR, METRICS_FILE, PPOConfig, train_policy
+    from rlhf.rl.rewards import RewardModelReward
+    from rlhf.training.steps import resolve_steps
 
-    output_dir = _require_resumable_output_dir(args.output_dir, (CHECKPOINT_DIR, METRICS_FILE))
+    _refuse_to_overwrite("--output-dir", args.output_dir, resumable=(CHECKPOINT_DIR, METRICS_FILE))
+    output_dir = Path(args.output_dir)
     prompts = _read_rows_or_exit(args.prompt_dataset, "prompt", args.on_invalid)
     reward_spec = read_spec(Path(args.reward_model))
     reference = args.large_model_reference or reward_spec.large_model_reference
@@ -319,7 +323,7 @@ def cmd_train_policy(args) -> int:
 
 
 def _read_rows_or_exit(uri: str, kind: str, on_invalid: str) -> list[dict]:
-    from rlhf.validation import read_dataset
+    from rlhf.data.validation import read_dataset
 
     dataset = read_dataset(uri, kind, on_invalid)
     if dataset.problems:
@@ -328,14 +332,13 @@ def _read_rows_or_exit(uri: str, kind: str, on_invalid: str) -> list[dict]:
 
 
 def cmd_infer(args) -> int:
-    from rlhf.datasets import write_jsonl
-    from rlhf.inference import InferenceConfig, bulk_infer
-    from rlhf.model_reference import resolve_model_reference
-    from rlhf.policy import ADAPTER_DIR, read_policy_spec
+    from rlhf.data.datasets import write_jsonl
+    from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+    from rlhf.models.reference import resolve_model_reference
+    from rlhf.rl.policy import ADAPTER_DIR, read_policy_spec
 
+    _refuse_to_overwrite("--output", args.output)
     output = Path(args.output)
-    if output.exists():
-        raise UsageError(f"--output {args.output} exists; choose a new file (nothing is overwritten)")
     rows = _read_rows_or_exit(args.eval_dataset, "eval", args.on_invalid)
     if args.policy and args.adapter:
         raise UsageError("give --policy or --adapter, not both")
@@ -360,12 +363,11 @@ def cmd_infer(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from rlhf.datasets import DatasetError, read_jsonl
-    from rlhf.evaluation import REPORT_HTML, evaluate_run
+    from rlhf.data.datasets import DatasetError, read_jsonl
+    from rlhf.evaluation.compare import REPORT_HTML, evaluate_run
 
+    _refuse_to_overwrite("--output-dir", args.output_dir)
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise UsageError(f"--output-dir {args.output_dir} is not empty; choose a new directory")
     try:
         base, tuned = read_jsonl(Path(args.base_outputs)), read_jsonl(Path(args.tuned_outputs))
     except DatasetError as error:
@@ -380,7 +382,7 @@ def cmd_evaluate(args) -> int:
 
 
 def _uri_exists(uri: str) -> bool:
-    from rlhf.storage import StorageError, is_gcs, read_bytes
+    from rlhf.data.storage import StorageError, is_gcs, read_bytes
 
     if not is_gcs(uri):
         return Path(uri).expanduser().exists()
@@ -394,12 +396,11 @@ def _uri_exists(uri: str) -> bool:
 
 
 def cmd_generate_candidates(args) -> int:
-    from rlhf.candidates import CandidateConfig, generate_candidates
-    from rlhf.model_reference import resolve_model_reference
-    from rlhf.storage import write_bytes
+    from rlhf.data.storage import write_bytes
+    from rlhf.labeling.candidates import CandidateConfig, generate_candidates
+    from rlhf.models.reference import resolve_model_reference
 
-    if _uri_exists(args.output):
-        raise UsageError(f"--output {args.output} exists; choose a new file (nothing is overwritten)")
+    _refuse_to_overwrite("--output", args.output)
     rows = _read_rows_or_exit(args.prompt_dataset, "prompt", args.on_invalid)
     config = CandidateConfig(
         temperatures=tuple(args.temperatures), top_p=args.top_p, target_sequence_length=args.target_sequence_length,
@@ -423,7 +424,7 @@ def cmd_generate_candidates(args) -> int:
 
 
 def _read_labels_or_exit(path: Path) -> list:
-    from rlhf.labels import LabelsError, read_labels
+    from rlhf.labeling.labels import LabelsError, read_labels
 
     try:
         return read_labels(path)
@@ -434,10 +435,10 @@ def _read_labels_or_exit(path: Path) -> list:
 def cmd_label(args) -> int:
     import getpass
 
-    from rlhf.labeling_app import LabelingSession, check_host, serve
-    from rlhf.labels import LabelsError, LabelStore, export_preferences, summary
-    from rlhf.pairs import PairsError, read_pairs
-    from rlhf.storage import write_bytes
+    from rlhf.data.pairs import PairsError, read_pairs
+    from rlhf.data.storage import write_bytes
+    from rlhf.labeling.app import LabelingSession, check_host, serve
+    from rlhf.labeling.labels import LabelsError, LabelStore, export_preferences, summary
 
     try:
         pairs = read_pairs(args.pairs)
@@ -451,8 +452,7 @@ def cmd_label(args) -> int:
         labels = [label for f in label_files for label in _read_labels_or_exit(f)]
         report = summary(pairs, labels)
         if args.export:
-            if _uri_exists(args.export):
-                raise UsageError(f"--export {args.export} exists; choose a new file (nothing is overwritten)")
+            _refuse_to_overwrite("--export", args.export)
             rows, report["export"] = export_preferences(pairs, labels)
             if not rows:
                 raise UsageError("no pair has a choice yet; nothing was exported")
@@ -493,7 +493,7 @@ def _add_dataset_arguments(parser, eval_help: str) -> None:
 
 def _add_model_arguments(parser, from_artifact: str | None = None) -> None:
     """Model and prompt arguments; with `from_artifact`, the model and instruction default to that artifact's."""
-    from rlhf.model_reference import DEFAULT_MODEL
+    from rlhf.models.reference import DEFAULT_MODEL
 
     default = f"the {from_artifact}'s" if from_artifact else DEFAULT_MODEL
     parser.add_argument("--large-model-reference", default=None if from_artifact else DEFAULT_MODEL, metavar="REF",
@@ -513,17 +513,19 @@ def _add_model_arguments(parser, from_artifact: str | None = None) -> None:
 def cmd_run(args) -> int:
     import time
 
-    from pipeline.local_run import LOCAL_DEFAULTS, RunError, run_local
-    from pipeline.parameters import resolve_parameters
+    from rlhf.pipeline.local_run import LOCAL_DEFAULTS, RunError, RunStopped, resumes, run_local
+    from rlhf.pipeline.parameters import resolve_parameters
 
     parameters = resolve_parameters(Path(args.params) if args.params else None, args.set or [], LOCAL_DEFAULTS)
     output_dir = Path(args.output_dir or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise UsageError(f"--output-dir {output_dir} is not empty; choose a new directory")
+    resuming = resumes(parameters, output_dir)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    say(f"Running the pipeline locally into {output_dir}")
+    say(f"Resuming the run in {output_dir}" if resuming else f"Running the pipeline locally into {output_dir}")
     try:
         report = run_local(parameters, output_dir, echo=say)
+    except RunStopped as error:
+        print(f"rlhf run: {error}", file=sys.stderr)
+        return 130
     except RunError as error:
         print(f"rlhf run: failed: {error}", file=sys.stderr)
         return 1
@@ -533,7 +535,7 @@ def cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rlhf.model_reference import DEFAULT_MODEL
+    from rlhf.models.reference import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(
         prog="rlhf",
@@ -587,7 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="write the compiled Kubeflow pipeline YAML",
                                    description="Compile rlhf_pipeline to YAML (what `python compile.py` does).")
-    compile_.add_argument("--output", metavar="FILE", help="where to write it (default: pipeline.yaml in the repo)")
+    compile_.add_argument("--output", metavar="FILE", default="pipeline.yaml",
+                          help="where to write it (default: pipeline.yaml in the current directory)")
     compile_.set_defaults(handler=cmd_compile)
 
     for name, summary in (("submit", "submit the compiled pipeline to Vertex AI Pipelines"),
@@ -615,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         vertex.add_argument("--encryption-spec-key-name", metavar="KEY",
                             help="Cloud KMS key for the job, its artifacts and the uploaded model (CMEK)")
         vertex.add_argument("--image", help="container image for every stage (default: the one in the template)")
-        vertex.add_argument("--template", metavar="FILE", help="compiled pipeline (default: pipeline.yaml)")
+        vertex.add_argument("--template", metavar="FILE", help="compiled pipeline (default: the one this package ships)")
         vertex.add_argument("--api-endpoint", metavar="HOST",
                             help="Vertex AI API endpoint (default: the region's; e.g. a Private Service Connect one)")
         vertex.add_argument("--dry-run", action="store_true", help="print the request body; send nothing")
@@ -777,24 +780,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command. What the user can fix (`UserError`, exit 2) or what stopped the work from outside
+    (`RunFailure`, exit 1) is one line, with its traceback only under RLHF_DEBUG=1; any other exception is a
+    bug here and shows its traceback."""
     args = build_parser().parse_args(argv)
-    from rlhf.model_reference import ModelReferenceError
-    from rlhf.storage import StorageError
-
     try:
         _require_local_paths(args)
         return args.handler(args)
-    except (UsageError, ModelReferenceError, StorageError, ValueError) as error:
-        print(f"rlhf {args.command}: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"rlhf {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as error:
+    except (UserError, RunFailure) as error:
         if os.environ.get("RLHF_DEBUG"):
             traceback.print_exc()
-        print(f"rlhf {args.command}: failed: {type(error).__name__}: {error}\n"
-              "(set RLHF_DEBUG=1 to see the traceback)", file=sys.stderr)
+        if isinstance(error, UserError):
+            print(f"rlhf {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        print(f"rlhf {args.command}: failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
 
 

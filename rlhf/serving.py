@@ -15,11 +15,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from rlhf.inference import Generator, InferenceConfig
-from rlhf.model_reference import resolve_model_reference
-from rlhf.policy import ADAPTER_DIR, MERGED_DIR, read_policy_spec
-from rlhf.storage import download_directory, is_gcs
-from rlhf.validation import RowError, check_prompt
+from rlhf.data.storage import download_directory, is_gcs
+from rlhf.data.validation import RowError, check_prompt
+from rlhf.evaluation.inference import Generator, InferenceConfig
+from rlhf.models.reference import resolve_model_reference
+from rlhf.rl.policy import ADAPTER_DIR, MERGED_DIR, read_policy_spec
 
 MAX_INSTANCES = 64  # per request: more would hold the one model for too long
 SAMPLING_PARAMETERS = {"max_new_tokens": int, "temperature": float, "top_p": float}

@@ -5,9 +5,11 @@ import json
 
 import pytest
 
-from rlhf.candidates import CandidateConfig, generate_candidates
-from rlhf.pairs import read_pairs
-from tests.test_cli import rlhf
+from rlhf.data.pairs import read_pairs
+from rlhf.labeling.candidates import CandidateConfig, generate_candidates
+from tests.conftest import rlhf
+
+pytestmark = pytest.mark.slow
 
 PROMPTS = [
     {"input_text": "Our dog barks at night and the neighbours complained twice this week.", "source": "p.jsonl:1"},

@@ -1,12 +1,12 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
+from rlhf.errors import UserError
+from rlhf.training.checkpoints import DiskFullError
+from tests.conftest import rlhf
 
-def rlhf(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True, cwd=cwd)
+pytestmark = pytest.mark.slow
 
 
 def test_help_lists_the_commands():
@@ -72,7 +72,7 @@ def test_prepare_model_refuses_unknown_references_clearly(reference, tmp_path):
 
 
 def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
-    from rlhf.datasets import sample_dataset
+    from rlhf.data.datasets import sample_dataset
 
     reward_model, policy = tmp_path / "rm", tmp_path / "policy"
     model = ["--prompt-sequence-length", "256", "--target-sequence-length", "12"]
@@ -119,3 +119,31 @@ def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert json.loads(compared.stdout)["evaluation"]["prompts"] == 16
     assert (tmp_path / "eval" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (lambda: UserError("prefs.jsonl:3: 'choice' is missing"), 2, "rlhf steps: error: prefs.jsonl:3: 'choice' is missing"),
+    (lambda: DiskFullError("no space left writing x; the checkpoint at step 4 is kept"), 1,
+     "rlhf steps: failed: DiskFullError: no space left writing x; the checkpoint at step 4 is kept"),
+])
+def test_what_the_user_can_act_on_is_one_line_and_a_bug_shows_its_traceback(monkeypatch, capsys, raised, code, line):
+    from rlhf import cli
+
+    def fails(args):
+        raise raised()
+
+    monkeypatch.setattr(cli, "cmd_steps", fails)
+    monkeypatch.delenv("RLHF_DEBUG", raising=False)
+    assert cli.main(["steps", "--rows", "1", "--epochs", "1"]) == code
+    assert capsys.readouterr().err == line + "\n"
+    monkeypatch.setenv("RLHF_DEBUG", "1")
+    assert cli.main(["steps", "--rows", "1", "--epochs", "1"]) == code
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+    def has_a_bug(args):
+        return {}["missing key"]
+
+    monkeypatch.setattr(cli, "cmd_steps", has_a_bug)
+    monkeypatch.delenv("RLHF_DEBUG")
+    with pytest.raises(KeyError):
+        cli.main(["steps", "--rows", "1", "--epochs", "1"])

@@ -3,13 +3,23 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.datasets import (
-    EVAL_PROMPTS, HELD_OUT_PAIRS, PROMPTS, SUMMARY, TRAIN_PAIRS, DatasetError, prepare_datasets, read_jsonl,
-    sample_dataset, split_by_prompt, write_prepared,
+from rlhf.data.datasets import (
+    EVAL_PROMPTS,
+    HELD_OUT_PAIRS,
+    PROMPTS,
+    SUMMARY,
+    TRAIN_PAIRS,
+    DatasetError,
+    prepare_datasets,
+    read_jsonl,
+    sample_dataset,
+    split_by_prompt,
+    write_prepared,
 )
-from rlhf.validation import prompt_key
+from rlhf.data.validation import prompt_key
+from tests.conftest import SHARED_DATA
 
-SHARED_TLDR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tldr"
+SHARED_TLDR = SHARED_DATA / "tldr"
 
 
 def write_rows(path: Path, rows: list[dict]) -> str:

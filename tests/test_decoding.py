@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from rlhf.decoding import adapter_merged, decode, generate
-from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
-from rlhf.policy import Policy
-from rlhf.rollouts import left_pad
+from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
+from rlhf.rl.decoding import adapter_merged, decode, generate
+from rlhf.rl.policy import Policy
+from rlhf.rl.rollouts import left_pad
 
 TEXTS = ["dog", "a longer post about the cat and dog", "my roommate keeps leaving dishes"]
 
@@ -54,7 +54,7 @@ def test_greedy_decoding_gives_the_tokens_of_transformers_generate(tiny_model_di
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
 def test_sampling_draws_tokens_as_often_as_their_probability(temperature):
-    from rlhf.decoding import pick_tokens
+    from rlhf.rl.decoding import pick_tokens
 
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -30.0]]).repeat(40000, 1)
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def test_sampling_is_reproducible_from_the_seed(tiny_model_dir, tokenizer, promp
 
 
 def test_nucleus_sampling_never_draws_outside_the_nucleus(tiny_model_dir, tokenizer, prompts):
-    from rlhf.decoding import pick_tokens
+    from rlhf.rl.decoding import pick_tokens
 
     logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]]).repeat(2000, 1)
     torch.manual_seed(0)

@@ -1,9 +1,12 @@
 """The same seed and inputs give the same results twice on the CPU."""
 
-from rlhf.ppo import train_policy
-from rlhf.reward_training import train_reward_model
-from tests.test_ppo import PROMPTS, TargetTokenShare, config as ppo_config, scalars
-from tests.test_reward_model import config as reward_config, marker_pairs
+import pytest
+
+from rlhf.reward.training import train_reward_model
+from rlhf.rl.ppo import train_policy
+from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, ppo_config, reward_config, scalars
+
+pytestmark = pytest.mark.slow
 
 TIMING_KEYS = {"pairs_per_second", "episodes_per_second"}
 

@@ -2,10 +2,10 @@
 
 import json
 
-from rlhf.datasets import prepare_datasets
-from rlhf.model_reference import COMPLETE_MARKER, resolve_model_reference
-from rlhf.storage import expand, read_bytes, write_bytes
-from rlhf.validation import read_dataset
+from rlhf.data.datasets import prepare_datasets
+from rlhf.data.storage import expand, read_bytes, write_bytes
+from rlhf.data.validation import read_dataset
+from rlhf.models.reference import COMPLETE_MARKER, resolve_model_reference
 
 
 def upload(bucket, name: str, content: bytes) -> str:

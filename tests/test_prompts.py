@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf.prompts import PromptEncoder, PromptFormat
+from rlhf.data.prompts import PromptEncoder, PromptFormat
 
 POST = {"input_text": "My dog barks at night and the neighbours complained twice. What should I do? [summary]: "}
 

@@ -12,11 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kfp.dsl import Artifact, Dataset, Metrics
+from rlhf.components.validate import validate_datasets
 
-from components.validate import validate_datasets
-from rlhf.datasets import DatasetError, prepare_datasets, read_jsonl, sample_dataset, write_jsonl
-from rlhf.validation import read_dataset
+from rlhf.data.datasets import DatasetError, prepare_datasets, read_jsonl, sample_dataset, write_jsonl
+from rlhf.data.validation import read_dataset
 from tests.bad_inputs import file_cases, row_cases
+
+pytestmark = pytest.mark.slow
 
 PROBLEM_LINE = re.compile(r"^(?P<file>.+):(?P<line>\d+): (?P<message>.+)$")
 SLOT = {"preference": "preference_dataset", "prompt": "prompt_dataset", "eval": "eval_dataset"}

@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.evaluation import evaluate_run
-from rlhf.inference import InferenceConfig, bulk_infer
-from rlhf.modeling import ModelLoadError, load_backbone, load_causal_lm, load_tokenizer, pick_placement
-from rlhf.ppo import PPOConfig, train_policy
-from rlhf.reward_model import load_reward_model
-from rlhf.reward_training import RewardTrainingConfig, train_reward_model
-from rlhf.rewards import RewardModelReward
-from tests.test_ppo import TargetTokenShare
-from tests.test_reward_model import marker_pairs
+from rlhf.evaluation.compare import evaluate_run
+from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+from rlhf.models.loading import ModelLoadError, load_backbone, load_causal_lm, load_tokenizer, pick_placement
+from rlhf.reward.model import load_reward_model
+from rlhf.reward.training import RewardTrainingConfig, train_reward_model
+from rlhf.rl.ppo import PPOConfig, train_policy
+from rlhf.rl.rewards import RewardModelReward
+from tests.conftest import REPO, TargetTokenShare, marker_pairs
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
 PROMPTS = [{"input_text": f"post number {i} about a dog"} for i in range(4)]
 
 

@@ -26,11 +26,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.checkpoints import STATE, discard_incomplete, is_complete, latest_checkpoint, load_checkpoint
-from rlhf.datasets import prepare_datasets, write_jsonl
-from tests.test_reward_model import marker_pairs
+from rlhf.data.datasets import prepare_datasets, write_jsonl
+from rlhf.training.checkpoints import STATE, discard_incomplete, is_complete, latest_checkpoint, load_checkpoint
+from tests.conftest import REPO, marker_pairs
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
 REWARD_STEPS, POLICY_STEPS = 150, 8
 PROMPTS = [{"input_text": f"post number {i} about a dog and a cat"} for i in range(16)]
 
@@ -316,7 +317,7 @@ SAVE_FOREVER = textwrap.dedent("""
 
     import torch
 
-    from rlhf.checkpoints import save_checkpoint
+    from rlhf.training.checkpoints import save_checkpoint
 
     torch.manual_seed(0)
     model = torch.nn.Linear(1024, 4096)  # 16 MB of weights and 32 MB of optimizer state: a save takes a while
@@ -381,7 +382,7 @@ def test_a_run_killed_before_its_first_checkpoint_runs_again(runs, tiny_model_di
 COMPONENT_RUN = textwrap.dedent("""
     import sys
     from kfp.dsl import Dataset, Metrics, Model
-    from components.reward_model import train_reward_model
+    from rlhf.components.reward_model import train_reward_model
 
     train_pairs, held_out_pairs, model, output = sys.argv[1:]
     train_reward_model.python_func(

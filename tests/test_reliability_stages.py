@@ -4,7 +4,11 @@ shows only a traceback. (The first stage's failures are in test_reliability_inpu
 import subprocess
 import sys
 
-from rlhf.datasets import sample_dataset
+import pytest
+
+from rlhf.data.datasets import sample_dataset
+
+pytestmark = pytest.mark.slow
 
 SMALL_RUN = ["reward_model_train_epochs=1", "reward_model_batch_size=8", "reinforcement_learning_train_steps=2",
              "reinforcement_learning_batch_size=4", "reinforcement_learning_micro_batch_size=4",

@@ -3,16 +3,13 @@ the plots and the side-by-side table are drawn, and sorting works."""
 
 import io
 import os
-import shutil
 
 import pytest
 
-from rlhf.report import render_html
-from tests.test_inference_evaluation import EVALUATION
+from rlhf.evaluation.report import render_html
+from tests.conftest import BROWSER_FLAGS, CHROMIUM, EVALUATION
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+pytestmark = pytest.mark.browser
 
 if not CHROMIUM and not os.environ.get("CI"):
     pytest.skip("Chromium is not installed (`make test` installs it)", allow_module_level=True)
@@ -45,7 +42,7 @@ def test_report_renders_without_errors_with_plots_and_table(tmp_path):
 
     path = report_page(tmp_path)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1800})
         problems = []
         page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)

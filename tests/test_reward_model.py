@@ -1,38 +1,18 @@
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.modeling import add_lora, load_backbone, pick_placement
-from rlhf.packing import pack
-from rlhf.reward_model import RewardModel, load_reward_model, score_packed
-from rlhf.batching import batch_indices
-from rlhf.reward_training import CHECKPOINT_DIR, RewardTrainingConfig, train_reward_model
-from rlhf.checkpoints import CheckpointMismatch
+from rlhf.models.loading import add_lora, load_backbone, pick_placement
+from rlhf.reward.model import RewardModel, load_reward_model, score_packed
+from rlhf.reward.packing import pack
+from rlhf.reward.training import CHECKPOINT_DIR, train_reward_model
+from rlhf.training.batching import batch_indices
+from rlhf.training.checkpoints import CheckpointMismatch
+from tests.conftest import marker_pairs
+from tests.conftest import reward_config as config
 
-WORDS = "dog cat sink job pay night post question answer summary short clear kind".split()
-
-
-def marker_pairs(count: int, seed: int = 0) -> list[dict]:
-    """A learnable preference: the candidate ending in 'great' beats the same text ending in 'terrible'."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20)))
-        stem = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
-        good, bad = f"{stem} great", f"{stem} terrible"
-        choice = rng.randint(0, 1)
-        rows.append({"input_text": prompt, "candidate_0": [good, bad][choice], "candidate_1": [bad, good][choice],
-                     "choice": choice})
-    return rows
-
-
-def config(**changes) -> RewardTrainingConfig:
-    settings = dict(train_steps=30, batch_size=16, learning_rate_multiplier=30.0, checkpoint_every=1000,
-                    target_sequence_length=32, prompt_sequence_length=64)
-    settings.update(changes)
-    return RewardTrainingConfig(**settings)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

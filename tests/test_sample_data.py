@@ -1,15 +1,15 @@
 """The bundled sample encodes the rule judge's rule, and the rule judge reads completions as it says.
 
-Fast: no model, only the sample files and `rlhf.rule_judge`.
+Fast: no model, only the sample files and `rlhf.evaluation.rule_judge`.
 """
 
 from collections import Counter, defaultdict
 
 import pytest
 
-from rlhf.datasets import read_jsonl, sample_dataset
-from rlhf.rule_judge import CHECKS, rule_for_instruction
-from rlhf.validation import chosen, rejected
+from rlhf.data.datasets import read_jsonl, sample_dataset
+from rlhf.data.validation import chosen, rejected
+from rlhf.evaluation.rule_judge import CHECKS, rule_for_instruction
 
 INSTRUCTION = "Summarize in less than 50 words."
 SUFFIX = " [summary]: "

@@ -10,11 +10,13 @@ import urllib.request
 
 import pytest
 
-from rlhf.inference import InferenceConfig, bulk_infer
-from rlhf.policy import ADAPTER_DIR, MERGED_DIR, read_policy_spec
-from rlhf.ppo import train_policy
-from tests.conftest import _free_port
-from tests.test_ppo import PROMPTS, TargetTokenShare, config
+from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+from rlhf.rl.policy import ADAPTER_DIR, MERGED_DIR, read_policy_spec
+from rlhf.rl.ppo import train_policy
+from tests.conftest import PROMPTS, TargetTokenShare, free_port
+from tests.conftest import ppo_config as config
+
+pytestmark = pytest.mark.slow
 
 ROWS = [{"input_text": "post number 3 about a dog"}, {"messages": [{"role": "user", "content": "a cat post"}]}]
 
@@ -82,7 +84,7 @@ def test_the_command_serves_on_the_vertex_port_and_routes(policy_dir, tmp_path):
 
     adapter_only = tmp_path / "policy"
     shutil.copytree(policy_dir, adapter_only, ignore=shutil.ignore_patterns(MERGED_DIR))
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "AIP_HTTP_PORT": str(port), "AIP_HEALTH_ROUTE": "/v1/health",
            "AIP_PREDICT_ROUTE": "/v1/models/tuned:predict", "AIP_STORAGE_URI": str(adapter_only)}
     server = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "serve", "--host", "127.0.0.1"], env=env,

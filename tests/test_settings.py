@@ -5,11 +5,16 @@ import dataclasses
 
 import pytest
 import yaml
-
-from pipeline.compiler import PIPELINE_YAML
-from pipeline.local_run import LOCAL_DEFAULTS
-from pipeline.parameters import (POLICY_SETTINGS, REWARD_MODEL_SETTINGS, ParameterError, pipeline_defaults,
-                                 resolve_parameters, stage_configs)
+from rlhf.pipeline.compiler import PIPELINE_YAML
+from rlhf.pipeline.local_run import LOCAL_DEFAULTS
+from rlhf.pipeline.parameters import (
+    POLICY_SETTINGS,
+    REWARD_MODEL_SETTINGS,
+    ParameterError,
+    pipeline_defaults,
+    resolve_parameters,
+    stage_configs,
+)
 
 
 def test_pipeline_defaults_equal_the_stage_dataclasses_defaults():

@@ -1,6 +1,6 @@
 import pytest
 
-from rlhf.steps import resolve_steps, steps_from_epochs
+from rlhf.training.steps import resolve_steps, steps_from_epochs
 
 
 def test_course_examples():
@@ -28,7 +28,7 @@ def test_steps_or_epochs_but_not_both():
 
 
 def test_pipeline_steps_come_from_epochs_when_given_else_from_the_steps():
-    from rlhf.steps import DEFAULT_TRAIN_STEPS, resolve_stage_steps
+    from rlhf.training.steps import DEFAULT_TRAIN_STEPS, resolve_stage_steps
 
     assert resolve_stage_steps(3000, DEFAULT_TRAIN_STEPS, 30, 64, "reward model") == 1410
     assert resolve_stage_steps(2000, DEFAULT_TRAIN_STEPS, 0, 64, "reinforcement learning") == 1000

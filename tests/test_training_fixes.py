@@ -8,12 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.modeling import Placement, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
-from rlhf.policy import Policy
-from rlhf.ppo import BASE_LEARNING_RATE, Experience, collect, ppo_losses, train_policy
-from rlhf.reward_training import normalisation_sample, train_reward_model
-from tests.test_ppo import PROMPTS, TargetTokenShare, config, scalars
-from tests.test_reward_model import config as reward_config, marker_pairs
+from rlhf.models.loading import Placement, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
+from rlhf.reward.training import normalisation_sample, train_reward_model
+from rlhf.rl.policy import Policy
+from rlhf.rl.ppo import BASE_LEARNING_RATE, Experience, collect, ppo_losses, train_policy
+from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, reward_config, scalars
+from tests.conftest import ppo_config as config
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("batch,micro,minibatch", [(64, 8, 12), (64, 24, 32), (64, 16, 8)])
@@ -147,9 +149,9 @@ def test_dropout_is_off_in_training_mode_whatever_the_architecture_calls_it(mode
 
 
 def test_full_fine_tuning_keeps_float32_weights_where_the_device_runs_bfloat16(tiny_model_dir, tmp_path, monkeypatch):
-    import rlhf.reward_training
+    import rlhf.reward.training
 
-    monkeypatch.setattr(rlhf.reward_training, "pick_placement", lambda device: Placement(torch.device("cpu"),
+    monkeypatch.setattr(rlhf.reward.training, "pick_placement", lambda device: Placement(torch.device("cpu"),
                                                                                          torch.bfloat16))
     rows = marker_pairs(24)
     train_reward_model(reward_config(train_steps=2, lora_dim=0, learning_rate_multiplier=0.1), rows[:16], rows[16:],
@@ -167,7 +169,7 @@ def test_full_fine_tuning_keeps_float32_weights_where_the_device_runs_bfloat16(t
 
 
 def test_a_length_balanced_sample_leaves_length_no_predictive_power():
-    from rlhf.reward_training import length_balanced
+    from rlhf.reward.training import length_balanced
 
     rows = [{"input_text": f"p{i}", "candidate_0": "a" * (5 + i % 7), "candidate_1": "b" * 8, "choice": i % 3 % 2}
             for i in range(300)]

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf.validation import read_dataset
+from rlhf.data.validation import read_dataset
 from tests.bad_inputs import FILE_CASES, GOOD, row_cases
 
 PROBLEM_LINE = re.compile(r"^(?P<file>.+):(?P<line>\d+): (?P<message>.+)$")

@@ -2,22 +2,17 @@
 server playing the Vertex API, with real service-account credentials from the environment; dry runs."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from rlhf.pipeline.compiler import PIPELINE_YAML
 
-from pipeline.compiler import PIPELINE_YAML
+from tests.conftest import rlhf
 from tests.vertex_loopback import ACCESS_TOKEN, VertexLoopback, write_service_account
+
+pytestmark = pytest.mark.slow
 
 KEY = "projects/p1/locations/us-central1/keyRings/ring/cryptoKeys/key"
 IMAGE = "us-docker.pkg.dev/p1/rlhf/rlhf:test"
-
-
-def rlhf(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
 
 
 def submit_args(bucket: str, *extra: str) -> list[str]:
@@ -140,7 +135,7 @@ def test_a_missing_pipeline_root_bucket_is_named(credentials, gcs_emulator):
 
 
 def test_upload_registers_the_policy_with_our_serving_container_and_deploys_it(credentials, monkeypatch):
-    from rlhf.model_registry import PREDICT_ROUTE, SERVING_COMMAND, RegistrySettings, upload_and_deploy
+    from rlhf.vertex.model_registry import PREDICT_ROUTE, SERVING_COMMAND, RegistrySettings, upload_and_deploy
 
     vertex, env, _ = credentials
     for name, value in env.items():
@@ -171,7 +166,7 @@ def test_upload_registers_the_policy_with_our_serving_container_and_deploys_it(c
 
 
 def test_upload_refuses_a_local_artifact():
-    from rlhf.model_registry import RegistrySettings, upload_and_deploy
+    from rlhf.vertex.model_registry import RegistrySettings, upload_and_deploy
 
     with pytest.raises(ValueError, match="takes a gs:// artifact"):
         upload_and_deploy("/tmp/policy", RegistrySettings(model_display_name="m", serving_container_image=IMAGE))
@@ -197,7 +192,7 @@ def test_the_compiled_pipeline_uploads_and_deploys_only_when_asked():
 
 
 def test_tensorboard_resource_ids_are_read_in_both_forms():
-    from rlhf.tensorboard_upload import parse_tensorboard
+    from rlhf.vertex.tensorboard_upload import parse_tensorboard
 
     assert parse_tensorboard("projects/p2/locations/europe-west4/tensorboards/123", "p1", "us-central1") == (
         "p2", "europe-west4", "123")

@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.modeling import pick_placement
-from rlhf.ppo import BASE_LEARNING_RATE, TENSORBOARD_DIR, PPOConfig, train_policy
-from rlhf.rewards import RewardModelReward
+from rlhf.models.loading import pick_placement
+from rlhf.rl.ppo import BASE_LEARNING_RATE, TENSORBOARD_DIR, PPOConfig, train_policy
+from rlhf.rl.rewards import RewardModelReward
 
 PHASES = ("generation", "forward", "scoring", "update")
 

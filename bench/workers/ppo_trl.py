@@ -17,10 +17,9 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 from safetensors.torch import load_file
+from step_clock import StepClock
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-from step_clock import StepClock
 
 
 def scorer(model_dir: str, head_file: str | None):

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.reward_training import BASE_LEARNING_RATE, RewardTrainingConfig, train_reward_model
+from rlhf.reward.training import BASE_LEARNING_RATE, RewardTrainingConfig, train_reward_model
 
 
 def main() -> None:

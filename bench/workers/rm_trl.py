@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from step_clock import StepClock
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
-
-from step_clock import StepClock
 
 
 def pairs_dataset(rows: list[dict]) -> Dataset:

@@ -1,0 +1,199 @@
+"""Base against tuned, side by side, by two judges: the reward model (scores, win rate with a bootstrap
+interval) and, where the instruction defines one, the rule judge (`rlhf.evaluation.rule_judge`), which never sees the
+reward model. Also the KL of the tuned policy to the base, lengths, ended shares and repeated n-grams."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from rlhf.data.prompts import PromptEncoder
+from rlhf.data.validation import prompt_key, user_input
+from rlhf.errors import UserError
+from rlhf.evaluation.inference import load_generator
+from rlhf.evaluation.rule_judge import CHECKS, SummaryRule, rule_for_instruction
+from rlhf.models.artifacts import TENSORBOARD_DIR
+from rlhf.models.loading import pick_placement, stop_token_ids
+from rlhf.reward.model import load_reward_model, score_packed
+from rlhf.rl.policy import Policy, PolicySpec
+
+REPEAT_NGRAM = 4  # word n-grams counted for repetition
+KL_BATCH = 8  # completions sampled per pass for the KL to base
+
+
+def completion_ids(tokenizer, text: str, ended: bool, limit: int) -> list[int]:
+    """Token ids of a decoded prediction, ending with EOS when the model ended it and it fits."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+    if ended and len(ids) < limit:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids or [tokenizer.eos_token_id]
+
+
+def win_rate(base: list[float], tuned: list[float]) -> float:
+    """Share of prompts where the tuned completion scores higher (ties count half)."""
+    return sum(1.0 if t > b else 0.5 if t == b else 0.0 for b, t in zip(base, tuned)) / len(base)
+
+
+def bootstrap_interval(base: list[float], tuned: list[float], seed: int, resamples: int = 2000) -> list[float]:
+    rng = random.Random(seed)
+    count = len(base)
+    rates = []
+    for _ in range(resamples):
+        picks = [rng.randrange(count) for _ in range(count)]
+        rates.append(win_rate([base[i] for i in picks], [tuned[i] for i in picks]))
+    rates.sort()
+    return [rates[int(0.025 * resamples)], rates[int(0.975 * resamples) - 1]]
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
+    """Share of a text's word n-grams that repeat an earlier one in it: degenerate loops score near 1."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, seed: int) -> float:
+    """KL(tuned || base) in nats per completion: the mean, over one completion per prompt sampled from the
+    tuned policy at the training temperature (and nucleus), of the summed per-token log-ratio of the tuned and
+    the base (adapter off) distributions at that temperature, on the generated token ids themselves."""
+    policy = Policy(model, None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    sums = []
+    for first in range(0, len(prompts), KL_BATCH):
+        rollout = policy.generate(prompts[first:first + KL_BATCH], spec.target_sequence_length, spec.temperature,
+                                  spec.top_p)
+        tuned, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False)
+        base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, use_adapter=False)
+        sums.extend(((tuned - base) * rollout.completion_mask).sum(dim=1).tolist())
+    return _mean(sums)
+
+
+def rule_verdicts(rule: SummaryRule, rows: list[dict]) -> list[dict]:
+    verdicts = []
+    for row in rows:
+        verdict = rule.judge(user_input(row), row["prediction"], stopped=row.get("ended", True))
+        verdicts.append({"passed": verdict.passed, "failed": verdict.failed()})
+    return verdicts
+
+
+def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model_dir: Path, base_model_path: str,
+                     adapter_dir: Path | None, spec: PolicySpec | None = None, device: str = "auto", seed: int = 0,
+                     max_tokens: int = 4096) -> tuple[dict, list[dict]]:
+    """Metrics and the per-prompt comparison rows (ordered by reward gain, largest first). `spec` (the tuned
+    policy's) gives the instruction, for the rule judge, and the sampling settings, for the KL to base."""
+    if len(base_rows) != len(tuned_rows) or not base_rows:
+        raise UserError(f"evaluation needs the same prompts on both sides, got {len(base_rows)} and {len(tuned_rows)}")
+    for base, tuned in zip(base_rows, tuned_rows):
+        if prompt_key(base) != prompt_key(tuned):
+            raise UserError("base and tuned outputs are not in the same prompt order")
+    placement = pick_placement(device)
+    reward = load_reward_model(reward_model_dir, placement, base_model_path)
+    encoder = reward.encoder()
+    limit = reward.spec.target_sequence_length
+    tokenizer = reward.tokenizer
+    prompts = [encoder.encode_prompt(r) for r in base_rows]
+    base_ids = [completion_ids(tokenizer, r["prediction"], r.get("ended", True), limit) for r in base_rows]
+    tuned_ids = [completion_ids(tokenizer, r["prediction"], r.get("ended", True), limit) for r in tuned_rows]
+    scores = score_packed(reward.model, prompts, [[b, t] for b, t in zip(base_ids, tuned_ids)],
+                          tokenizer.pad_token_id, max_tokens)
+    scores = reward.normalise(scores)
+    base_scores, tuned_scores = scores[:, 0].tolist(), scores[:, 1].tolist()
+
+    kl = None
+    if adapter_dir is not None and spec is not None:
+        policy_encoder = PromptEncoder(tokenizer, spec.prompt_format(), spec.prompt_sequence_length,
+                                       spec.target_sequence_length)
+        kl = kl_to_base(load_generator(base_model_path, adapter_dir, placement), tokenizer,
+                        [policy_encoder.encode_prompt(r) for r in base_rows], spec, seed)
+
+    rule = rule_for_instruction(spec.instruction if spec is not None else reward.spec.instruction)
+    judged = {side: rule_verdicts(rule, rows) if rule else None for side, rows in (("base", base_rows),
+                                                                                    ("tuned", tuned_rows))}
+    comparison = []
+    for index, (base, tuned, b, t) in enumerate(zip(base_rows, tuned_rows, base_scores, tuned_scores)):
+        entry = {key: base[key] for key in ("input_text", "messages") if key in base}
+        entry.update({"base": base["prediction"], "tuned": tuned["prediction"], "base_reward": b,
+                      "tuned_reward": t, "reward_gain": t - b})
+        if rule:
+            entry.update({"base_rule": judged["base"][index], "tuned_rule": judged["tuned"][index]})
+        comparison.append(entry)
+    comparison.sort(key=lambda e: -e["reward_gain"])
+    metrics = {
+        "prompts": len(base_rows),
+        "base_mean_reward": _mean(base_scores),
+        "tuned_mean_reward": _mean(tuned_scores),
+        "win_rate_vs_base": win_rate(base_scores, tuned_scores),
+        "win_rate_ci95": bootstrap_interval(base_scores, tuned_scores, seed),
+        "kl_to_base": kl,
+        "kl_to_base_sampling": None if kl is None else {"temperature": spec.temperature, "top_p": spec.top_p,
+                                                        "completions": len(base_rows)},
+        "base_mean_words": _mean([_words(r["prediction"]) for r in base_rows]),
+        "tuned_mean_words": _mean([_words(r["prediction"]) for r in tuned_rows]),
+        "base_ended_share": _mean([float(r.get("ended", True)) for r in base_rows]),
+        "tuned_ended_share": _mean([float(r.get("ended", True)) for r in tuned_rows]),
+        "base_repeated_ngram_share": _mean([repeated_ngram_share(r["prediction"]) for r in base_rows]),
+        "tuned_repeated_ngram_share": _mean([repeated_ngram_share(r["prediction"]) for r in tuned_rows]),
+        "judges": ["reward_model"] + (["rule"] if rule else []),
+    }
+    if rule:
+        metrics["rule"] = rule.description
+        for side in ("base", "tuned"):
+            metrics[f"rule_pass_rate_{side}"] = _mean([float(v["passed"]) for v in judged[side]])
+            metrics[f"rule_checks_{side}"] = {check: _mean([float(check not in v["failed"]) for v in judged[side]])
+                                              for check in CHECKS}
+    return metrics, comparison
+
+
+METRICS_FILE = "metrics.json"
+REPORT_HTML = "report.html"
+REPORT_MARKDOWN = "report.md"
+COMPARISON_FILE = "comparison.jsonl"
+
+REWARD_MODEL_KEYS = ("eval_accuracy", "eval_pairs", "final_rank_loss", "final_train_accuracy", "eval_mean_margin",
+                     "steps", "train_pairs", "pairs_per_second")
+POLICY_KEYS = ("final_reward", "final_kl", "initial_reward", "final_ended_share", "steps", "prompts",
+               "episodes_per_second")
+
+
+def _stage_metrics(directory: Path, keys: tuple[str, ...]) -> dict:
+    path = Path(directory) / METRICS_FILE
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: found[k] for k in keys if k in found}
+
+
+def evaluate_run(base_rows: list[dict], tuned_rows: list[dict], reward_model_dir: Path, policy_dir: Path,
+                 output_dir: Path, parameters: dict, device: str = "auto", seed: int = 0) -> dict:
+    """Score both sides, then write metrics.json, comparison.jsonl, report.html and report.md."""
+    from rlhf.data.datasets import write_jsonl
+    from rlhf.evaluation.report import read_scalars, render_html, render_markdown
+    from rlhf.models.reference import resolve_model_reference
+    from rlhf.rl.policy import ADAPTER_DIR, read_policy_spec
+
+    spec = read_policy_spec(policy_dir)
+    base_model_path = resolve_model_reference(spec.large_model_reference)
+    evaluation, comparison = evaluate_outputs(base_rows, tuned_rows, reward_model_dir, base_model_path,
+                                              Path(policy_dir) / ADAPTER_DIR, spec, device, seed)
+    metrics = {"reward_model": _stage_metrics(reward_model_dir, REWARD_MODEL_KEYS),
+               "policy": _stage_metrics(policy_dir, POLICY_KEYS), "evaluation": evaluation}
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_jsonl(output_dir / COMPARISON_FILE, comparison)
+    reward_scalars = read_scalars(Path(reward_model_dir) / TENSORBOARD_DIR)
+    policy_scalars = read_scalars(Path(policy_dir) / TENSORBOARD_DIR)
+    (output_dir / REPORT_HTML).write_text(render_html(parameters, metrics, comparison, reward_scalars, policy_scalars),
+                                          encoding="utf-8")
+    (output_dir / REPORT_MARKDOWN).write_text(render_markdown(metrics, comparison), encoding="utf-8")
+    return metrics

@@ -1,0 +1,1 @@
+"""The base model: resolving a reference to local weights, loading it onto a device, and saving trained artifacts."""

@@ -1,0 +1,133 @@
+"""Loading models and tokenizers: device and precision choice, safetensors only, LoRA set-up."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.errors import RunFailure, UserError
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_placement(device: str = "auto") -> Placement:
+    """CUDA with bfloat16 when present (float32 where bf16 is unsupported), else the CPU in float32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = torch.device(device)
+    if chosen.type == "cuda":
+        return Placement(chosen, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    return Placement(chosen, torch.float32)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{path}: the tokenizer has no EOS token, which marks where a completion ends")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and each EOS id of the model's generation config
+    (gemma's `<end_of_turn>`, llama-3's `<|eot_id|>` are listed there, not as the tokenizer's EOS)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return list(dict.fromkeys([tokenizer.eos_token_id, *listed]))
+
+
+_DROPOUT_SETTING = re.compile(r"dropout|pdrop|layerdrop")
+
+
+def _no_dropout_settings(config) -> None:
+    """Zero every dropout probability the config holds, whatever the architecture names it: layers that call
+    the functional dropout read these numbers, not a module."""
+    for name, value in list(vars(config).items()):
+        if _DROPOUT_SETTING.search(name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+
+
+def disable_dropout(model) -> None:
+    """Every `nn.Dropout` to 0: training (RL above all, whose log-prob ratios must be 1 before an update)
+    needs the same outputs as sampling and scoring."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class ModelLoadError(RunFailure):
+    """A model directory that exists but cannot be loaded (corrupt or truncated weights, a bad config)."""
+
+
+def _load(auto_class, path: str, placement: Placement, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        _no_dropout_settings(config)
+        model = auto_class.from_pretrained(path, config=config, dtype=placement.dtype, use_safetensors=True,
+                                           trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    except Exception as error:  # transformers, safetensors and the OS each fail with their own types
+        raise ModelLoadError(f"cannot load the model from {path}: {type(error).__name__}: {error}") from error
+    disable_dropout(model)
+    return model.to(placement.device)
+
+
+def load_backbone(path: str, placement: Placement, trust_remote_code: bool = False):
+    """The transformer without its language-model head (the reward model needs hidden states only)."""
+    from transformers import AutoModel
+
+    return _load(AutoModel, path, placement, trust_remote_code)
+
+
+def load_causal_lm(path: str, placement: Placement, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, path, placement, trust_remote_code)
+
+
+def lora_targets(model) -> list[str] | str:
+    """The attention projections when the model names them as Llama-style models do, else all linears."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    found = [t for t in DEFAULT_LORA_TARGETS if t in names]
+    return found or "all-linear"
+
+
+def add_lora(model, rank: int, alpha: float | None = None):
+    """Wrap `model` with a fresh LoRA adapter of `rank` (alpha defaults to 2 * rank), dropout off."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=lora_targets(model),
+                        bias="none")
+    return get_peft_model(model, config)
+
+
+def value_head(model) -> torch.nn.Linear:
+    """A zero linear head from the model's hidden size to one number: every value starts at 0, so the first
+    advantages are the rewards themselves rather than a random head's error."""
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head.to(next(model.parameters()).device)
+
+
+def scalar_head(model, seed: int) -> torch.nn.Linear:
+    """A fresh linear head from the model's hidden size to one number, seeded, on the model's device."""
+    hidden = model.config.hidden_size
+    head = torch.nn.Linear(hidden, 1)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.normal_(0.0, hidden ** -0.5, generator=generator)
+        head.bias.zero_()
+    return head.to(next(model.parameters()).device)

@@ -1,0 +1,1 @@
+"""The reward model: a scalar head on the base model, packed scoring of prompt and completions, pairwise training and its evaluation."""

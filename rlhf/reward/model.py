@@ -1,0 +1,126 @@
+"""The reward model: `{prompt, completion} -> scalar`, a transformer backbone (+ LoRA) and a linear head.
+
+The score is read at the last real token of each completion, located by the packing (never by searching
+for a pad or EOS id: the default model's pad and EOS are the same token).
+
+Artifact layout (safetensors and JSON only):
+    reward_model.json      base model reference, LoRA rank, sequence lengths, prompt format, normalisation
+    head.safetensors       the scalar head
+    adapter/               the LoRA adapter (peft format), when lora_dim > 0
+    backbone/              the fully fine-tuned backbone, when lora_dim == 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf.data.prompts import PromptEncoder
+from rlhf.models.artifacts import ModelSpec, read_spec_file, refuse_pickles, save_weights, write_spec
+from rlhf.models.loading import Placement, load_backbone, load_tokenizer, scalar_head
+from rlhf.reward.packing import PackedBatch, pack, packed_length
+from rlhf.training.batching import micro_batches
+
+SPEC_FILE = "reward_model.json"
+HEAD_FILE = "head.safetensors"
+ADAPTER_DIR = "adapter"
+BACKBONE_DIR = "backbone"
+FORMAT = "rlhf-reward-model/1"
+
+
+@dataclass
+class RewardModelSpec(ModelSpec):
+    """What a later stage needs to load the reward model and feed it the same way it was trained."""
+
+    score_mean: float = 0.0
+    score_std: float = 1.0
+    format: str = FORMAT
+    training: dict = field(default_factory=dict)
+
+
+class RewardModel(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def with_new_head(cls, backbone: torch.nn.Module, seed: int) -> RewardModel:
+        return cls(backbone, scalar_head(backbone, seed))
+
+    def forward(self, batch: PackedBatch) -> torch.Tensor:
+        """Scores [batch, completions] in float32 (the head runs in float32 whatever the backbone's dtype)."""
+        dtype = next(self.backbone.parameters()).dtype
+        hidden = self.backbone(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                               attention_mask=batch.attention_mask(dtype)).last_hidden_state
+        index = batch.last_token[..., None].expand(-1, -1, hidden.shape[-1])
+        return self.head(hidden.gather(1, index).float()).squeeze(-1)
+
+
+@torch.no_grad()
+def score_packed(model: RewardModel, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int,
+                 max_tokens: int) -> torch.Tensor:
+    """Raw scores [rows, completions per row] for prompt rows and their completions, batched by length."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    lengths = [packed_length(p, c) for p, c in zip(prompts, completions)]
+    scores = torch.empty(len(prompts), len(completions[0]) if completions else 0)
+    for group in micro_batches(lengths, max_tokens):
+        batch = pack([prompts[i] for i in group], [completions[i] for i in group], pad_id).to(device)
+        scores[group] = model(batch).cpu()
+    model.train(was_training)
+    return scores
+
+
+def save_reward_model(model: RewardModel, spec: RewardModelSpec, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(model.backbone, directory / (ADAPTER_DIR if spec.lora_dim > 0 else BACKBONE_DIR))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}, directory / HEAD_FILE)
+    write_spec(directory / SPEC_FILE, spec)
+
+
+def read_spec(directory: Path) -> RewardModelSpec:
+    return read_spec_file(directory, SPEC_FILE, RewardModelSpec, FORMAT, "reward model")
+
+
+@dataclass
+class LoadedRewardModel:
+    model: RewardModel
+    tokenizer: object
+    spec: RewardModelSpec
+
+    def encoder(self) -> PromptEncoder:
+        return PromptEncoder(self.tokenizer, self.spec.prompt_format(), self.spec.prompt_sequence_length,
+                             self.spec.target_sequence_length)
+
+    def normalise(self, scores: torch.Tensor) -> torch.Tensor:
+        return (scores - self.spec.score_mean) / self.spec.score_std
+
+
+def load_reward_model(directory: Path, placement: Placement, base_model_path: str | None = None) -> LoadedRewardModel:
+    """Load a saved reward model; `base_model_path` overrides resolving the stored model reference."""
+    from rlhf.models.reference import resolve_model_reference
+
+    directory = Path(directory)
+    spec = read_spec(directory)
+    refuse_pickles(directory)
+    base = base_model_path or resolve_model_reference(spec.large_model_reference)
+    tokenizer = load_tokenizer(base)
+    if spec.lora_dim > 0:
+        from peft import PeftModel
+
+        # A loaded reward model only scores: merged once, it runs as a plain backbone, without the adapter's
+        # extra products in every layer.
+        backbone = PeftModel.from_pretrained(load_backbone(base, placement), directory / ADAPTER_DIR).merge_and_unload()
+    else:
+        backbone = load_backbone(str(directory / BACKBONE_DIR), placement)
+    head_weights = load_file(directory / HEAD_FILE)
+    head = torch.nn.Linear(head_weights["weight"].shape[1], 1)
+    head.load_state_dict(head_weights)
+    model = RewardModel(backbone, head.to(placement.device))
+    model.eval()
+    return LoadedRewardModel(model, tokenizer, spec)

@@ -1,0 +1,278 @@
+"""Train the reward model on preference pairs with the pairwise loss `-log sigmoid(r_winner - r_loser)`.
+
+Read `train_reward_model` top to bottom: tokenise every pair once, build the model (base + LoRA + head),
+then for each step take `batch_size` pairs in a seeded order, run them in micro-batches sized by tokens
+(each pair packed as prompt + winner + loser so the prompt is computed once), accumulate gradients, step
+the optimizer and the warm-up/cosine schedule, log, and checkpoint. At the end: score the training data
+to store the mean and std used to normalise rewards, measure held-out accuracy, and save the artifact.
+
+Running the same call again with the same output directory resumes from the last checkpoint; a finished
+output directory is returned as it is when it holds this very run (same data and settings), and refused
+when it holds another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.data.prompts import PromptEncoder, PromptFormat
+from rlhf.data.validation import chosen, longer_wins, rejected
+from rlhf.errors import UserError
+from rlhf.models.artifacts import TENSORBOARD_DIR
+from rlhf.models.loading import Placement, add_lora, load_backbone, load_tokenizer, pick_placement
+from rlhf.reward.model import RewardModel, RewardModelSpec, save_reward_model, score_packed
+from rlhf.reward.packing import pack, packed_length
+from rlhf.training.batching import batch_indices, micro_batches, warmup_cosine
+from rlhf.training.checkpoints import disk_full_explained, finish, finished_result, resume, save_checkpoint
+from rlhf.training.progress import Progress
+from rlhf.training.settings import StageSettings
+
+BASE_LEARNING_RATE = 1e-4  # Vertex's reward-model rate; the multiplier scales it
+METRICS_FILE = "metrics.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class RewardTrainingConfig(StageSettings):
+    """Hyperparameters of the reward-model stage."""
+
+    stage = "reward model"
+
+    train_steps: int = 1000  # optimizer steps (the pipeline turns epochs into steps before this)
+    batch_size: int = 64  # preference pairs per optimizer step
+    micro_batch_tokens: int = 4096  # padded tokens per forward pass; gradient accumulation covers the rest
+    learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
+    warmup_fraction: float = 0.1  # share of steps with a linear warm-up, then cosine decay to 0
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping
+    lora_dim: int = 4  # LoRA rank; 0 fine-tunes the whole backbone
+    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
+    target_sequence_length: int = 64  # completion tokens kept
+    instruction: str = ""  # put before every input
+    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
+    seed: int = 0  # data order and head initialisation
+    checkpoint_every: int = 50  # steps between checkpoints
+    log_every: int = 1  # steps between TensorBoard points
+    normalization_pairs: int = 512  # training pairs (a seeded sample) scored after training for the reward mean and std
+    balance_lengths: bool = False  # train on a seeded subset where the longer candidate wins half the pairs
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+    def learning_rate(self) -> float:
+        return BASE_LEARNING_RATE * self.learning_rate_multiplier
+
+    def stage_problems(self, say) -> list[str]:
+        found = self.below_one(("train_steps", "batch_size", "micro_batch_tokens", "prompt_sequence_length",
+                                "target_sequence_length", "checkpoint_every", "log_every", "normalization_pairs"),
+                               say)
+        if self.lora_dim < 0:
+            found.append(f"{say('lora_dim')} must be 0 (full fine-tuning) or more")
+        return found
+
+
+@dataclass
+class EncodedPair:
+    prompt: list[int]
+    winner: list[int]
+    loser: list[int]
+
+    def length(self) -> int:
+        return packed_length(self.prompt, [self.winner, self.loser])
+
+
+def encode_pairs(rows: list[dict], encoder: PromptEncoder) -> list[EncodedPair]:
+    return [EncodedPair(encoder.encode_prompt(r), encoder.encode_completion(chosen(r)),
+                        encoder.encode_completion(rejected(r))) for r in rows]
+
+
+def fingerprint(config: RewardTrainingConfig, model_reference: str, rows: list[dict]) -> str:
+    """Identifies a run: settings that change the result, and the data."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "log_every", "device")}
+    digest = hashlib.sha256(json.dumps([settings, model_reference], sort_keys=True).encode())
+    for row in rows:
+        digest.update(json.dumps({k: v for k, v in row.items() if k != "source"}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def length_balanced(rows: list[dict], seed: int) -> list[dict]:
+    """A seeded subset of the pairs in which the longer candidate (in characters) wins exactly as often as the
+    shorter, so length alone predicts nothing: human labels often prefer the longer answer, and a reward
+    model trained on them learns length first. Pairs of equal length are all kept."""
+    groups = {1.0: [], 0.0: [], 0.5: []}
+    for row in rows:
+        groups[longer_wins(row)].append(row)
+    longer, shorter, equal = groups[1.0], groups[0.0], groups[0.5]
+    keep = min(len(longer), len(shorter))
+    generator = random.Random(seed)
+    kept = {id(r) for r in generator.sample(longer, keep) + generator.sample(shorter, keep) + equal}
+    return [row for row in rows if id(row) in kept]
+
+
+def normalisation_sample(pairs: list[EncodedPair], count: int, seed: int) -> list[EncodedPair]:
+    """A seeded sample of `count` training pairs (all of them when fewer), in no file order: the first rows of
+    a file are often one source, one date or one topic."""
+    return random.Random(seed).sample(pairs, min(count, len(pairs)))
+
+
+def pairwise_loss(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair loss -log sigmoid(r_winner - r_loser) and whether the winner scored higher."""
+    margin = scores[:, 0] - scores[:, 1]
+    return -F.logsigmoid(margin), (margin > 0).float()
+
+
+def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, max_tokens: int) -> dict:
+    if not pairs:
+        return {"eval_pairs": 0}
+    scores = score_packed(model, [p.prompt for p in pairs], [[p.winner, p.loser] for p in pairs], pad_id, max_tokens)
+    losses, correct = pairwise_loss(scores)
+    return {"eval_pairs": len(pairs), "eval_accuracy": float(correct.mean()), "eval_rank_loss": float(losses.mean()),
+            "eval_mean_margin": float((scores[:, 0] - scores[:, 1]).mean())}
+
+
+def train_reward_model(
+    config: RewardTrainingConfig,
+    train_rows: list[dict],
+    held_out_rows: list[dict],
+    large_model_reference: str,
+    output_dir: Path,
+    base_model_path: str | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict.
+
+    `base_model_path` is where `large_model_reference` loads from (resolved by the caller when given).
+    `stop_requested` is polled after each step; when it says so, a checkpoint is saved and the run returns
+    with `"interrupted": True` (a preempted job's SIGTERM goes through it).
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from rlhf.models.reference import resolve_model_reference
+
+    config.validate()
+    if not train_rows:
+        raise UserError("reward model: no training pairs")
+    output_dir = Path(output_dir)
+    if config.balance_lengths:
+        train_rows = length_balanced(train_rows, config.seed)
+    run_id = fingerprint(config, large_model_reference, train_rows)
+    finished = finished_result(output_dir / METRICS_FILE, run_id, "reward model")
+    if finished is not None:
+        return finished
+
+    placement: Placement = pick_placement(config.device)
+    if config.lora_dim == 0 and placement.dtype != torch.float32:
+        # Updated in bfloat16, most weights would never move (an update below a weight's rounding step is lost):
+        # full fine-tuning keeps the weights in float32.
+        print(f"Full fine-tuning keeps float32 weights (not {placement.dtype}); LoRA (lora_dim > 0) trains in "
+              f"{placement.dtype}", file=sys.stderr)
+        placement = Placement(placement.device, torch.float32)
+    base_path = base_model_path or resolve_model_reference(large_model_reference)
+
+    tokenizer = load_tokenizer(base_path)
+    encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
+                            config.prompt_sequence_length, config.target_sequence_length)
+    train_pairs = encode_pairs(train_rows, encoder)
+    held_out_pairs = encode_pairs(held_out_rows, encoder)
+    pad_id = tokenizer.pad_token_id
+
+    torch.manual_seed(config.seed)
+    backbone = load_backbone(base_path, placement)
+    if config.lora_dim > 0:
+        backbone = add_lora(backbone, config.lora_dim)
+    model = RewardModel.with_new_head(backbone, config.seed)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=config.weight_decay)
+    warmup_steps = math.ceil(config.warmup_fraction * config.train_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, config.train_steps))
+
+    checkpoint_dir = output_dir / CHECKPOINT_DIR
+    with disk_full_explained(checkpoint_dir):
+        start_step, history = resume(checkpoint_dir, model, optimizer, scheduler, run_id, "the reward model",
+                                     config.train_steps)
+
+        writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+        progress = Progress(config.train_steps, "reward model", initial=start_step)
+        pairs_seen, started = 0, time.monotonic()
+        interrupted = False
+        for step in range(start_step, config.train_steps):
+            batch = [train_pairs[i] for i in batch_indices(step, config.batch_size, len(train_pairs), config.seed)]
+            step_loss, step_correct = 0.0, 0.0
+            for group in micro_batches([p.length() for p in batch], config.micro_batch_tokens):
+                micro = [batch[i] for i in group]
+                packed = pack([p.prompt for p in micro], [[p.winner, p.loser] for p in micro], pad_id)
+                losses, correct = pairwise_loss(model(packed.to(placement.device)))
+                (losses.sum() / len(batch)).backward()
+                step_loss += float(losses.detach().sum())
+                step_correct += float(correct.sum())
+            if not math.isfinite(step_loss):
+                raise FloatingPointError(f"reward model: the loss is {step_loss} at step {step + 1}; the last good "
+                                         f"checkpoint in {checkpoint_dir} is kept")
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            rank_loss, accuracy = step_loss / len(batch), step_correct / len(batch)
+            history.append({"step": step + 1, "rank_loss": rank_loss, "accuracy": accuracy})
+            pairs_seen += len(batch)
+            if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
+                writer.add_scalar("rank_loss", rank_loss, step + 1)
+                writer.add_scalar("accuracy", accuracy, step + 1)
+                writer.add_scalar("learning_rate", learning_rate, step + 1)
+            progress.update(1, loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}")
+            interrupted = stop_requested() and step + 1 < config.train_steps
+            if (step + 1) % config.checkpoint_every == 0 or interrupted:
+                save_checkpoint(checkpoint_dir, step + 1, model, optimizer,
+                                {"fingerprint": run_id, "scheduler": scheduler.state_dict(), "history": history})
+            if interrupted:
+                break
+        progress.close()
+        elapsed = time.monotonic() - started
+        if interrupted:
+            writer.close()
+            print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
+            return {"interrupted": True, "step": history[-1]["step"]}
+
+        normalisation = normalisation_sample(train_pairs, config.normalization_pairs, config.seed)
+        scores = score_packed(model, [p.prompt for p in normalisation], [[p.winner, p.loser] for p in normalisation],
+                              pad_id, config.micro_batch_tokens)
+        evaluation = evaluate_pairs(model, held_out_pairs, pad_id, config.micro_batch_tokens)
+        if "eval_accuracy" in evaluation:
+            writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], config.train_steps)
+        writer.close()
+        spec = RewardModelSpec(
+            large_model_reference=large_model_reference, lora_dim=config.lora_dim,
+            prompt_sequence_length=config.prompt_sequence_length, target_sequence_length=config.target_sequence_length,
+            instruction=config.instruction, use_chat_template=config.use_chat_template,
+            score_mean=float(scores.mean()), score_std=float(scores.std().clamp_min(1e-6)),
+            training={"steps": config.train_steps, "train_pairs": len(train_pairs), "seed": config.seed,
+                      "learning_rate": config.learning_rate(), "batch_size": config.batch_size})
+        save_reward_model(model, spec, output_dir)
+        tail = history[-max(1, min(10, len(history))):]
+        metrics = {
+            **evaluation,
+            "final_rank_loss": sum(h["rank_loss"] for h in tail) / len(tail),
+            "final_train_accuracy": sum(h["accuracy"] for h in tail) / len(tail),
+            "steps": config.train_steps,
+            "train_pairs": len(train_pairs),
+            "pairs_per_second": pairs_seen / elapsed if elapsed > 0 and pairs_seen else None,
+            "score_mean": spec.score_mean,
+            "score_std": spec.score_std,
+            "truncation": encoder.counts.as_dict(),
+            "device": str(placement.device),
+            "dtype": str(placement.dtype).removeprefix("torch."),
+            "fingerprint": run_id,
+        }
+        return finish(output_dir / METRICS_FILE, checkpoint_dir, metrics)

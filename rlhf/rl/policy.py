@@ -1,0 +1,115 @@
+"""The policy: the base causal LM with a LoRA adapter, a value head on its last hidden state, and the
+reference model for free (the same weights with the adapter switched off).
+
+Artifact layout (safetensors and JSON only):
+    policy.json            base model reference, prompt format, sequence lengths, generation settings
+    adapter/               the LoRA adapter, loadable with `peft.PeftModel.from_pretrained(base, adapter)`
+    merged/                optional: base + adapter merged, a plain model directory for serving tools
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.models.artifacts import ModelSpec, read_spec_file, save_weights, write_spec
+from rlhf.rl.decoding import adapter_merged, decode
+from rlhf.rl.rollouts import Rollout, positions
+
+SPEC_FILE = "policy.json"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+FORMAT = "rlhf-policy/1"
+
+
+@dataclass
+class PolicySpec(ModelSpec):
+    temperature: float = 1.0  # the rollouts' sampling temperature: evaluation measures the KL to base at it
+    top_p: float = 1.0  # the rollouts' nucleus
+    format: str = FORMAT
+
+
+class Policy(torch.nn.Module):
+    def __init__(self, model, value_head: torch.nn.Linear | None, stop_ids: Sequence[int], pad_id: int):
+        super().__init__()
+        self.model = model  # a peft.PeftModel around a causal LM
+        self.value_head = value_head
+        self.stop_ids = list(stop_ids)
+        self.pad_id = pad_id
+
+    @classmethod
+    def create(cls, causal_lm, lora_dim: int, stop_ids: Sequence[int], pad_id: int) -> Policy:
+        from rlhf.models.loading import add_lora, value_head
+
+        head = value_head(causal_lm)
+        return cls(add_lora(causal_lm, lora_dim), head, stop_ids, pad_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                 greedy: bool = False, use_adapter: bool = True) -> Rollout:
+        with adapter_merged(self.model) if use_adapter else self.model.disable_adapter():
+            return decode(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id, temperature, top_p,
+                          greedy).rollout
+
+    def roll_out(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                 top_p: float) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """Sampled completions with, from the sampling pass itself, each token's log-prob [batch, completion]
+        (as `evaluate` gives it) and the value of the state before it [batch, completion]."""
+        with adapter_merged(self.model):
+            decoded = decode(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id, temperature, top_p,
+                             keep_hidden=True)
+        values = self.value_head(decoded.hidden.float()).squeeze(-1)
+        return decoded.rollout, decoded.log_probs, values
+
+    def evaluate(self, rollout: Rollout, temperature: float, with_values: bool = True, use_adapter: bool = True,
+                 with_entropy: bool = False):
+        """Per-token log-probs [batch, completion] of the rollout's completion tokens, the entropy of each
+        step's distribution (None unless asked; a statistic, without gradient), and the value of the state
+        before each token (None without values)."""
+        length = rollout.completion_mask.shape[1]
+        context = nullcontext() if use_adapter else self.model.disable_adapter()
+        with context:
+            # Logits only where a completion token is predicted: the vocabulary projection is costly.
+            output = self.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                                position_ids=positions(rollout.attention_mask), logits_to_keep=length + 1,
+                                output_hidden_states=with_values)
+        logits = output.logits[:, :-1].float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        log_probs = F.log_softmax(logits, dim=-1)
+        targets = rollout.sequences[:, -length:]
+        token_log_probs = log_probs.gather(-1, targets[..., None]).squeeze(-1)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = -(log_probs.exp() * log_probs).sum(-1)
+        values = None
+        if with_values:
+            # Detached: the value loss trains the head, never the policy's adapter (see ppo.ppo_update).
+            hidden = output.hidden_states[-1][:, -length - 1:-1].detach()
+            values = self.value_head(hidden.float()).squeeze(-1)
+        return token_log_probs, entropy, values
+
+
+def save_policy(policy: Policy, spec: PolicySpec, directory: Path, tokenizer, merged: bool) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(policy.model, directory / ADAPTER_DIR)
+    if merged:
+        import copy
+
+        plain = copy.deepcopy(policy.model).merge_and_unload()
+        plain.save_pretrained(directory / MERGED_DIR, safe_serialization=True)
+        tokenizer.save_pretrained(directory / MERGED_DIR)
+    write_spec(directory / SPEC_FILE, spec)
+
+
+def read_policy_spec(directory: Path) -> PolicySpec:
+    return read_spec_file(directory, SPEC_FILE, PolicySpec, FORMAT, "tuned policy")

@@ -1,0 +1,43 @@
+"""Reward functions for the RL stage: rows and completion token ids in, one float per completion out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from rlhf.data.validation import prompt_key
+from rlhf.models.loading import Placement
+from rlhf.reward.model import load_reward_model, score_packed
+
+
+class RewardFunction(Protocol):
+    name: str
+
+    def __call__(self, rows: list[dict], completions: list[list[int]]) -> torch.Tensor: ...
+
+
+class RewardModelReward:
+    """Scores from a trained reward model, normalised with the mean and std stored at training time."""
+
+    def __init__(self, directory: Path, placement: Placement, base_model_path: str | None = None,
+                 max_tokens: int = 4096):
+        self.loaded = load_reward_model(directory, placement, base_model_path)
+        self.loaded.model.requires_grad_(False)
+        self.encoder = self.loaded.encoder()
+        self.max_tokens = max_tokens
+        self.name = f"reward_model:{Path(directory).resolve()}"
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    def _prompt(self, row: dict) -> list[int]:
+        key = prompt_key(row)
+        if key not in self._prompt_ids:
+            self._prompt_ids[key] = self.encoder.encode_prompt(row)
+        return self._prompt_ids[key]
+
+    def __call__(self, rows: list[dict], completions: list[list[int]]) -> torch.Tensor:
+        limit = self.loaded.spec.target_sequence_length
+        scores = score_packed(self.loaded.model, [self._prompt(r) for r in rows], [[c[:limit]] for c in completions],
+                              self.loaded.tokenizer.pad_token_id, self.max_tokens)
+        return self.loaded.normalise(scores[:, 0])

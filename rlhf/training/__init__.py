@@ -1,0 +1,1 @@
+"""What both trainers share that is not the algorithm: settings checks, step counts, batches, checkpoints, progress, stop requests."""
