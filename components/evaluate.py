@@ -1,5 +1,6 @@
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
+
 from rlhf.components.image import IMAGE
 
 

@@ -1,5 +1,6 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
 from rlhf.components.image import IMAGE
 
 

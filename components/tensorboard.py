@@ -1,5 +1,6 @@
 from kfp import dsl
 from kfp.dsl import Input, Model
+
 from rlhf.components.image import IMAGE
 
 

@@ -2,6 +2,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Metrics, Output
+
 from rlhf.components.image import IMAGE
 
 

@@ -8,6 +8,7 @@ PIPELINE_YAML = Path(__file__).resolve().parent / "pipeline.yaml"
 
 def compile_pipeline(output: Path) -> Path:
     from kfp import compiler
+
     from rlhf.pipeline.definition import rlhf_pipeline
 
     compiler.Compiler().compile(rlhf_pipeline, str(output))

@@ -9,6 +9,7 @@ The accelerator, CPU and memory settings apply on Vertex AI; the KFP local runne
 """
 
 from kfp import dsl
+
 from rlhf.components.evaluate import evaluate
 from rlhf.components.image import IMAGE
 from rlhf.components.inference import bulk_inference

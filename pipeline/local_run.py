@@ -239,10 +239,10 @@ def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
     Raises RunError naming a failed stage and its log, or RunStopped when stopped on request."""
     from kfp import local
     from kfp.local import executor_input_utils
-    from rlhf.pipeline.definition import build_pipeline
 
     from rlhf.evaluation.compare import COMPARISON_FILE, METRICS_FILE, REPORT_HTML, REPORT_MARKDOWN
     from rlhf.models.reference import resolve_model_reference
+    from rlhf.pipeline.definition import build_pipeline
 
     output_dir = Path(output_dir)
     logs = output_dir / "logs"

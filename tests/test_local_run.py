@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from rlhf.pipeline.local_run import LOCAL_DEFAULTS
 from rlhf.pipeline.parameters import resolve_parameters
-
 from rlhf.training.checkpoints import latest_checkpoint
 from tests.conftest import rlhf, scalars
 

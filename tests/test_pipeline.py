@@ -3,8 +3,8 @@ import sys
 
 import pytest
 import yaml
-from rlhf.pipeline.compiler import PIPELINE_YAML, compile_pipeline
 
+from rlhf.pipeline.compiler import PIPELINE_YAML, compile_pipeline
 from tests.conftest import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.slow

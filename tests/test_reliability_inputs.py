@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kfp.dsl import Artifact, Dataset, Metrics
-from rlhf.components.validate import validate_datasets
 
+from rlhf.components.validate import validate_datasets
 from rlhf.data.datasets import DatasetError, prepare_datasets, read_jsonl, sample_dataset, write_jsonl
 from rlhf.data.validation import read_dataset
 from tests.bad_inputs import file_cases, row_cases

@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import yaml
+
 from rlhf.pipeline.compiler import PIPELINE_YAML
 from rlhf.pipeline.local_run import LOCAL_DEFAULTS
 from rlhf.pipeline.parameters import (

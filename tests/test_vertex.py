@@ -4,8 +4,8 @@ server playing the Vertex API, with real service-account credentials from the en
 import json
 
 import pytest
-from rlhf.pipeline.compiler import PIPELINE_YAML
 
+from rlhf.pipeline.compiler import PIPELINE_YAML
 from tests.conftest import rlhf
 from tests.vertex_loopback import ACCESS_TOKEN, VertexLoopback, write_service_account
 
