@@ -247,7 +247,8 @@ def _prepare_or_exit(args):
 
 
 def cmd_train_reward_model(args) -> int:
-    from rlhf.reward.training import CHECKPOINT_DIR, METRICS_FILE, RewardTrainingConfig, train_reward_model
+    from rlhf.reward.training import RewardTrainingConfig, train_reward_model
+    from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
     from rlhf.training.steps import resolve_steps
 
     _refuse_to_overwrite("--output-dir", args.output_dir, resumable=(CHECKPOINT_DIR, METRICS_FILE))
@@ -283,8 +284,9 @@ def cmd_evaluate_reward_model(args) -> int:
 def cmd_train_policy(args) -> int:
     from rlhf.models.loading import pick_placement
     from rlhf.reward.model import read_spec
-    from rlhf.rl.ppo import CHECKPOINT_DIR, METRICS_FILE, PPOConfig, train_policy
+    from rlhf.rl.ppo import PPOConfig, train_policy
     from rlhf.rl.rewards import RewardModelReward
+    from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
     from rlhf.training.steps import resolve_steps
 
     _refuse_to_overwrite("--output-dir", args.output_dir, resumable=(CHECKPOINT_DIR, METRICS_FILE))

@@ -5,9 +5,10 @@ import torch
 
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
 from rlhf.rl.policy import Policy, read_policy_spec
-from rlhf.rl.ppo import CHECKPOINT_DIR, gae, train_policy
+from rlhf.rl.ppo import gae, train_policy
 from rlhf.rl.rollouts import completion_mask
 from rlhf.training.checkpoints import CheckpointMismatch
+from rlhf.training.loop import CHECKPOINT_DIR
 from tests.conftest import PROMPTS, TargetTokenShare, scalars
 from tests.conftest import ppo_config as config
 

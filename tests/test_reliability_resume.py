@@ -307,7 +307,7 @@ def test_half_written_checkpoints_are_never_loaded(runs):
 def test_a_killed_policy_run_resumes_and_ends_as_an_uninterrupted_one(runs):
     kept = runs.policy_kept
     assert 3 <= step_of(kept) < POLICY_STEPS
-    assert f"Resuming the policy from {kept} (step {step_of(kept)} of {POLICY_STEPS})" in runs.policy_resume.stderr
+    assert f"Resuming the policy (PPO) from {kept} (step {step_of(kept)} of {POLICY_STEPS})" in runs.policy_resume.stderr
     assert_same_policy(runs.policy, runs.policy_resumed)
 
 

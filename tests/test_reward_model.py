@@ -6,9 +6,10 @@ from safetensors.torch import load_file
 from rlhf.models.loading import add_lora, load_backbone, pick_placement
 from rlhf.reward.model import RewardModel, load_reward_model, score_packed
 from rlhf.reward.packing import pack
-from rlhf.reward.training import CHECKPOINT_DIR, train_reward_model
+from rlhf.reward.training import train_reward_model
 from rlhf.training.batching import batch_indices
 from rlhf.training.checkpoints import CheckpointMismatch
+from rlhf.training.loop import CHECKPOINT_DIR
 from tests.conftest import marker_pairs
 from tests.conftest import reward_config as config
 

@@ -13,14 +13,11 @@ when it holds another.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,18 +26,15 @@ import torch.nn.functional as F
 from rlhf.data.prompts import PromptEncoder, PromptFormat
 from rlhf.data.validation import chosen, longer_wins, rejected
 from rlhf.errors import UserError
-from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.models.loading import Placement, add_lora, load_backbone, load_tokenizer, pick_placement
 from rlhf.reward.model import RewardModel, RewardModelSpec, save_reward_model, score_packed
 from rlhf.reward.packing import pack, packed_length
 from rlhf.training.batching import batch_indices, micro_batches, warmup_cosine
-from rlhf.training.checkpoints import disk_full_explained, finish, finished_result, resume, save_checkpoint
-from rlhf.training.progress import Progress
+from rlhf.training.checkpoints import finished_result
+from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
 from rlhf.training.settings import StageSettings
 
 BASE_LEARNING_RATE = 1e-4  # Vertex's reward-model rate; the multiplier scales it
-METRICS_FILE = "metrics.json"
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
@@ -95,15 +89,6 @@ def encode_pairs(rows: list[dict], encoder: PromptEncoder) -> list[EncodedPair]:
                         encoder.encode_completion(rejected(r))) for r in rows]
 
 
-def fingerprint(config: RewardTrainingConfig, model_reference: str, rows: list[dict]) -> str:
-    """Identifies a run: settings that change the result, and the data."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "log_every", "device")}
-    digest = hashlib.sha256(json.dumps([settings, model_reference], sort_keys=True).encode())
-    for row in rows:
-        digest.update(json.dumps({k: v for k, v in row.items() if k != "source"}, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
 def length_balanced(rows: list[dict], seed: int) -> list[dict]:
     """A seeded subset of the pairs in which the longer candidate (in characters) wins exactly as often as the
     shorter, so length alone predicts nothing: human labels often prefer the longer answer, and a reward
@@ -139,6 +124,21 @@ def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, ma
             "eval_mean_margin": float((scores[:, 0] - scores[:, 1]).mean())}
 
 
+def train_step(model: RewardModel, batch: list[EncodedPair], pad_id: int, placement: Placement,
+               config: RewardTrainingConfig) -> tuple[float, float]:
+    """Gradients of the batch's mean pairwise loss, accumulated over micro-batches of at most
+    `micro_batch_tokens` padded tokens; returns the batch's mean loss and accuracy."""
+    total_loss, total_correct = 0.0, 0.0
+    for group in micro_batches([p.length() for p in batch], config.micro_batch_tokens):
+        micro = [batch[i] for i in group]
+        packed = pack([p.prompt for p in micro], [[p.winner, p.loser] for p in micro], pad_id)
+        losses, correct = pairwise_loss(model(packed.to(placement.device)))
+        (losses.sum() / len(batch)).backward()
+        total_loss += float(losses.detach().sum())
+        total_correct += float(correct.sum())
+    return total_loss / len(batch), total_correct / len(batch)
+
+
 def train_reward_model(
     config: RewardTrainingConfig,
     train_rows: list[dict],
@@ -154,8 +154,6 @@ def train_reward_model(
     `stop_requested` is polled after each step; when it says so, a checkpoint is saved and the run returns
     with `"interrupted": True` (a preempted job's SIGTERM goes through it).
     """
-    from torch.utils.tensorboard import SummaryWriter
-
     from rlhf.models.reference import resolve_model_reference
 
     config.validate()
@@ -164,7 +162,7 @@ def train_reward_model(
     output_dir = Path(output_dir)
     if config.balance_lengths:
         train_rows = length_balanced(train_rows, config.seed)
-    run_id = fingerprint(config, large_model_reference, train_rows)
+    run_id = run_fingerprint(config, [large_model_reference], train_rows)
     finished = finished_result(output_dir / METRICS_FILE, run_id, "reward model")
     if finished is not None:
         return finished
@@ -196,62 +194,25 @@ def train_reward_model(
     warmup_steps = math.ceil(config.warmup_fraction * config.train_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, config.train_steps))
 
-    checkpoint_dir = output_dir / CHECKPOINT_DIR
-    with disk_full_explained(checkpoint_dir):
-        start_step, history = resume(checkpoint_dir, model, optimizer, scheduler, run_id, "the reward model",
-                                     config.train_steps)
-
-        writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
-        progress = Progress(config.train_steps, "reward model", initial=start_step)
-        pairs_seen, started = 0, time.monotonic()
-        interrupted = False
-        for step in range(start_step, config.train_steps):
+    with TrainingLoop(output_dir, run_id, "reward model", config, model, optimizer, scheduler,
+                      stop_requested) as loop:
+        for step in loop.steps():
             batch = [train_pairs[i] for i in batch_indices(step, config.batch_size, len(train_pairs), config.seed)]
-            step_loss, step_correct = 0.0, 0.0
-            for group in micro_batches([p.length() for p in batch], config.micro_batch_tokens):
-                micro = [batch[i] for i in group]
-                packed = pack([p.prompt for p in micro], [[p.winner, p.loser] for p in micro], pad_id)
-                losses, correct = pairwise_loss(model(packed.to(placement.device)))
-                (losses.sum() / len(batch)).backward()
-                step_loss += float(losses.detach().sum())
-                step_correct += float(correct.sum())
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"reward model: the loss is {step_loss} at step {step + 1}; the last good "
-                                         f"checkpoint in {checkpoint_dir} is kept")
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            rank_loss, accuracy = train_step(model, batch, pad_id, placement, config)
+            require_finite(rank_loss, "reward model", step, loop.checkpoint_dir)
             learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            rank_loss, accuracy = step_loss / len(batch), step_correct / len(batch)
-            history.append({"step": step + 1, "rank_loss": rank_loss, "accuracy": accuracy})
-            pairs_seen += len(batch)
-            if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
-                writer.add_scalar("rank_loss", rank_loss, step + 1)
-                writer.add_scalar("accuracy", accuracy, step + 1)
-                writer.add_scalar("learning_rate", learning_rate, step + 1)
-            progress.update(1, loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}")
-            interrupted = stop_requested() and step + 1 < config.train_steps
-            if (step + 1) % config.checkpoint_every == 0 or interrupted:
-                save_checkpoint(checkpoint_dir, step + 1, model, optimizer,
-                                {"fingerprint": run_id, "scheduler": scheduler.state_dict(), "history": history})
-            if interrupted:
-                break
-        progress.close()
-        elapsed = time.monotonic() - started
-        if interrupted:
-            writer.close()
-            print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
-            return {"interrupted": True, "step": history[-1]["step"]}
+            optimizer_step(optimizer, scheduler, [trainable], config.max_grad_norm)
+            loop.log({"step": step + 1, "rank_loss": rank_loss, "accuracy": accuracy, "learning_rate": learning_rate},
+                     items=len(batch), loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}")
+        if loop.interrupted:
+            return loop.stopped()
 
         normalisation = normalisation_sample(train_pairs, config.normalization_pairs, config.seed)
         scores = score_packed(model, [p.prompt for p in normalisation], [[p.winner, p.loser] for p in normalisation],
                               pad_id, config.micro_batch_tokens)
         evaluation = evaluate_pairs(model, held_out_pairs, pad_id, config.micro_batch_tokens)
         if "eval_accuracy" in evaluation:
-            writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], config.train_steps)
-        writer.close()
+            loop.writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], config.train_steps)
         spec = RewardModelSpec(
             large_model_reference=large_model_reference, lora_dim=config.lora_dim,
             prompt_sequence_length=config.prompt_sequence_length, target_sequence_length=config.target_sequence_length,
@@ -260,19 +221,16 @@ def train_reward_model(
             training={"steps": config.train_steps, "train_pairs": len(train_pairs), "seed": config.seed,
                       "learning_rate": config.learning_rate(), "batch_size": config.batch_size})
         save_reward_model(model, spec, output_dir)
-        tail = history[-max(1, min(10, len(history))):]
-        metrics = {
+        return loop.finish({
             **evaluation,
-            "final_rank_loss": sum(h["rank_loss"] for h in tail) / len(tail),
-            "final_train_accuracy": sum(h["accuracy"] for h in tail) / len(tail),
+            "final_rank_loss": final_mean(loop.history, "rank_loss"),
+            "final_train_accuracy": final_mean(loop.history, "accuracy"),
             "steps": config.train_steps,
             "train_pairs": len(train_pairs),
-            "pairs_per_second": pairs_seen / elapsed if elapsed > 0 and pairs_seen else None,
+            "pairs_per_second": loop.items_per_second(),
             "score_mean": spec.score_mean,
             "score_std": spec.score_std,
             "truncation": encoder.counts.as_dict(),
             "device": str(placement.device),
             "dtype": str(placement.dtype).removeprefix("torch."),
-            "fingerprint": run_id,
-        }
-        return finish(output_dir / METRICS_FILE, checkpoint_dir, metrics)
+        })

@@ -34,13 +34,11 @@ where the policy update dominates, the head keeps PPO's cost close to that of th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,19 +46,16 @@ import torch
 from rlhf.data.prompts import PromptEncoder, PromptFormat
 from rlhf.data.validation import user_input
 from rlhf.errors import UserError
-from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
 from rlhf.rl.rewards import RewardFunction
 from rlhf.rl.rollouts import Rollout
 from rlhf.training.batching import batch_indices, warmup_cosine
-from rlhf.training.checkpoints import disk_full_explained, finish, finished_result, resume, save_checkpoint
-from rlhf.training.progress import Progress
+from rlhf.training.checkpoints import finished_result
+from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
 from rlhf.training.settings import StageSettings
 
 BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
-METRICS_FILE = "metrics.json"
-CHECKPOINT_DIR = "checkpoints"
 
 
 @dataclass
@@ -169,14 +164,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, advantages + values
 
 
-def fingerprint(config: PPOConfig, model_reference: str, reward_name: str, rows: list[dict]) -> str:
-    settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_every", "sample_every", "device")}
-    digest = hashlib.sha256(json.dumps([settings, model_reference, reward_name], sort_keys=True).encode())
-    for row in rows:
-        digest.update(json.dumps({k: v for k, v in row.items() if k != "source"}, sort_keys=True).encode())
-    return digest.hexdigest()[:16]
-
-
 @torch.no_grad()
 def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_fn: RewardFunction,
             config: PPOConfig) -> Experience:
@@ -215,6 +202,20 @@ def whiten(experiences: list[Experience]) -> None:
         experience.advantages = (experience.advantages - mean) / std * experience.rollout.completion_mask
 
 
+def roll_out(policy: Policy, prompt_rows: list[dict], prompts: list[list[int]], chosen: list[int],
+             reward_fn: RewardFunction, config: PPOConfig) -> tuple[list[Experience], list[list[dict]]]:
+    """Steps 2 and 3 for the chosen prompts, `micro_batch_size` at a time; the advantages whitened over the
+    whole batch. Returns the micro-batches' experiences and rows."""
+    experiences, batch_rows = [], []
+    for first in range(0, len(chosen), config.micro_batch_size):
+        indices = chosen[first:first + config.micro_batch_size]
+        rows = [prompt_rows[i] for i in indices]
+        experiences.append(collect(policy, rows, [prompts[i] for i in indices], reward_fn, config))
+        batch_rows.append(rows)
+    whiten(experiences)
+    return experiences, batch_rows
+
+
 def ppo_losses(policy: Policy, experience: Experience, config: PPOConfig) -> dict[str, torch.Tensor]:
     """Token sums (not means) of the losses and statistics for one micro-batch, with gradients on the losses."""
     mask = experience.rollout.completion_mask.float()
@@ -238,49 +239,96 @@ def ppo_losses(policy: Policy, experience: Experience, config: PPOConfig) -> dic
     }
 
 
+LOGGED_LOSSES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
+
+
+def minibatch_gradients(policy: Policy, group: list[Experience], config: PPOConfig, step: int, checkpoint_dir: Path,
+                        totals: dict[str, float]) -> float:
+    """Accumulate the gradients of one minibatch's joint loss (token mean over the minibatch), a micro-batch
+    at a time; adds each micro-batch's token sums to `totals` and returns the minibatch's token count."""
+    tokens = sum(float(e.rollout.completion_mask.sum()) for e in group)
+    for experience in group:
+        losses = ppo_losses(policy, experience, config)
+        loss = (losses["policy_loss"] + config.value_loss_coeff * losses["value_loss"]) / tokens
+        require_finite(float(loss.detach()), "reinforcement learning", step, checkpoint_dir)
+        loss.backward()
+        for name in LOGGED_LOSSES:
+            totals[name] += float(losses[name].detach())
+    return tokens
+
+
 def ppo_update(policy: Policy, experiences: list[Experience], optimizer, scheduler, config: PPOConfig, step: int,
                checkpoint_dir: Path) -> dict[str, float]:
-    """`ppo_epochs` passes over the step's rollouts in minibatches of `ppo_minibatch_size`, one optimizer step
-    each. Returns the token means of the losses and statistics, and the mean gradient norms before clipping.
+    """Step 4: `ppo_epochs` passes over the step's rollouts in minibatches of `ppo_minibatch_size`, one
+    optimizer step each. Returns the token means of the losses and statistics, and the mean gradient norms
+    before clipping.
 
     The value head reads detached hidden states, so the value loss trains the head alone and the policy
     loss the adapter alone: each has its own gradient norm and its own clip, and value error never moves
     the policy."""
-    policy_parameters = [p for p in policy.model.parameters() if p.requires_grad]
-    value_parameters = list(policy.value_head.parameters())
+    clipped = [[p for p in policy.model.parameters() if p.requires_grad], list(policy.value_head.parameters())]
     micro_per_minibatch = config.ppo_minibatch_size // config.micro_batch_size
-    totals = dict.fromkeys(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), 0.0)
-    norms = {"policy_grad_norm": 0.0, "value_grad_norm": 0.0}
+    totals = dict.fromkeys(LOGGED_LOSSES, 0.0)
+    norms = [0.0, 0.0]
     token_count, updates = 0.0, 0
     for _ in range(config.ppo_epochs):
         order = torch.randperm(len(experiences)).tolist()
         for first in range(0, len(order), micro_per_minibatch):
             group = [experiences[i] for i in order[first:first + micro_per_minibatch]]
-            tokens = sum(float(e.rollout.completion_mask.sum()) for e in group)
-            for experience in group:
-                losses = ppo_losses(policy, experience, config)
-                loss = (losses["policy_loss"] + config.value_loss_coeff * losses["value_loss"]) / tokens
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"reinforcement learning: the loss is {float(loss)} at step {step + 1}; the last good "
-                        f"checkpoint in {checkpoint_dir} is kept")
-                loss.backward()
-                for name in totals:
-                    totals[name] += float(losses[name].detach())
-            norms["policy_grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy_parameters, config.max_grad_norm))
-            norms["value_grad_norm"] += float(torch.nn.utils.clip_grad_norm_(value_parameters, config.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            token_count += tokens
+            token_count += minibatch_gradients(policy, group, config, step, checkpoint_dir, totals)
+            norms = [total + norm for total, norm in
+                     zip(norms, optimizer_step(optimizer, scheduler, clipped, config.max_grad_norm), strict=True)]
             updates += 1
+    policy_norm, value_norm = (total / updates for total in norms)
     return {**{name: value / token_count for name, value in totals.items()},
-            **{name: value / updates for name, value in norms.items()}}
+            "policy_grad_norm": policy_norm, "value_grad_norm": value_norm}
+
+
+def step_record(step: int, experiences: list[Experience], totals: dict[str, float], update_seconds: float,
+                learning_rate: float, config: PPOConfig) -> dict:
+    """Step 5: what a step logs (TensorBoard names as Vertex's)."""
+    scores = torch.cat([e.scores for e in experiences])
+    raw_scores = torch.cat([e.raw_scores for e in experiences])
+    kl = float(torch.cat([e.kl for e in experiences]).mean()) if config.kl_coeff > 0 else None
+    lengths = torch.cat([e.rollout.completion_mask.sum(dim=1).float() for e in experiences])
+    ended = torch.cat([e.rollout.ended.float() for e in experiences])
+    return {
+        "step": step + 1,
+        "reward": float(scores.mean()),
+        "kl": kl,
+        "kl_loss": config.kl_coeff * kl if kl is not None else None,
+        "rl_loss": totals["policy_loss"],
+        "value_loss": totals["value_loss"],
+        "entropy": totals["entropy"],
+        "approx_kl": totals["approx_kl"],
+        "clip_fraction": totals["clip_fraction"],
+        "policy_grad_norm": totals["policy_grad_norm"],
+        "value_grad_norm": totals["value_grad_norm"],
+        # Raw reward-model scores of the completions that ended and of those the limit cut: the unfinished
+        # penalty only works while it stays below the first.
+        "score_finished": _mean_where(raw_scores, ended > 0),
+        "score_unfinished": _mean_where(raw_scores, ended == 0),
+        "response_length": float(lengths.mean()),
+        "ended_share": float(ended.mean()),
+        "learning_rate": learning_rate,
+        # Where the step's time went: sampling (with the policy's log-probs and values), the reference log-prob
+        # pass, the reward function, and the PPO epochs (forward, backward, optimizer).
+        **{f"time/{phase}": sum(e.seconds[phase] for e in experiences)
+           for phase in ("generation", "forward", "scoring")},
+        "time/update": update_seconds,
+    }
 
 
 def _ending_does_not_pay(config: PPOConfig, record: dict) -> bool:
     finished = record["score_finished"]
     return config.penalize_unfinished and finished is not None and config.unfinished_reward > finished
+
+
+def _warn_the_first_time_ending_does_not_pay(config: PPOConfig, record: dict, history: list[dict]) -> None:
+    if _ending_does_not_pay(config, record) and not any(_ending_does_not_pay(config, h) for h in history):
+        print(f"Warning: at step {record['step']} the unfinished penalty {config.unfinished_reward} is above the "
+              f"mean score of completions that end ({record['score_finished']:.3f}): never ending pays; "
+              "lower --unfinished-reward", file=sys.stderr)
 
 
 def _mean_where(values: torch.Tensor, where: torch.Tensor) -> float | None:
@@ -307,15 +355,13 @@ def train_policy(
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> dict:
     """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict."""
-    from torch.utils.tensorboard import SummaryWriter
-
     from rlhf.models.reference import resolve_model_reference
 
     config.validate()
     if not prompt_rows:
         raise UserError("reinforcement learning: no prompts")
     output_dir = Path(output_dir)
-    run_id = fingerprint(config, large_model_reference, reward_fn.name, prompt_rows)
+    run_id = run_fingerprint(config, [large_model_reference, reward_fn.name], prompt_rows)
     finished = finished_result(output_dir / METRICS_FILE, run_id, "tuned policy")
     if finished is not None:
         return finished
@@ -337,83 +383,22 @@ def train_policy(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
 
-    checkpoint_dir = output_dir / CHECKPOINT_DIR
-    with disk_full_explained(checkpoint_dir):
-        start_step, history = resume(checkpoint_dir, policy, optimizer, scheduler, run_id, "the policy",
-                                     config.train_steps)
-
-        writer = SummaryWriter(str(output_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
-        progress = Progress(config.train_steps, "policy (PPO)", initial=start_step)
-        episodes, started, interrupted, warned = 0, time.monotonic(), False, False
-        for step in range(start_step, config.train_steps):
+    with TrainingLoop(output_dir, run_id, "policy (PPO)", config, policy, optimizer, scheduler,
+                      stop_requested) as loop:
+        for step in loop.steps():
             chosen = batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
-            experiences, batch_rows = [], []
-            for first in range(0, len(chosen), config.micro_batch_size):
-                indices = chosen[first:first + config.micro_batch_size]
-                rows = [prompt_rows[i] for i in indices]
-                experiences.append(collect(policy, rows, [prompts[i] for i in indices], reward_fn, config))
-                batch_rows.append(rows)
-            whiten(experiences)
-
+            experiences, batch_rows = roll_out(policy, prompt_rows, prompts, chosen, reward_fn, config)
             update_started = clock(placement.device)
-            totals = ppo_update(policy, experiences, optimizer, scheduler, config, step, checkpoint_dir)
-            update_seconds = clock(placement.device) - update_started
-
-            scores = torch.cat([e.scores for e in experiences])
-            raw_scores = torch.cat([e.raw_scores for e in experiences])
-            kl = float(torch.cat([e.kl for e in experiences]).mean()) if config.kl_coeff > 0 else None
-            lengths = torch.cat([e.rollout.completion_mask.sum(dim=1).float() for e in experiences])
-            ended = torch.cat([e.rollout.ended.float() for e in experiences])
-            record = {
-                "step": step + 1,
-                "reward": float(scores.mean()),
-                "kl": kl,
-                "kl_loss": config.kl_coeff * kl if kl is not None else None,
-                "rl_loss": totals["policy_loss"],
-                "value_loss": totals["value_loss"],
-                "entropy": totals["entropy"],
-                "approx_kl": totals["approx_kl"],
-                "clip_fraction": totals["clip_fraction"],
-                "policy_grad_norm": totals["policy_grad_norm"],
-                "value_grad_norm": totals["value_grad_norm"],
-                # Raw reward-model scores of the completions that ended and of those the limit cut: the
-                # unfinished penalty only works while it stays below the first.
-                "score_finished": _mean_where(raw_scores, ended > 0),
-                "score_unfinished": _mean_where(raw_scores, ended == 0),
-                "response_length": float(lengths.mean()),
-                "ended_share": float(ended.mean()),
-                "learning_rate": scheduler.get_last_lr()[0],
-                # Where the step's time went: sampling (with the policy's log-probs and values), the reference
-                # log-prob pass, the reward function, and the PPO epochs (forward, backward, optimizer).
-                **{f"time/{phase}": sum(e.seconds[phase] for e in experiences)
-                   for phase in ("generation", "forward", "scoring")},
-                "time/update": update_seconds,
-            }
-            history.append(record)
-            if not warned and _ending_does_not_pay(config, record):
-                warned = True
-                print(f"Warning: at step {step + 1} the unfinished penalty {config.unfinished_reward} is above the "
-                      f"mean score of completions that end ({record['score_finished']:.3f}): never ending pays; "
-                      "lower --unfinished-reward", file=sys.stderr)
-            for name, value in record.items():
-                if name != "step" and value is not None:
-                    writer.add_scalar(name, value, step + 1)
-            if (step + 1) % config.sample_every == 0 or step == start_step:
-                writer.add_text("samples", _samples_markdown(tokenizer, batch_rows[0], experiences[0]), step + 1)
-            episodes += len(chosen)
-            progress.update(1, reward=f"{record['reward']:.3f}", kl="-" if kl is None else f"{kl:.3f}")
-            interrupted = stop_requested() and step + 1 < config.train_steps
-            if (step + 1) % config.checkpoint_every == 0 or interrupted:
-                save_checkpoint(checkpoint_dir, step + 1, policy, optimizer,
-                                {"fingerprint": run_id, "scheduler": scheduler.state_dict(), "history": history})
-            if interrupted:
-                break
-        progress.close()
-        elapsed = time.monotonic() - started
-        writer.close()
-        if interrupted:
-            print(f"Stopped at step {history[-1]['step']}; run the same command again to resume", file=sys.stderr)
-            return {"interrupted": True, "step": history[-1]["step"]}
+            totals = ppo_update(policy, experiences, optimizer, scheduler, config, step, loop.checkpoint_dir)
+            record = step_record(step, experiences, totals, clock(placement.device) - update_started,
+                                 scheduler.get_last_lr()[0], config)
+            _warn_the_first_time_ending_does_not_pay(config, record, loop.history)
+            loop.log(record, items=len(chosen), reward=f"{record['reward']:.3f}",
+                     kl="-" if record["kl"] is None else f"{record['kl']:.3f}")
+            if (step + 1) % config.sample_every == 0 or step == loop.start_step:
+                loop.writer.add_text("samples", _samples_markdown(tokenizer, batch_rows[0], experiences[0]), step + 1)
+        if loop.interrupted:
+            return loop.stopped()
 
         spec = PolicySpec(large_model_reference=large_model_reference, lora_dim=config.lora_dim,
                           prompt_sequence_length=config.prompt_sequence_length,
@@ -421,18 +406,15 @@ def train_policy(
                           use_chat_template=config.use_chat_template, temperature=config.temperature,
                           top_p=config.top_p)
         save_policy(policy, spec, output_dir, tokenizer, merged=config.export_merged)
-        tail = history[-max(1, min(10, len(history) // 5 or 1)):]
-        metrics = {
-            "final_reward": sum(h["reward"] for h in tail) / len(tail),
-            "final_kl": sum(h["kl"] for h in tail) / len(tail) if config.kl_coeff > 0 else None,
-            "initial_reward": history[0]["reward"],
-            "final_ended_share": sum(h["ended_share"] for h in tail) / len(tail),
+        return loop.finish({
+            "final_reward": final_mean(loop.history, "reward"),
+            "final_kl": final_mean(loop.history, "kl") if config.kl_coeff > 0 else None,
+            "initial_reward": loop.history[0]["reward"],
+            "final_ended_share": final_mean(loop.history, "ended_share"),
             "steps": config.train_steps,
-            "episodes_per_second": episodes / elapsed if elapsed > 0 and episodes else None,
+            "episodes_per_second": loop.items_per_second(),
             "prompts": len(prompt_rows),
             "truncation": encoder.counts.as_dict(),
             "device": str(placement.device),
             "dtype": str(placement.dtype).removeprefix("torch."),
-            "fingerprint": run_id,
-        }
-        return finish(output_dir / METRICS_FILE, checkpoint_dir, metrics)
+        })
