@@ -12,13 +12,22 @@ def train_policy(
     train_steps: int,
     batch_size: int,
     micro_batch_size: int,
-    minibatch_size: int,
+    ppo_minibatch_size: int,
     ppo_epochs: int,
     learning_rate_multiplier: float,
     kl_coeff: float,
     lora_dim: int,
     temperature: float,
     top_p: float,
+    warmup_fraction: float,
+    gamma: float,
+    lam: float,
+    clip_range: float,
+    value_clip_range: float,
+    value_loss_coeff: float,
+    max_grad_norm: float,
+    penalize_unfinished: bool,
+    unfinished_reward: float,
     prompt_sequence_length: int,
     target_sequence_length: int,
     instruction: str,
@@ -36,14 +45,18 @@ def train_policy(
     from rlhf.rl.ppo import PPOConfig
     from rlhf.rl.ppo import train_policy as train
     from rlhf.rl.rewards import RewardModelReward
+    from rlhf.training.settings import chat_template_choice
     from rlhf.training.stopping import Interrupted, StopFlag
 
     config = PPOConfig(
         train_steps=train_steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
-        ppo_minibatch_size=minibatch_size, ppo_epochs=ppo_epochs, learning_rate_multiplier=learning_rate_multiplier,
-        kl_coeff=kl_coeff, lora_dim=lora_dim, temperature=temperature, top_p=top_p,
+        ppo_minibatch_size=ppo_minibatch_size, ppo_epochs=ppo_epochs,
+        learning_rate_multiplier=learning_rate_multiplier, warmup_fraction=warmup_fraction, kl_coeff=kl_coeff,
+        lora_dim=lora_dim, temperature=temperature, top_p=top_p, gamma=gamma, lam=lam, clip_range=clip_range,
+        value_clip_range=value_clip_range, value_loss_coeff=value_loss_coeff, max_grad_norm=max_grad_norm,
+        penalize_unfinished=penalize_unfinished, unfinished_reward=unfinished_reward,
         prompt_sequence_length=prompt_sequence_length, target_sequence_length=target_sequence_length,
-        instruction=instruction, use_chat_template=False if plain_text else None, seed=seed,
+        instruction=instruction, use_chat_template=chat_template_choice(plain_text), seed=seed,
         export_merged=export_merged)
     config.validate()
     reward = RewardModelReward(Path(reward_model.path), pick_placement(config.device))

@@ -14,6 +14,11 @@ def train_reward_model(
     micro_batch_tokens: int,
     learning_rate_multiplier: float,
     lora_dim: int,
+    warmup_fraction: float,
+    weight_decay: float,
+    max_grad_norm: float,
+    normalization_pairs: int,
+    balance_lengths: bool,
     prompt_sequence_length: int,
     target_sequence_length: int,
     instruction: str,
@@ -28,13 +33,16 @@ def train_reward_model(
     from rlhf.data.datasets import read_jsonl
     from rlhf.reward.training import RewardTrainingConfig
     from rlhf.reward.training import train_reward_model as train
+    from rlhf.training.settings import chat_template_choice
     from rlhf.training.stopping import Interrupted, StopFlag
 
     config = RewardTrainingConfig(
         train_steps=train_steps, batch_size=batch_size, micro_batch_tokens=micro_batch_tokens,
-        learning_rate_multiplier=learning_rate_multiplier, lora_dim=lora_dim,
-        prompt_sequence_length=prompt_sequence_length, target_sequence_length=target_sequence_length,
-        instruction=instruction, use_chat_template=False if plain_text else None, seed=seed)
+        learning_rate_multiplier=learning_rate_multiplier, lora_dim=lora_dim, warmup_fraction=warmup_fraction,
+        weight_decay=weight_decay, max_grad_norm=max_grad_norm, normalization_pairs=normalization_pairs,
+        balance_lengths=balance_lengths, prompt_sequence_length=prompt_sequence_length,
+        target_sequence_length=target_sequence_length, instruction=instruction,
+        use_chat_template=chat_template_choice(plain_text), seed=seed)
     result = train(config, read_jsonl(Path(train_pairs.path)), read_jsonl(Path(held_out_pairs.path)),
                    large_model_reference, Path(reward_model.path), stop_requested=StopFlag().install())
     if result.get("interrupted"):

@@ -12,6 +12,7 @@ import yaml
 
 from rlhf.errors import UserError
 from rlhf.models.reference import ModelReferenceError, classify_model_reference, context_length
+from rlhf.training.settings import PLAIN_TEXT, chat_template_choice
 
 # (steps, epochs): epochs, when given, define the steps; giving both is ambiguous.
 STEP_PARAMETERS = (("reward_model_train_steps", "reward_model_train_epochs"),
@@ -146,34 +147,22 @@ def check_parameters(parameters: dict, given: dict, target: str) -> list[str]:
     return problems
 
 
-# Which stage setting each pipeline parameter sets: the one mapping the checks use (the components pass the same
-# parameters to the same fields, and a test pins the pipeline's defaults to the dataclasses').
-SHARED_SETTINGS = {"prompt_sequence_length": "prompt_sequence_length",
-                   "target_sequence_length": "target_sequence_length", "instruction": "instruction", "seed": "seed"}
-REWARD_MODEL_SETTINGS = {
-    "reward_model_train_steps": "train_steps", "reward_model_batch_size": "batch_size",
-    "reward_model_micro_batch_tokens": "micro_batch_tokens",
-    "reward_model_learning_rate_multiplier": "learning_rate_multiplier", "reward_lora_dim": "lora_dim",
-    **SHARED_SETTINGS}
-POLICY_SETTINGS = {
-    "reinforcement_learning_train_steps": "train_steps", "reinforcement_learning_batch_size": "batch_size",
-    "reinforcement_learning_micro_batch_size": "micro_batch_size",
-    "reinforcement_learning_minibatch_size": "ppo_minibatch_size", "reinforcement_learning_ppo_epochs": "ppo_epochs",
-    "reinforcement_learning_rate_multiplier": "learning_rate_multiplier", "kl_coeff": "kl_coeff",
-    "policy_lora_dim": "lora_dim", "temperature": "temperature", "top_p": "top_p",
-    "export_merged_model": "export_merged", **SHARED_SETTINGS}
+def stage_settings() -> list[tuple[type, dict[str, str]]]:
+    """Each training stage's config dataclass and which of its fields each pipeline parameter sets (the one
+    mapping, `parameter_names` on the dataclass: the components pass the same parameters to the same fields)."""
+    from rlhf.reward.training import RewardTrainingConfig
+    from rlhf.rl.ppo import PPOConfig
+
+    return [(kind, {name: field for field, name in kind.parameter_names.items()})
+            for kind in (RewardTrainingConfig, PPOConfig)]
 
 
 def stage_configs(value) -> list:
     """The reward-model and PPO configs a run's parameters give (the steps as given: epochs resolve later),
     each with the parameter names its fields go by."""
-    from rlhf.reward.training import RewardTrainingConfig
-    from rlhf.rl.ppo import PPOConfig
-
-    chat = {"use_chat_template": False if value("plain_text") else None}
-    return [(kind(**{field: value(name) for name, field in settings.items()}, **chat),
-             {field: name for name, field in settings.items()})
-            for kind, settings in ((RewardTrainingConfig, REWARD_MODEL_SETTINGS), (PPOConfig, POLICY_SETTINGS))]
+    chat = {"use_chat_template": chat_template_choice(value(PLAIN_TEXT))}
+    return [(kind(**{field: value(name) for name, field in settings.items()}, **chat), kind.parameter_names)
+            for kind, settings in stage_settings()]
 
 
 def _check_model(parameters: dict, value, target: str) -> list[str]:

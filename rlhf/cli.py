@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import traceback
+import typing
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from rlhf.errors import RunFailure, UserError
+from rlhf.training.settings import PLAIN_TEXT, chat_template_choice
 
 MAX_PROBLEM_LINES = 200
 
@@ -30,16 +35,6 @@ class UsageError(UserError):
 LOCAL_PATH_ARGUMENTS = {"output_dir": "--output-dir", "reward_model": "--reward-model", "policy": "--policy",
                         "adapter": "--adapter", "params": "--params", "template": "--template"}
 LOCAL_OUTPUT_COMMANDS = ("compile", "infer")
-# The flags `train-policy` sets PPO's settings with, so a refused setting is named as the user typed it.
-PPO_FLAGS = {"batch_size": "--batch-size", "micro_batch_size": "--micro-batch-size",
-             "ppo_minibatch_size": "--ppo-minibatch-size", "ppo_epochs": "--ppo-epochs", "kl_coeff": "--kl-coeff",
-             "learning_rate_multiplier": "--reinforcement-learning-rate-multiplier",
-             "lora_dim": "--policy-lora-dim", "temperature": "--temperature", "top_p": "--top-p",
-             "lam": "--gae-lambda", "train_steps": "--reinforcement-learning-train-steps",
-             "prompt_sequence_length": "--prompt-sequence-length",
-             "target_sequence_length": "--target-sequence-length"}
-
-
 def _require_local_paths(args) -> None:
     names = dict(LOCAL_PATH_ARGUMENTS)
     if args.command in LOCAL_OUTPUT_COMMANDS:
@@ -256,12 +251,7 @@ def cmd_train_reward_model(args) -> int:
     data = _prepare_or_exit(args)
     steps = resolve_steps(len(data.train_pairs), args.reward_model_train_steps, args.reward_model_train_epochs,
                           args.batch_size, "reward model")
-    config = RewardTrainingConfig(
-        train_steps=steps, batch_size=args.batch_size, micro_batch_tokens=args.micro_batch_tokens,
-        learning_rate_multiplier=args.reward_model_learning_rate_multiplier, lora_dim=args.reward_lora_dim,
-        prompt_sequence_length=args.prompt_sequence_length, target_sequence_length=args.target_sequence_length,
-        instruction=args.instruction, use_chat_template=False if args.plain_text else None, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, device=args.device)
+    config = _stage_config(RewardTrainingConfig, args, train_steps=steps)
     print(f"Training the reward model: {len(data.train_pairs)} pairs, {steps} steps of {args.batch_size}, "
           f"{len(data.held_out_pairs)} held-out pairs", file=sys.stderr)
     metrics = train_reward_model(config, data.train_pairs, data.held_out_pairs, args.large_model_reference,
@@ -299,20 +289,8 @@ def cmd_train_policy(args) -> int:
                          f"the same base model (its tokenizer), not {reference!r}")
     steps = resolve_steps(len(prompts), args.reinforcement_learning_train_steps,
                           args.reinforcement_learning_train_epochs, args.batch_size, "reinforcement learning")
-    config = PPOConfig(
-        train_steps=steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-        ppo_minibatch_size=args.ppo_minibatch_size, ppo_epochs=args.ppo_epochs,
-        learning_rate_multiplier=args.reinforcement_learning_rate_multiplier, kl_coeff=args.kl_coeff,
-        lora_dim=args.policy_lora_dim, temperature=args.temperature, top_p=args.top_p, lam=args.gae_lambda,
-        penalize_unfinished=args.unfinished_reward is not None,
-        unfinished_reward=args.unfinished_reward if args.unfinished_reward is not None else 0.0,
-        prompt_sequence_length=args.prompt_sequence_length, target_sequence_length=args.target_sequence_length,
-        instruction=reward_spec.instruction if args.instruction is None else args.instruction,
-        use_chat_template=False if args.plain_text else None, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, export_merged=args.export_merged, device=args.device)
-    problems = config.problems(PPO_FLAGS)
-    if problems:
-        raise UsageError("; ".join(problems))
+    instruction = reward_spec.instruction if args.instruction is None else args.instruction
+    config = _stage_config(PPOConfig, args, train_steps=steps, instruction=instruction)
     reward = RewardModelReward(Path(args.reward_model), pick_placement(args.device))
     print(f"Tuning the policy: {len(prompts)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
     metrics = train_policy(config, prompts, reward, reference, output_dir,
@@ -355,7 +333,7 @@ def cmd_infer(args) -> int:
     config = InferenceConfig(
         target_sequence_length=args.target_sequence_length, prompt_sequence_length=args.prompt_sequence_length,
         batch_size=args.batch_size, greedy=not args.sample, temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed, instruction=instruction or "", use_chat_template=False if args.plain_text else None,
+        seed=args.seed, instruction=instruction or "", use_chat_template=chat_template_choice(args.plain_text),
         device=args.device)
     outputs = bulk_infer(rows, resolve_model_reference(reference), config, adapter)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -408,7 +386,7 @@ def cmd_generate_candidates(args) -> int:
         temperatures=tuple(args.temperatures), top_p=args.top_p, target_sequence_length=args.target_sequence_length,
         prompt_sequence_length=args.prompt_sequence_length, batch_size=args.batch_size,
         max_attempts=args.max_attempts, seed=args.seed, instruction=args.instruction,
-        use_chat_template=False if args.plain_text else None, device=args.device)
+        use_chat_template=chat_template_choice(args.plain_text), device=args.device)
     config.validate()
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     model_path = resolve_model_reference(args.large_model_reference, progress=say)
@@ -493,23 +471,73 @@ def _add_dataset_arguments(parser, eval_help: str) -> None:
                         help="share of prompts held out when the eval dataset has no pairs (default 0.1)")
 
 
-def _add_model_arguments(parser, from_artifact: str | None = None) -> None:
-    """Model and prompt arguments; with `from_artifact`, the model and instruction default to that artifact's."""
+def _add_model_reference(parser, from_artifact: str | None = None) -> None:
+    """--large-model-reference; with `from_artifact`, it defaults to that artifact's."""
     from rlhf.models.reference import DEFAULT_MODEL
 
     default = f"the {from_artifact}'s" if from_artifact else DEFAULT_MODEL
     parser.add_argument("--large-model-reference", default=None if from_artifact else DEFAULT_MODEL, metavar="REF",
                         help=f"the base model (default {default}); see `rlhf prepare-model --help`")
+
+
+def _add_model_arguments(parser) -> None:
+    """The model and prompt arguments of the commands that only generate (no stage config of their own)."""
+    _add_model_reference(parser)
     parser.add_argument("--prompt-sequence-length", type=_positive_int, default=512,
                         help="prompt tokens kept, cut inside the input (default 512)")
     parser.add_argument("--target-sequence-length", type=_positive_int, default=64,
                         help="completion tokens kept (default 64)")
-    parser.add_argument("--instruction", default=None if from_artifact else "",
-                        help='put before every input, e.g. "Summarize in less than 50 words." '
-                             f"(default {'the ' + from_artifact + chr(39) + 's' if from_artifact else 'none'})")
-    parser.add_argument("--plain-text", action="store_true", help="do not use the tokenizer's chat template")
+    parser.add_argument("--instruction", default="",
+                        help='put before every input, e.g. "Summarize in less than 50 words." (default none)')
+    parser.add_argument(_flag(PLAIN_TEXT), action="store_true", help="do not use the tokenizer's chat template")
     parser.add_argument("--seed", type=int, default=0, help="seed for data order, split and initialisation")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_steps_or_epochs(parser, prefix: str, rows: str) -> None:
+    """The stage's steps, or its epochs (which the pipeline turns into steps): as the pipeline's two parameters."""
+    parser.add_argument(_flag(f"{prefix}_train_steps"), type=_positive_int, metavar="N", help="optimizer steps")
+    parser.add_argument(_flag(f"{prefix}_train_epochs"), type=_positive_int, metavar="E",
+                        help=f"epochs instead of steps: ceil({rows} / batch) * E")
+
+
+def _add_settings(parser, settings, from_artifact: Mapping[str, str] = MappingProxyType({})) -> None:
+    """A flag for every field of the stage's config dataclass but its steps (given as steps or epochs): named as
+    its pipeline parameter, with the field's type, default and one-line doc. The chat-template choice is
+    --plain-text, as in the pipeline. `from_artifact` names the fields whose default comes from an input
+    artifact instead."""
+    hints = typing.get_type_hints(settings)
+    docs, names = settings.field_docs(), settings.user_names()
+    group = parser.add_argument_group(f"{settings.stage} settings")
+    for field in dataclasses.fields(settings):
+        if field.name == "train_steps":
+            continue
+        if field.name == "use_chat_template":
+            group.add_argument(_flag(PLAIN_TEXT), action="store_true", help="do not use the tokenizer's chat template")
+            continue
+        default = None if field.name in from_artifact else field.default
+        shown = from_artifact.get(field.name, repr(field.default) if field.default == "" else field.default)
+        kind = hints[field.name]
+        options = ({"action": argparse.BooleanOptionalAction} if kind is bool
+                   else {"type": kind, "metavar": {int: "N", float: "X", str: "TEXT"}[kind]})
+        group.add_argument(_flag(names[field.name]), dest=field.name, default=default,
+                           help=f"{docs[field.name]} (default {shown})", **options)
+
+
+def _stage_config(settings, args, **given):
+    """The stage's config from the flags `_add_settings` made (and `given`), or a UsageError naming each bad
+    setting by its flag."""
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(settings)
+              if field.name not in ("train_steps", "use_chat_template")}
+    config = settings(**{**values, "use_chat_template": chat_template_choice(args.plain_text), **given})
+    problems = config.problems({field: _flag(name) for field, name in settings.user_names().items()})
+    if problems:
+        raise UsageError("; ".join(problems))
+    return config
 
 
 def cmd_run(args) -> int:
@@ -538,6 +566,8 @@ def cmd_run(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from rlhf.models.reference import DEFAULT_MODEL
+    from rlhf.reward.training import RewardTrainingConfig
+    from rlhf.rl.ppo import PPOConfig
 
     parser = argparse.ArgumentParser(
         prog="rlhf",
@@ -650,21 +680,13 @@ def build_parser() -> argparse.ArgumentParser:
     train_rm = commands.add_parser(
         "train-reward-model", help="train the pairwise LoRA reward model",
         description="Train {prompt, completion} -> score on preference pairs with -log sigmoid(r_winner - "
-                    "r_loser). Running the same command again resumes from the last checkpoint.")
+                    "r_loser). Running the same command again resumes from the last checkpoint. The settings' "
+                    "flags are the pipeline's parameters of the same names.")
     _add_dataset_arguments(train_rm, "JSONL preference rows held out for accuracy (default: a split by prompt)")
-    _add_model_arguments(train_rm)
+    _add_model_reference(train_rm)
     train_rm.add_argument("--output-dir", required=True, metavar="DIR", help="where the reward model goes")
-    train_rm.add_argument("--reward-model-train-steps", type=_positive_int, metavar="N", help="optimizer steps")
-    train_rm.add_argument("--reward-model-train-epochs", type=_positive_int, metavar="E",
-                          help="epochs instead of steps: ceil(pairs / batch) * E")
-    train_rm.add_argument("--batch-size", type=_positive_int, default=64, help="pairs per step (default 64)")
-    train_rm.add_argument("--micro-batch-tokens", type=_positive_int, default=4096,
-                          help="padded tokens per forward pass; gradients accumulate over the batch (default 4096)")
-    train_rm.add_argument("--reward-model-learning-rate-multiplier", type=float, default=1.0,
-                          help="times the base learning rate 1e-4 (default 1.0)")
-    train_rm.add_argument("--reward-lora-dim", type=int, default=4, help="LoRA rank; 0 = full fine-tuning (default 4)")
-    train_rm.add_argument("--checkpoint-every", type=_positive_int, default=50, help="steps between checkpoints")
-    train_rm.set_defaults(handler=cmd_train_reward_model)
+    _add_steps_or_epochs(train_rm, "reward_model", "pairs")
+    _add_settings(train_rm, RewardTrainingConfig)
 
     eval_rm = commands.add_parser(
         "evaluate-reward-model", help="accuracy of a reward model on labelled pairs, against the length baseline",
@@ -680,36 +702,15 @@ def build_parser() -> argparse.ArgumentParser:
         "train-policy", help="tune the policy with PPO against a reward model, with a KL penalty",
         description="PPO on a LoRA adapter over the base model: rollouts on the prompt dataset, rewards from the "
                     "reward model, a per-token kl_coeff * KL(policy || base) penalty. Running the same command "
-                    "again resumes from the last checkpoint.")
+                    "again resumes from the last checkpoint. The settings' flags are the pipeline's parameters "
+                    "of the same names.")
     train_pol.add_argument("--prompt-dataset", required=True, metavar="URI", help="JSONL rows {input_text|messages}")
     train_pol.add_argument("--reward-model", required=True, metavar="DIR", help="from `rlhf train-reward-model`")
     train_pol.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
-    _add_model_arguments(train_pol, from_artifact="reward model")
+    _add_model_reference(train_pol, from_artifact="reward model")
     train_pol.add_argument("--output-dir", required=True, metavar="DIR", help="where the policy adapter goes")
-    train_pol.add_argument("--reinforcement-learning-train-steps", type=_positive_int, metavar="N", help="PPO steps")
-    train_pol.add_argument("--reinforcement-learning-train-epochs", type=_positive_int, metavar="E",
-                           help="epochs instead of steps: ceil(prompts / batch) * E")
-    train_pol.add_argument("--batch-size", type=_positive_int, default=64, help="prompts per step (default 64)")
-    train_pol.add_argument("--micro-batch-size", type=_positive_int, default=8,
-                           help="rollouts per forward pass (default 8)")
-    train_pol.add_argument("--ppo-minibatch-size", type=_positive_int, default=32,
-                           help="rollouts per optimizer step (default 32)")
-    train_pol.add_argument("--ppo-epochs", type=_positive_int, default=2, help="passes over each batch (default 2)")
-    train_pol.add_argument("--reinforcement-learning-rate-multiplier", type=float, default=1.0,
-                           help="times the base learning rate 1e-4 (default 1.0)")
-    train_pol.add_argument("--kl-coeff", type=float, default=0.1, help="KL penalty weight (default 0.1; 0 = none)")
-    train_pol.add_argument("--policy-lora-dim", type=_positive_int, default=8, help="LoRA rank (default 8)")
-    train_pol.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    train_pol.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
-    train_pol.add_argument("--gae-lambda", type=float, default=1.0,
-                           help="GAE lambda; 1 gives every token the whole return (default 1.0)")
-    train_pol.add_argument("--unfinished-reward", type=float, default=-2.0,
-                           help="reward of a completion with no EOS, in normalised units (default -2.0)")
-    train_pol.add_argument("--keep-unfinished-scores", dest="unfinished_reward", action="store_const", const=None,
-                           help="score unfinished completions with the reward model like any other")
-    train_pol.add_argument("--export-merged", action="store_true", help="also write base + adapter merged")
-    train_pol.add_argument("--checkpoint-every", type=_positive_int, default=20, help="steps between checkpoints")
-    train_pol.set_defaults(handler=cmd_train_policy)
+    _add_steps_or_epochs(train_pol, "reinforcement_learning", "prompts")
+    _add_settings(train_pol, PPOConfig, from_artifact={"instruction": "the reward model's"})
 
     infer = commands.add_parser(
         "infer", help="bulk inference: a completion for every prompt, in order, Vertex-shaped JSONL",

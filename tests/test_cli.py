@@ -78,7 +78,7 @@ def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
     model = ["--prompt-sequence-length", "256", "--target-sequence-length", "12"]
     trained = rlhf("train-reward-model", "--preference-dataset", sample_dataset("preference.jsonl"),
                    "--large-model-reference", str(tiny_model_dir), "--output-dir", str(reward_model),
-                   "--reward-model-train-epochs", "1", "--batch-size", "16", *model)
+                   "--reward-model-train-epochs", "1", "--reward-model-batch-size", "16", *model)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert json.loads(trained.stdout)["steps"] == 6  # 84 training pairs after holding 3 of 24 prompts out
 
@@ -95,7 +95,8 @@ def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
 
     tuned = rlhf("train-policy", "--prompt-dataset", sample_dataset("prompts.jsonl"), "--reward-model",
                  str(reward_model), "--output-dir", str(policy), "--reinforcement-learning-train-steps", "2",
-                 "--batch-size", "4", "--micro-batch-size", "4", "--ppo-minibatch-size", "4", *model)
+                 "--reinforcement-learning-batch-size", "4", "--reinforcement-learning-micro-batch-size", "4",
+                 "--reinforcement-learning-minibatch-size", "4", *model)
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     assert json.loads(tuned.stdout)["steps"] == 2
 

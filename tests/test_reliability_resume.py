@@ -144,16 +144,18 @@ def kill(process: subprocess.Popen) -> None:
 
 def reward_model_command(tiny_model_dir: Path, preference: str, output: Path, *extra: str) -> list[str]:
     return ["train-reward-model", "--preference-dataset", preference, "--large-model-reference", str(tiny_model_dir),
-            "--output-dir", str(output), "--reward-model-train-steps", str(REWARD_STEPS), "--batch-size", "8",
+            "--output-dir", str(output), "--reward-model-train-steps", str(REWARD_STEPS), "--reward-model-batch-size", "8",
             "--checkpoint-every", "10", "--prompt-sequence-length", "64", "--target-sequence-length", "32",
             "--reward-model-learning-rate-multiplier", "30", *extra]
 
 
 def policy_command(prompts: str, reward_model: Path, output: Path) -> list[str]:
     return ["train-policy", "--prompt-dataset", prompts, "--reward-model", str(reward_model),
-            "--output-dir", str(output), "--reinforcement-learning-train-steps", str(POLICY_STEPS), "--batch-size", "4",
-            "--micro-batch-size", "4", "--ppo-minibatch-size", "4", "--ppo-epochs", "1", "--checkpoint-every", "1",
-            "--target-sequence-length", "6", "--prompt-sequence-length", "64", "--keep-unfinished-scores"]
+            "--output-dir", str(output), "--reinforcement-learning-train-steps", str(POLICY_STEPS),
+            "--reinforcement-learning-batch-size", "4", "--reinforcement-learning-micro-batch-size", "4",
+            "--reinforcement-learning-minibatch-size", "4", "--reinforcement-learning-ppo-epochs", "1",
+            "--checkpoint-every", "1", "--target-sequence-length", "6", "--prompt-sequence-length", "64",
+            "--no-penalize-unfinished"]
 
 
 def scalars(run: Path, name: str) -> list[tuple[int, float]]:

@@ -6,16 +6,30 @@ import dataclasses
 import pytest
 import yaml
 
+from rlhf.cli import build_parser
 from rlhf.pipeline.compiler import PIPELINE_YAML
 from rlhf.pipeline.local_run import LOCAL_DEFAULTS
 from rlhf.pipeline.parameters import (
-    POLICY_SETTINGS,
-    REWARD_MODEL_SETTINGS,
     ParameterError,
     pipeline_defaults,
+    pipeline_parameters,
     resolve_parameters,
     stage_configs,
 )
+from rlhf.reward.training import RewardTrainingConfig
+from rlhf.rl.ppo import PPOConfig
+from rlhf.training.settings import PLAIN_TEXT, RUN_OPTIONS
+
+STAGES = [("train-reward-model", RewardTrainingConfig, "reward_model"),
+          ("train-policy", PPOConfig, "reinforcement_learning")]
+
+
+def command_flags(command: str) -> dict[str, str]:
+    """The flags of a subcommand of `rlhf` (a flag's first long name: `--x` of `--x/--no-x`), each with the
+    attribute it sets."""
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    return {[o for o in action.option_strings if o.startswith("--")][0]: action.dest
+            for action in subcommands[command]._actions if action.dest != "help"}
 
 
 def test_pipeline_defaults_equal_the_stage_dataclasses_defaults():
@@ -26,16 +40,47 @@ def test_pipeline_defaults_equal_the_stage_dataclasses_defaults():
         assert not differing, f"{type(config).__name__}: pipeline default vs dataclass default {differing}"
 
 
-@pytest.mark.parametrize("task,settings", [("train-reward-model", REWARD_MODEL_SETTINGS),
-                                           ("train-policy", POLICY_SETTINGS)])
-def test_every_mapped_parameter_reaches_its_stage_in_the_compiled_pipeline(task, settings):
+@pytest.mark.parametrize("task,settings,_", STAGES)
+def test_every_parameter_reaches_its_own_field_in_the_compiled_pipeline(task, settings, _):
     spec = yaml.safe_load(PIPELINE_YAML.read_text())
-    assert set(settings) <= set(spec["root"]["inputDefinitions"]["parameters"])
     given = spec["root"]["dag"]["tasks"][task]["inputs"]["parameters"]
-    passed = {value.get("componentInputParameter") for value in given.values()}
-    steps = {name for name in settings if name.endswith("_train_steps")}  # resolved from epochs first
-    assert set(settings) - steps <= passed
-    assert all(name in given for name in ("train_steps",))
+    # Each field is the stage's input of the same name, fed by the pipeline parameter that names it; the steps
+    # come resolved from steps or epochs.
+    fed = {field: given[field].get("componentInputParameter") for field in settings.parameter_names
+           if field in given and field != "train_steps"}
+    assert fed == {field: name for field, name in settings.parameter_names.items() if field != "train_steps"}
+    assert given["train_steps"]["taskOutputParameter"]["producerTask"] == "resolve-steps"
+    assert given[PLAIN_TEXT]["componentInputParameter"] == PLAIN_TEXT
+    assert set(settings.parameter_names.values()) <= set(spec["root"]["inputDefinitions"]["parameters"])
+
+
+@pytest.mark.parametrize("command,settings,prefix", STAGES)
+def test_the_cli_and_the_pipeline_set_the_same_settings_under_the_same_names(command, settings, prefix):
+    flags = command_flags(command)
+    fields = {field.name for field in dataclasses.fields(settings)}
+    setting_flags = {flag.removeprefix("--").replace("-", "_") for flag, dest in flags.items()
+                     if dest in fields or dest == PLAIN_TEXT or dest.endswith(("_train_epochs", "_train_steps"))}
+    setting_flags -= set(RUN_OPTIONS)
+    parameters = set(pipeline_parameters())
+    stage_parameters = {*settings.parameter_names.values(), PLAIN_TEXT, f"{prefix}_train_epochs"}
+    assert setting_flags == stage_parameters and stage_parameters <= parameters
+    # Every field is a setting both set, the chat-template choice (--plain-text), or a run option of the CLI's.
+    run_options = fields - set(settings.parameter_names) - {"use_chat_template"}
+    assert run_options <= set(RUN_OPTIONS) and not run_options & parameters
+    assert {f"--{option.replace('_', '-')}" for option in run_options} <= set(flags)
+
+
+@pytest.mark.parametrize("command,settings,_", STAGES)
+def test_the_cli_flags_take_the_dataclass_defaults_and_docs(command, settings, _):
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    actions = {action.dest: action for action in subcommands[command]._actions}
+    docs = settings.field_docs()
+    for field in dataclasses.fields(settings):
+        if field.name in ("train_steps", "use_chat_template") or actions[field.name].default is None:
+            continue  # steps or epochs; --plain-text; a default from the input artifact (the instruction)
+        assert actions[field.name].default == field.default, field.name
+        assert actions[field.name].help.startswith(docs[field.name]), field.name
+    assert len(docs) == len(dataclasses.fields(settings))
 
 
 @pytest.mark.parametrize("assignments,phrase", [

@@ -32,7 +32,7 @@ from rlhf.reward.packing import pack, packed_length
 from rlhf.training.batching import batch_indices, micro_batches, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
-from rlhf.training.settings import StageSettings
+from rlhf.training.settings import SHARED_PARAMETERS, StageSettings
 
 BASE_LEARNING_RATE = 1e-4  # Vertex's reward-model rate; the multiplier scales it
 
@@ -42,6 +42,14 @@ class RewardTrainingConfig(StageSettings):
     """Hyperparameters of the reward-model stage."""
 
     stage = "reward model"
+    parameter_names = {
+        "train_steps": "reward_model_train_steps", "batch_size": "reward_model_batch_size",
+        "micro_batch_tokens": "reward_model_micro_batch_tokens",
+        "learning_rate_multiplier": "reward_model_learning_rate_multiplier",
+        "warmup_fraction": "reward_model_warmup_fraction", "weight_decay": "reward_model_weight_decay",
+        "max_grad_norm": "reward_model_max_grad_norm", "lora_dim": "reward_lora_dim",
+        "normalization_pairs": "reward_model_normalization_pairs", "balance_lengths": "reward_model_balance_lengths",
+        **SHARED_PARAMETERS}
 
     train_steps: int = 1000  # optimizer steps (the pipeline turns epochs into steps before this)
     batch_size: int = 64  # preference pairs per optimizer step
@@ -60,7 +68,7 @@ class RewardTrainingConfig(StageSettings):
     log_every: int = 1  # steps between TensorBoard points
     normalization_pairs: int = 512  # training pairs (a seeded sample) scored after training for the reward mean and std
     balance_lengths: bool = False  # train on a seeded subset where the longer candidate wins half the pairs
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier

@@ -53,7 +53,7 @@ from rlhf.rl.rollouts import Rollout
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
-from rlhf.training.settings import StageSettings
+from rlhf.training.settings import SHARED_PARAMETERS, StageSettings
 
 BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
 
@@ -63,11 +63,23 @@ class PPOConfig(StageSettings):
     """Hyperparameters of the reinforcement-learning stage."""
 
     stage = "reinforcement learning"
+    parameter_names = {
+        "train_steps": "reinforcement_learning_train_steps", "batch_size": "reinforcement_learning_batch_size",
+        "micro_batch_size": "reinforcement_learning_micro_batch_size",
+        "ppo_minibatch_size": "reinforcement_learning_minibatch_size",
+        "ppo_epochs": "reinforcement_learning_ppo_epochs",
+        "learning_rate_multiplier": "reinforcement_learning_rate_multiplier",
+        "warmup_fraction": "reinforcement_learning_warmup_fraction", "kl_coeff": "kl_coeff",
+        "lora_dim": "policy_lora_dim", "temperature": "temperature", "top_p": "top_p", "gamma": "gamma",
+        "lam": "gae_lambda", "clip_range": "clip_range", "value_clip_range": "value_clip_range",
+        "value_loss_coeff": "value_loss_coeff", "max_grad_norm": "reinforcement_learning_max_grad_norm",
+        "penalize_unfinished": "penalize_unfinished", "unfinished_reward": "unfinished_reward",
+        "export_merged": "export_merged_model", **SHARED_PARAMETERS}
 
     train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates)
     batch_size: int = 64  # prompts per step
     micro_batch_size: int = 8  # rollouts per forward pass, in generation and in training
-    ppo_minibatch_size: int = 32  # rollouts per optimizer step; divides batch_size, a multiple of micro_batch_size
+    ppo_minibatch_size: int = 32  # rollouts per optimizer step; divides the batch, a multiple of the micro-batch
     ppo_epochs: int = 2  # passes over each batch of rollouts
     learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
     warmup_fraction: float = 0.1  # share of steps with a linear warm-up, then cosine decay to 0
@@ -76,13 +88,13 @@ class PPOConfig(StageSettings):
     temperature: float = 1.0  # sampling temperature of rollouts
     top_p: float = 1.0  # nucleus sampling of rollouts
     gamma: float = 1.0  # discount over completion tokens
-    lam: float = 1.0  # GAE lambda; 1: each token's advantage is the whole return minus its value (see below)
+    lam: float = 1.0  # GAE lambda; 1: each token's advantage is the whole return minus its value
     clip_range: float = 0.2  # PPO ratio clipping
     value_clip_range: float = 0.2  # value clipping around the rollout's values
     value_loss_coeff: float = 0.1  # weight of the value loss in the joint loss
     max_grad_norm: float = 1.0  # gradient clipping
-    penalize_unfinished: bool = True  # replace the score of completions without EOS
-    unfinished_reward: float = -2.0  # that replacement, in normalised reward units (2 std below the mean)
+    penalize_unfinished: bool = True  # score completions without EOS with unfinished_reward, not the reward model
+    unfinished_reward: float = -2.0  # what a completion without EOS scores instead, in normalised units (2 std down)
     prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
     target_sequence_length: int = 64  # new tokens generated at most
     instruction: str = ""  # put before every input
@@ -91,7 +103,7 @@ class PPOConfig(StageSettings):
     checkpoint_every: int = 20  # steps between checkpoints
     sample_every: int = 10  # steps between sample completions logged as text
     export_merged: bool = False  # also write base + adapter merged into a plain model directory
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier
@@ -354,7 +366,11 @@ def train_policy(
     base_model_path: str | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> dict:
-    """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict."""
+    """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict.
+
+    Each step is the module's five: (1) `batch_indices` picks the prompts; (2, 3) `roll_out` samples, scores
+    and computes the advantages; (4) `ppo_update` runs the PPO epochs; (5) `step_record` is what the loop
+    logs, and the loop checkpoints."""
     from rlhf.models.reference import resolve_model_reference
 
     config.validate()

@@ -37,11 +37,10 @@ import torch
 from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.training.checkpoints import disk_full_explained, finish, resume, save_checkpoint
 from rlhf.training.progress import Progress
+from rlhf.training.settings import RUN_OPTIONS
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
-# Settings that change how a run is watched or where it runs, not its result: a run resumes across them.
-RUN_OPTIONS = ("checkpoint_every", "sample_every", "log_every", "device")
 
 
 def run_fingerprint(config, identity: list, rows: list[dict]) -> str:

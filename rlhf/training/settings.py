@@ -1,9 +1,21 @@
-"""What the training stages' config dataclasses share: checks that list every bad setting, named the way the
-user set it (the CLI's or the pipeline's names)."""
+"""What the training stages' config dataclasses share: the name each setting goes by, its one-line doc, and
+checks that list every bad setting, named the way the user set it.
+
+A config dataclass is the one definition of its stage's settings. Each field's trailing comment is its doc;
+`parameter_names` gives the name users set it by: the pipeline parameter (GCPC's name where GCPC has one),
+which is also the CLI flag (`--reward-model-batch-size`). The fields it leaves out are run options
+(`RUN_OPTIONS`: where a run goes and how it is watched), which only the CLI sets, and the chat-template
+choice, which both set as `plain_text`.
+"""
 
 from __future__ import annotations
 
+import inspect
+import io
+import re
+import tokenize
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -11,12 +23,45 @@ from rlhf.errors import UserError
 
 Say = Callable[[str], str]
 
+# Fields that change how a run is watched or where it runs, not its result: CLI flags only, left out of a
+# run's fingerprint (a run resumes across them).
+RUN_OPTIONS = ("checkpoint_every", "sample_every", "log_every", "device")
+# Shared by every stage's prompts: the pipeline parameter and CLI flag `plain_text` sets `use_chat_template`.
+PLAIN_TEXT = "plain_text"
+SHARED_PARAMETERS = {"prompt_sequence_length": "prompt_sequence_length",
+                     "target_sequence_length": "target_sequence_length", "instruction": "instruction", "seed": "seed"}
+
+
+def chat_template_choice(plain_text: bool) -> bool | None:
+    """`use_chat_template` for `plain_text`: never the chat template, or the tokenizer's when it has one."""
+    return False if plain_text else None
+
 
 class StageSettings:
     """Base of a stage's config dataclass: `stage` names it in messages, `stage_problems` checks its own fields;
     the learning-rate multiplier and warm-up are checked here for every stage."""
 
     stage: ClassVar[str]
+    parameter_names: ClassVar[dict[str, str]]  # field -> pipeline parameter and CLI flag
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """Each field's one-line doc: the comment after it in the class body."""
+        source = inspect.getsource(cls)
+        lines = source.splitlines()
+        names = {f.name for f in fields(cls)}
+        docs = {}
+        comments = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
+        for comment in comments:
+            declared = re.match(r"\s+(\w+):", lines[comment.start[0] - 1])
+            if declared and declared[1] in names:
+                docs[declared[1]] = comment.string.lstrip("#").strip()
+        return docs
+
+    @classmethod
+    def user_names(cls) -> dict[str, str]:
+        """The name each field goes by where the user sets it: its parameter name, or its own for a run option."""
+        return {f.name: cls.parameter_names.get(f.name, f.name) for f in fields(cls)}
 
     def stage_problems(self, say: Say) -> list[str]:
         raise NotImplementedError
