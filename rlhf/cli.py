@@ -687,6 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_rm.add_argument("--output-dir", required=True, metavar="DIR", help="where the reward model goes")
     _add_steps_or_epochs(train_rm, "reward_model", "pairs")
     _add_settings(train_rm, RewardTrainingConfig)
+    train_rm.set_defaults(handler=cmd_train_reward_model)
 
     eval_rm = commands.add_parser(
         "evaluate-reward-model", help="accuracy of a reward model on labelled pairs, against the length baseline",
@@ -711,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_pol.add_argument("--output-dir", required=True, metavar="DIR", help="where the policy adapter goes")
     _add_steps_or_epochs(train_pol, "reinforcement_learning", "prompts")
     _add_settings(train_pol, PPOConfig, from_artifact={"instruction": "the reward model's"})
+    train_pol.set_defaults(handler=cmd_train_policy)
 
     infer = commands.add_parser(
         "infer", help="bulk inference: a completion for every prompt, in order, Vertex-shaped JSONL",

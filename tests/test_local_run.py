@@ -175,6 +175,6 @@ def test_a_stopped_run_resumes_each_stage_from_its_checkpoint(tiny_model_dir, tm
     assert metrics["policy"]["steps"] == straight["policy"]["steps"] == 40
     rewards, _ = scalars(stages / "train-policy" / "policy", "reward")
     assert len(rewards) == 40
-    resumed_at = int(re.search(r"Resuming the policy (PPO) from \S+step-(\d+) ", (output / "logs" / "train-policy.log")
+    resumed_at = int(re.search(r"Resuming the policy from \S+step-(\d+) ", (output / "logs" / "train-policy.log")
                                .read_text()).group(1))
     assert 20 <= resumed_at < 40

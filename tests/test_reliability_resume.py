@@ -309,7 +309,7 @@ def test_half_written_checkpoints_are_never_loaded(runs):
 def test_a_killed_policy_run_resumes_and_ends_as_an_uninterrupted_one(runs):
     kept = runs.policy_kept
     assert 3 <= step_of(kept) < POLICY_STEPS
-    assert f"Resuming the policy (PPO) from {kept} (step {step_of(kept)} of {POLICY_STEPS})" in runs.policy_resume.stderr
+    assert f"Resuming the policy from {kept} (step {step_of(kept)} of {POLICY_STEPS})" in runs.policy_resume.stderr
     assert_same_policy(runs.policy, runs.policy_resumed)
 
 
@@ -390,7 +390,8 @@ COMPONENT_RUN = textwrap.dedent("""
     train_reward_model.python_func(
         train_pairs=Dataset(uri=train_pairs), held_out_pairs=Dataset(uri=held_out_pairs),
         large_model_reference=model, train_steps={steps}, batch_size=8, micro_batch_tokens=4096,
-        learning_rate_multiplier=30.0, lora_dim=4, prompt_sequence_length=64, target_sequence_length=32,
+        learning_rate_multiplier=30.0, lora_dim=4, warmup_fraction=0.1, weight_decay=0.0, max_grad_norm=1.0,
+        normalization_pairs=512, balance_lengths=False, prompt_sequence_length=64, target_sequence_length=32,
         instruction="", plain_text=False, seed=0, reward_model=Model(uri=output + "/reward_model"),
         metrics=Metrics(uri=output + "/metrics"))
 """).format(steps=REWARD_STEPS)

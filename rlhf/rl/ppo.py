@@ -399,8 +399,8 @@ def train_policy(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
 
-    with TrainingLoop(output_dir, run_id, "policy (PPO)", config, policy, optimizer, scheduler,
-                      stop_requested) as loop:
+    with TrainingLoop(output_dir, run_id, "policy", config, policy, optimizer, scheduler, stop_requested,
+                      progress_label="policy (PPO)") as loop:
         for step in loop.steps():
             chosen = batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
             experiences, batch_rows = roll_out(policy, prompt_rows, prompts, chosen, reward_fn, config)

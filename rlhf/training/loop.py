@@ -89,8 +89,10 @@ class TrainingLoop:
     """
 
     def __init__(self, output_dir: Path, run_id: str, what: str, config, model: torch.nn.Module,
-                 optimizer: torch.optim.Optimizer, scheduler, stop_requested: Callable[[], bool]):
+                 optimizer: torch.optim.Optimizer, scheduler, stop_requested: Callable[[], bool],
+                 progress_label: str | None = None):
         self.output_dir, self.run_id, self.what = Path(output_dir), run_id, what
+        self.progress_label = progress_label or what
         self.total_steps, self.checkpoint_every = config.train_steps, config.checkpoint_every
         self.log_every = getattr(config, "log_every", 1)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -108,7 +110,7 @@ class TrainingLoop:
                                                self.run_id, f"the {self.what}", self.total_steps)
         self.writer = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR), purge_step=self.start_step + 1)
         self._stack.callback(self.writer.close)
-        self.progress = Progress(self.total_steps, self.what, initial=self.start_step)
+        self.progress = Progress(self.total_steps, self.progress_label, initial=self.start_step)
         self.started = time.monotonic()
         return self
 
