@@ -489,13 +489,18 @@ def _add_model_arguments(parser) -> None:
                         help="completion tokens kept (default 64)")
     parser.add_argument("--instruction", default="",
                         help='put before every input, e.g. "Summarize in less than 50 words." (default none)')
-    parser.add_argument(_flag(PLAIN_TEXT), action="store_true", help="do not use the tokenizer's chat template")
+    _add_plain_text(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for data order, split and initialisation")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _add_plain_text(parser) -> None:
+    """--plain-text, the pipeline's `plain_text`: how every command sets `use_chat_template`."""
+    parser.add_argument(_flag(PLAIN_TEXT), action="store_true", help="do not use the tokenizer's chat template")
 
 
 def _add_steps_or_epochs(parser, prefix: str, rows: str) -> None:
@@ -517,7 +522,7 @@ def _add_settings(parser, settings, from_artifact: Mapping[str, str] = MappingPr
         if field.name == "train_steps":
             continue
         if field.name == "use_chat_template":
-            group.add_argument(_flag(PLAIN_TEXT), action="store_true", help="do not use the tokenizer's chat template")
+            _add_plain_text(group)
             continue
         default = None if field.name in from_artifact else field.default
         shown = from_artifact.get(field.name, repr(field.default) if field.default == "" else field.default)
