@@ -105,8 +105,9 @@ def _attention_pairs(packed) -> int:
 def policy_update(base: str, repetitions: int) -> dict:
     """One PPO minibatch update of train_policy: the clipped losses' forward, backward, clipping and AdamW."""
     from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
+    from rlhf.rl.config import PPOConfig
     from rlhf.rl.policy import Policy
-    from rlhf.rl.ppo import Experience, PPOConfig, ppo_losses
+    from rlhf.rl.ppo import Experience, ppo_losses
     from rlhf.rl.rollouts import make_rollout
 
     tokenizer = load_tokenizer(base)

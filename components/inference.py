@@ -18,7 +18,8 @@ def bulk_inference(
     from pathlib import Path
 
     from rlhf.data.datasets import read_jsonl, write_jsonl
-    from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+    from rlhf.evaluation.config import InferenceConfig
+    from rlhf.evaluation.inference import bulk_infer
     from rlhf.models.reference import resolve_model_reference
     from rlhf.rl.policy import ADAPTER_DIR, read_policy_spec
 

@@ -42,10 +42,10 @@ def train_policy(
 
     from rlhf.data.datasets import read_jsonl
     from rlhf.models.loading import pick_placement
-    from rlhf.rl.ppo import PPOConfig
+    from rlhf.rl.config import PPOConfig
     from rlhf.rl.ppo import train_policy as train
     from rlhf.rl.rewards import RewardModelReward
-    from rlhf.training.settings import chat_template_choice
+    from rlhf.settings import chat_template_choice
     from rlhf.training.stopping import Interrupted, StopFlag
 
     config = PPOConfig(

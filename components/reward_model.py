@@ -31,9 +31,9 @@ def train_reward_model(
     from pathlib import Path
 
     from rlhf.data.datasets import read_jsonl
-    from rlhf.reward.training import RewardTrainingConfig
+    from rlhf.reward.config import RewardTrainingConfig
     from rlhf.reward.training import train_reward_model as train
-    from rlhf.training.settings import chat_template_choice
+    from rlhf.settings import chat_template_choice
     from rlhf.training.stopping import Interrupted, StopFlag
 
     config = RewardTrainingConfig(

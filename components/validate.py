@@ -29,11 +29,12 @@ def validate_datasets(
     from collections import namedtuple
     from pathlib import Path
 
+    from rlhf.data.config import DataConfig
     from rlhf.data.datasets import DatasetError, prepare_datasets, write_jsonl
 
     try:
         data = prepare_datasets(preference_dataset, prompt_dataset or None, eval_dataset or None,
-                                on_invalid=on_invalid, eval_fraction=eval_fraction, seed=seed)
+                                DataConfig(on_invalid=on_invalid, eval_fraction=eval_fraction, seed=seed))
     except DatasetError as error:
         raise SystemExit("dataset validation failed:\n" + str(error)) from None
     for artifact, rows in ((train_pairs, data.train_pairs), (held_out_pairs, data.held_out_pairs),

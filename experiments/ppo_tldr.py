@@ -11,11 +11,13 @@ from pathlib import Path
 
 from rlhf.data.datasets import read_jsonl
 from rlhf.evaluation.compare import evaluate_outputs
-from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+from rlhf.evaluation.config import InferenceConfig
+from rlhf.evaluation.inference import bulk_infer
 from rlhf.models.loading import pick_placement
 from rlhf.models.reference import DEFAULT_MODEL, resolve_model_reference
+from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import read_policy_spec
-from rlhf.rl.ppo import PPOConfig, train_policy
+from rlhf.rl.ppo import train_policy
 from rlhf.rl.rewards import RewardModelReward
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tldr"

@@ -12,10 +12,12 @@ import json
 import time
 from pathlib import Path
 
+from rlhf.data.config import DataConfig
 from rlhf.data.datasets import prepare_datasets
 from rlhf.models.reference import DEFAULT_MODEL, resolve_model_reference
+from rlhf.reward.config import RewardTrainingConfig
 from rlhf.reward.evaluation import evaluate_reward_model
-from rlhf.reward.training import RewardTrainingConfig, length_balanced, train_reward_model
+from rlhf.reward.training import length_balanced, train_reward_model
 from rlhf.training.steps import steps_from_epochs
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tldr"
@@ -35,7 +37,7 @@ def main() -> None:
                         help="train on a subset where the longer candidate wins half the pairs")
     args = parser.parse_args()
 
-    data = prepare_datasets(str(args.data_dir / "preference.jsonl"), eval_fraction=0.1, seed=args.seed)
+    data = prepare_datasets(str(args.data_dir / "preference.jsonl"), data=DataConfig(seed=args.seed))
     trained_on = length_balanced(data.train_pairs, args.seed) if args.balance_lengths else data.train_pairs
     steps = steps_from_epochs(len(trained_on), args.epochs, args.batch_size)
     config = RewardTrainingConfig(train_steps=steps, batch_size=args.batch_size,

@@ -32,9 +32,22 @@ def _on_machine(task, accelerator_type, accelerator_count, cpu_limit, memory_lim
     return task.set_retry(num_retries=retries, backoff_duration=RETRY_BACKOFF) if retries else task
 
 
+def _settings(component, settings, parameters: dict) -> dict:
+    """The stage's settings its component takes, each from the pipeline parameter that names it (the config
+    dataclass's `parameter_names`, the one mapping); the steps come from `resolve steps`."""
+    inputs = component.component_spec.inputs
+    return {field: parameters[name] for field, name in settings.parameter_names.items()
+            if field in inputs and field != "train_steps"}
+
+
 def build_pipeline(retries: int = RETRIES):
     """The pipeline with `retries` per accelerator stage: RETRIES for Vertex AI; `rlhf run` builds it with 0,
     since on a laptop a failure is no preemption and a retry would undo a Ctrl-C."""
+    from rlhf.data.config import DataConfig
+    from rlhf.evaluation.config import InferenceConfig
+    from rlhf.reward.config import RewardTrainingConfig
+    from rlhf.rl.config import PPOConfig
+
     def rlhf_pipeline(
         preference_dataset: str,
         large_model_reference: str = "smollm2-135m-instruct",
@@ -103,9 +116,10 @@ def build_pipeline(retries: int = RETRIES):
         deploy_accelerator_type: str = "NVIDIA_L4",
         deploy_accelerator_count: int = 1,
     ):
+        parameters = dict(locals())  # by name, for the stages' settings
         validated = validate_datasets(
             preference_dataset=preference_dataset, prompt_dataset=prompt_dataset, eval_dataset=eval_dataset,
-            on_invalid=on_invalid, eval_fraction=eval_fraction, seed=seed,
+            **_settings(validate_datasets, DataConfig, parameters),
         ).set_display_name("validate")
         steps = resolve_steps(
             train_pair_count=validated.outputs["train_pair_count"],
@@ -122,20 +136,8 @@ def build_pipeline(retries: int = RETRIES):
             held_out_pairs=validated.outputs["held_out_pairs"],
             large_model_reference=large_model_reference,
             train_steps=steps.outputs["reward_model_steps"],
-            batch_size=reward_model_batch_size,
-            micro_batch_tokens=reward_model_micro_batch_tokens,
-            learning_rate_multiplier=reward_model_learning_rate_multiplier,
-            lora_dim=reward_lora_dim,
-            warmup_fraction=reward_model_warmup_fraction,
-            weight_decay=reward_model_weight_decay,
-            max_grad_norm=reward_model_max_grad_norm,
-            normalization_pairs=reward_model_normalization_pairs,
-            balance_lengths=reward_model_balance_lengths,
-            prompt_sequence_length=prompt_sequence_length,
-            target_sequence_length=target_sequence_length,
-            instruction=instruction,
             plain_text=plain_text,
-            seed=seed,
+            **_settings(train_reward_model, RewardTrainingConfig, parameters),
         ).set_display_name("train reward model")
         _on_machine(reward_model, reward_model_accelerator_type, reward_model_accelerator_count, reward_model_cpu_limit,
                     reward_model_memory_limit, retries)
@@ -144,30 +146,8 @@ def build_pipeline(retries: int = RETRIES):
             reward_model=reward_model.outputs["reward_model"],
             large_model_reference=large_model_reference,
             train_steps=steps.outputs["reinforcement_learning_steps"],
-            batch_size=reinforcement_learning_batch_size,
-            micro_batch_size=reinforcement_learning_micro_batch_size,
-            ppo_minibatch_size=reinforcement_learning_minibatch_size,
-            ppo_epochs=reinforcement_learning_ppo_epochs,
-            learning_rate_multiplier=reinforcement_learning_rate_multiplier,
-            kl_coeff=kl_coeff,
-            lora_dim=policy_lora_dim,
-            temperature=temperature,
-            top_p=top_p,
-            warmup_fraction=reinforcement_learning_warmup_fraction,
-            gamma=gamma,
-            lam=gae_lambda,
-            clip_range=clip_range,
-            value_clip_range=value_clip_range,
-            value_loss_coeff=value_loss_coeff,
-            max_grad_norm=reinforcement_learning_max_grad_norm,
-            penalize_unfinished=penalize_unfinished,
-            unfinished_reward=unfinished_reward,
-            prompt_sequence_length=prompt_sequence_length,
-            target_sequence_length=target_sequence_length,
-            instruction=instruction,
             plain_text=plain_text,
-            seed=seed,
-            export_merged=export_merged_model,
+            **_settings(train_policy, PPOConfig, parameters),
         ).set_display_name("train policy (PPO)")
         _on_machine(policy, reinforcement_learning_accelerator_type, reinforcement_learning_accelerator_count,
                     reinforcement_learning_cpu_limit, reinforcement_learning_memory_limit, retries)
@@ -177,9 +157,7 @@ def build_pipeline(retries: int = RETRIES):
                 prompts=validated.outputs["eval_prompts"],
                 policy=policy.outputs["policy"],
                 use_tuned_adapter=tuned,
-                target_sequence_length=target_sequence_length,
-                prompt_sequence_length=prompt_sequence_length,
-                batch_size=inference_batch_size,
+                **_settings(bulk_inference, InferenceConfig, parameters),
             ).set_display_name(f"bulk inference ({side})")
             _on_machine(predictions[side], inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
                         inference_memory_limit, retries)

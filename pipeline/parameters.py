@@ -12,7 +12,7 @@ import yaml
 
 from rlhf.errors import UserError
 from rlhf.models.reference import ModelReferenceError, classify_model_reference, context_length
-from rlhf.training.settings import PLAIN_TEXT, chat_template_choice
+from rlhf.settings import PLAIN_TEXT
 
 # (steps, epochs): epochs, when given, define the steps; giving both is ambiguous.
 STEP_PARAMETERS = (("reward_model_train_steps", "reward_model_train_epochs"),
@@ -118,26 +118,12 @@ def check_parameters(parameters: dict, given: dict, target: str) -> list[str]:
     for steps, epochs in STEP_PARAMETERS:
         if steps in given and epochs in given:
             problems.append(f"{steps} and {epochs} are both given; give one of them")
-        require(value(steps) >= 1, steps, "must be at least 1")
         require(value(epochs) >= 0, epochs, "must not be negative (0 means: use the steps)")
-    for name in ("reward_model_batch_size", "reward_model_micro_batch_tokens", "reinforcement_learning_batch_size",
-                 "reinforcement_learning_micro_batch_size", "inference_batch_size", "prompt_sequence_length",
-                 "target_sequence_length"):
-        require(value(name) >= 1, name, "must be at least 1")
-    require(value("reward_lora_dim") >= 0, "reward_lora_dim", "must not be negative (0 means full fine-tuning)")
-    require(value("policy_lora_dim") >= 1, "policy_lora_dim",
-            "must be at least 1: the reference model is the policy with its adapter switched off")
-    for name in ("reward_model_learning_rate_multiplier", "reinforcement_learning_rate_multiplier", "temperature"):
-        require(value(name) > 0, name, "must be above 0")
-    require(value("kl_coeff") >= 0, "kl_coeff", "must not be negative")
-    require(0 < value("top_p") <= 1, "top_p", "must be above 0 and at most 1")
-    require(0 < value("eval_fraction") < 1, "eval_fraction", "must be above 0 and below 1")
-    require(value("on_invalid") in ("fail", "skip"), "on_invalid", "must be fail or skip")
     require(bool(value("preference_dataset")), "preference_dataset", "is required")
     problems += _check_model(parameters, value, target)
-    if not problems:
-        # The stages' own checks, on the settings as each stage will get them (before any stage runs).
-        problems += [problem for config, names in stage_configs(value) for problem in config.problems(names)]
+    # The stages' own checks (the same the CLI's commands run), on the settings as each stage will get them,
+    # before any stage runs.
+    problems += [problem for config, names in stage_configs(value) for problem in config.problems(names)]
     if target == "vertex":
         problems += _check_vertex(value)
     else:
@@ -148,21 +134,23 @@ def check_parameters(parameters: dict, given: dict, target: str) -> list[str]:
 
 
 def stage_settings() -> list[tuple[type, dict[str, str]]]:
-    """Each training stage's config dataclass and which of its fields each pipeline parameter sets (the one
-    mapping, `parameter_names` on the dataclass: the components pass the same parameters to the same fields)."""
-    from rlhf.reward.training import RewardTrainingConfig
-    from rlhf.rl.ppo import PPOConfig
+    """Each stage's config dataclass (data, reward model, PPO, bulk inference) and which of its fields each
+    pipeline parameter sets (the one mapping, `parameter_names` on the dataclass: the components pass the same
+    parameters to the same fields)."""
+    from rlhf.data.config import DataConfig
+    from rlhf.evaluation.config import InferenceConfig
+    from rlhf.reward.config import RewardTrainingConfig
+    from rlhf.rl.config import PPOConfig
 
     return [(kind, {name: field for field, name in kind.parameter_names.items()})
-            for kind in (RewardTrainingConfig, PPOConfig)]
+            for kind in (DataConfig, RewardTrainingConfig, PPOConfig, InferenceConfig)]
 
 
 def stage_configs(value) -> list:
-    """The reward-model and PPO configs a run's parameters give (the steps as given: epochs resolve later),
-    each with the parameter names its fields go by."""
-    chat = {"use_chat_template": chat_template_choice(value(PLAIN_TEXT))}
-    return [(kind(**{field: value(name) for name, field in settings.items()}, **chat), kind.parameter_names)
-            for kind, settings in stage_settings()]
+    """The configs a run's parameters give each stage (the steps as given: epochs resolve later), each with the
+    parameter names its fields go by."""
+    return [(kind.from_values({field: value(name) for name, field in settings.items()}, value(PLAIN_TEXT)),
+             kind.parameter_names) for kind, settings in stage_settings()]
 
 
 def _check_model(parameters: dict, value, target: str) -> list[str]:

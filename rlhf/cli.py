@@ -14,7 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from rlhf.errors import RunFailure, UserError
-from rlhf.training.settings import PLAIN_TEXT, chat_template_choice
+from rlhf.settings import PLAIN_TEXT, chat_template_choice
 
 MAX_PROBLEM_LINES = 200
 
@@ -64,6 +64,7 @@ def cmd_steps(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from rlhf.data.config import DataConfig
     from rlhf.data.datasets import DatasetError, prepare_datasets, sample_dataset, write_prepared
 
     preference = args.preference_dataset
@@ -75,9 +76,9 @@ def cmd_validate(args) -> int:
         print(f"No dataset given: validating the bundled sample in {Path(preference).parent}", file=sys.stderr)
     if args.output_dir:
         _refuse_to_overwrite("--output-dir", args.output_dir, [preference, prompt, eval_set])
+    settings = _stage_config(DataConfig, args)
     try:
-        data = prepare_datasets(preference, prompt, eval_set, on_invalid=args.on_invalid,
-                                eval_fraction=args.eval_fraction, seed=args.seed)
+        data = prepare_datasets(preference, prompt, eval_set, settings)
     except DatasetError as error:
         print(_problem_lines(error.problems), file=sys.stderr)
         print(f"{len(error.problems)} problem(s) found; nothing was written. "
@@ -232,17 +233,19 @@ def _stop_flag():
 
 
 def _prepare_or_exit(args):
+    from rlhf.data.config import DataConfig
     from rlhf.data.datasets import DatasetError, prepare_datasets
 
+    data = _stage_config(DataConfig, args)
     try:
-        return prepare_datasets(args.preference_dataset, None, args.eval_dataset, on_invalid=args.on_invalid,
-                                eval_fraction=args.eval_fraction, seed=args.seed)
+        return prepare_datasets(args.preference_dataset, None, args.eval_dataset, data)
     except DatasetError as error:
         raise UsageError("the datasets have problems:\n" + _problem_lines(error.problems)) from None
 
 
 def cmd_train_reward_model(args) -> int:
-    from rlhf.reward.training import RewardTrainingConfig, train_reward_model
+    from rlhf.reward.config import RewardTrainingConfig
+    from rlhf.reward.training import train_reward_model
     from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
     from rlhf.training.steps import resolve_steps
 
@@ -274,7 +277,8 @@ def cmd_evaluate_reward_model(args) -> int:
 def cmd_train_policy(args) -> int:
     from rlhf.models.loading import pick_placement
     from rlhf.reward.model import read_spec
-    from rlhf.rl.ppo import PPOConfig, train_policy
+    from rlhf.rl.config import PPOConfig
+    from rlhf.rl.ppo import train_policy
     from rlhf.rl.rewards import RewardModelReward
     from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
     from rlhf.training.steps import resolve_steps
@@ -313,7 +317,8 @@ def _read_rows_or_exit(uri: str, kind: str, on_invalid: str) -> list[dict]:
 
 def cmd_infer(args) -> int:
     from rlhf.data.datasets import write_jsonl
-    from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+    from rlhf.evaluation.config import InferenceConfig
+    from rlhf.evaluation.inference import bulk_infer
     from rlhf.models.reference import resolve_model_reference
     from rlhf.rl.policy import ADAPTER_DIR, read_policy_spec
 
@@ -323,18 +328,17 @@ def cmd_infer(args) -> int:
     if args.policy and args.adapter:
         raise UsageError("give --policy or --adapter, not both")
     reference, instruction = args.large_model_reference, args.instruction
+    chat_template = chat_template_choice(args.plain_text)
     adapter = Path(args.adapter) if args.adapter else None
     if adapter and not (adapter / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {args.adapter}: not a peft adapter directory (no adapter_config.json)")
     if args.policy:
+        # The policy's prompt format (instruction, chat template) unless the flags say otherwise.
         spec = read_policy_spec(Path(args.policy))
         reference, adapter = spec.large_model_reference, Path(args.policy) / ADAPTER_DIR
         instruction = spec.instruction if instruction is None else instruction
-    config = InferenceConfig(
-        target_sequence_length=args.target_sequence_length, prompt_sequence_length=args.prompt_sequence_length,
-        batch_size=args.batch_size, greedy=not args.sample, temperature=args.temperature, top_p=args.top_p,
-        seed=args.seed, instruction=instruction or "", use_chat_template=chat_template_choice(args.plain_text),
-        device=args.device)
+        chat_template = chat_template if args.plain_text else spec.use_chat_template
+    config = _stage_config(InferenceConfig, args, instruction=instruction or "", use_chat_template=chat_template)
     outputs = bulk_infer(rows, resolve_model_reference(reference), config, adapter)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(output, outputs)
@@ -377,17 +381,13 @@ def _uri_exists(uri: str) -> bool:
 
 def cmd_generate_candidates(args) -> int:
     from rlhf.data.storage import write_bytes
-    from rlhf.labeling.candidates import CandidateConfig, generate_candidates
+    from rlhf.labeling.candidates import generate_candidates
+    from rlhf.labeling.config import CandidateConfig
     from rlhf.models.reference import resolve_model_reference
 
     _refuse_to_overwrite("--output", args.output)
     rows = _read_rows_or_exit(args.prompt_dataset, "prompt", args.on_invalid)
-    config = CandidateConfig(
-        temperatures=tuple(args.temperatures), top_p=args.top_p, target_sequence_length=args.target_sequence_length,
-        prompt_sequence_length=args.prompt_sequence_length, batch_size=args.batch_size,
-        max_attempts=args.max_attempts, seed=args.seed, instruction=args.instruction,
-        use_chat_template=chat_template_choice(args.plain_text), device=args.device)
-    config.validate()
+    config = _stage_config(CandidateConfig, args)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     model_path = resolve_model_reference(args.large_model_reference, progress=say)
     say(f"Generating two candidates for each of {len(rows)} prompts with {args.large_model_reference}")
@@ -461,14 +461,11 @@ def cmd_label(args) -> int:
     serve(LabelingSession(pairs, store, annotator), args.host, args.port, args.allow_remote, say)
     return 0
 
-def _add_dataset_arguments(parser, eval_help: str) -> None:
-    parser.add_argument("--preference-dataset", required=True, metavar="URI",
-                        help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice}")
-    parser.add_argument("--eval-dataset", metavar="URI", help=eval_help)
-    parser.add_argument("--on-invalid", choices=("fail", "skip"), default="fail",
-                        help="fail (default) or skip invalid rows")
-    parser.add_argument("--eval-fraction", type=float, default=0.1,
-                        help="share of prompts held out when the eval dataset has no pairs (default 0.1)")
+def _add_data_settings(parser, *only: str) -> None:
+    """The dataset settings (`DataConfig`), or `only` those of them the command reads."""
+    from rlhf.data.config import DataConfig
+
+    _add_settings(parser, DataConfig, only=only)
 
 
 def _add_model_reference(parser, from_artifact: str | None = None) -> None:
@@ -478,20 +475,6 @@ def _add_model_reference(parser, from_artifact: str | None = None) -> None:
     default = f"the {from_artifact}'s" if from_artifact else DEFAULT_MODEL
     parser.add_argument("--large-model-reference", default=None if from_artifact else DEFAULT_MODEL, metavar="REF",
                         help=f"the base model (default {default}); see `rlhf prepare-model --help`")
-
-
-def _add_model_arguments(parser) -> None:
-    """The model and prompt arguments of the commands that only generate (no stage config of their own)."""
-    _add_model_reference(parser)
-    parser.add_argument("--prompt-sequence-length", type=_positive_int, default=512,
-                        help="prompt tokens kept, cut inside the input (default 512)")
-    parser.add_argument("--target-sequence-length", type=_positive_int, default=64,
-                        help="completion tokens kept (default 64)")
-    parser.add_argument("--instruction", default="",
-                        help='put before every input, e.g. "Summarize in less than 50 words." (default none)')
-    _add_plain_text(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed for data order, split and initialisation")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
 def _flag(name: str) -> str:
@@ -510,39 +493,54 @@ def _add_steps_or_epochs(parser, prefix: str, rows: str) -> None:
                         help=f"epochs instead of steps: ceil({rows} / batch) * E")
 
 
-def _add_settings(parser, settings, from_artifact: Mapping[str, str] = MappingProxyType({})) -> None:
-    """A flag for every field of the stage's config dataclass but its steps (given as steps or epochs): named as
-    its pipeline parameter, with the field's type, default and one-line doc. The chat-template choice is
-    --plain-text, as in the pipeline. `from_artifact` names the fields whose default comes from an input
-    artifact instead."""
+def _add_settings(parser, settings, from_artifact: Mapping[str, str] = MappingProxyType({}),
+                  only: tuple[str, ...] = ()) -> None:
+    """A flag for every field of the stage's config dataclass (or `only` these) but its steps (given as steps or
+    epochs): named as its pipeline parameter, with the field's type, default and one-line doc. The
+    chat-template choice is --plain-text, as in the pipeline. `from_artifact` names the fields whose default
+    comes from an input artifact instead."""
     hints = typing.get_type_hints(settings)
     docs, names = settings.field_docs(), settings.user_names()
     group = parser.add_argument_group(f"{settings.stage} settings")
     for field in dataclasses.fields(settings):
-        if field.name == "train_steps":
+        if field.name == "train_steps" or (only and field.name not in only):
             continue
         if field.name == "use_chat_template":
             _add_plain_text(group)
             continue
         default = None if field.name in from_artifact else field.default
         shown = from_artifact.get(field.name, repr(field.default) if field.default == "" else field.default)
-        kind = hints[field.name]
-        options = ({"action": argparse.BooleanOptionalAction} if kind is bool
-                   else {"type": kind, "metavar": {int: "N", float: "X", str: "TEXT"}[kind]})
         group.add_argument(_flag(names[field.name]), dest=field.name, default=default,
-                           help=f"{docs[field.name]} (default {shown})", **options)
+                           help=f"{docs[field.name]} (default {shown})", **_flag_kind(hints[field.name]))
+
+
+def _flag_kind(kind) -> dict:
+    """How argparse reads a field of this type: a switch for a bool, N values for a tuple of N."""
+    metavars = {int: "N", float: "X", str: "TEXT"}
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(kind) is typing.Literal:
+        return {"choices": typing.get_args(kind)}
+    if typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        return {"type": items[0], "nargs": len(items), "metavar": tuple(metavars[item] for item in items)}
+    return {"type": kind, "metavar": metavars[kind]}
 
 
 def _stage_config(settings, args, **given):
     """The stage's config from the flags `_add_settings` made (and `given`), or a UsageError naming each bad
-    setting by its flag."""
-    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(settings)
-              if field.name not in ("train_steps", "use_chat_template")}
-    config = settings(**{**values, "use_chat_template": chat_template_choice(args.plain_text), **given})
+    setting by its flag; a field the command has no flag for keeps its default."""
+    values = {field.name: _field_value(getattr(args, field.name)) for field in dataclasses.fields(settings)
+              if field.name not in ("train_steps", "use_chat_template") and hasattr(args, field.name)}
+    config = settings.from_values({**values, **given}, getattr(args, PLAIN_TEXT, False))
     problems = config.problems({field: _flag(name) for field, name in settings.user_names().items()})
     if problems:
         raise UsageError("; ".join(problems))
     return config
+
+
+def _field_value(value):
+    return tuple(value) if isinstance(value, list) else value  # argparse gives nargs values as a list
 
 
 def cmd_run(args) -> int:
@@ -570,9 +568,11 @@ def cmd_run(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rlhf.evaluation.config import InferenceConfig
+    from rlhf.labeling.config import CandidateConfig
     from rlhf.models.reference import DEFAULT_MODEL
-    from rlhf.reward.training import RewardTrainingConfig
-    from rlhf.rl.ppo import PPOConfig
+    from rlhf.reward.config import RewardTrainingConfig
+    from rlhf.rl.config import PPOConfig
 
     parser = argparse.ArgumentParser(
         prog="rlhf",
@@ -596,11 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--prompt-dataset", metavar="URI", help="JSONL rows {input_text|messages}")
     validate.add_argument("--eval-dataset", metavar="URI",
                           help="JSONL prompt rows, or preference rows to hold out for reward-model accuracy")
-    validate.add_argument("--on-invalid", choices=("fail", "skip"), default="fail",
-                          help="fail (default) lists every problem; skip drops bad rows and counts them")
-    validate.add_argument("--eval-fraction", type=float, default=0.1,
-                          help="share of prompts held out when the eval dataset has no pairs (default 0.1)")
-    validate.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
+    _add_data_settings(validate)
     validate.add_argument("--output-dir", metavar="DIR", help="write the normalised datasets and summary.json here")
     validate.set_defaults(handler=cmd_validate)
 
@@ -687,7 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train {prompt, completion} -> score on preference pairs with -log sigmoid(r_winner - "
                     "r_loser). Running the same command again resumes from the last checkpoint. The settings' "
                     "flags are the pipeline's parameters of the same names.")
-    _add_dataset_arguments(train_rm, "JSONL preference rows held out for accuracy (default: a split by prompt)")
+    train_rm.add_argument("--preference-dataset", required=True, metavar="URI",
+                          help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice}")
+    train_rm.add_argument("--eval-dataset", metavar="URI",
+                          help="JSONL preference rows held out for accuracy (default: a split by prompt)")
+    _add_data_settings(train_rm, "on_invalid", "eval_fraction")  # the split's seed is the stage's --seed
     _add_model_reference(train_rm)
     train_rm.add_argument("--output-dir", required=True, metavar="DIR", help="where the reward model goes")
     _add_steps_or_epochs(train_rm, "reward_model", "pairs")
@@ -700,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "candidate wins' agrees with the labels, so one sees whether the model learned more than length.")
     eval_rm.add_argument("--reward-model", required=True, metavar="DIR", help="a trained reward model directory")
     eval_rm.add_argument("--preference-dataset", required=True, metavar="URI", help="labelled pairs")
-    eval_rm.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
+    _add_data_settings(eval_rm, "on_invalid")
     eval_rm.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     eval_rm.set_defaults(handler=cmd_evaluate_reward_model)
 
@@ -712,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "of the same names.")
     train_pol.add_argument("--prompt-dataset", required=True, metavar="URI", help="JSONL rows {input_text|messages}")
     train_pol.add_argument("--reward-model", required=True, metavar="DIR", help="from `rlhf train-reward-model`")
-    train_pol.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
+    _add_data_settings(train_pol, "on_invalid")
     _add_model_reference(train_pol, from_artifact="reward model")
     train_pol.add_argument("--output-dir", required=True, metavar="DIR", help="where the policy adapter goes")
     _add_steps_or_epochs(train_pol, "reinforcement_learning", "prompts")
@@ -727,13 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--output", required=True, metavar="FILE", help="JSONL file to write (must not exist)")
     infer.add_argument("--policy", metavar="DIR", help="a tuned policy from `rlhf train-policy` (base model + adapter)")
     infer.add_argument("--adapter", metavar="DIR", help="any peft LoRA adapter directory to apply to the base model")
-    infer.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
-    _add_model_arguments(infer)
-    infer.set_defaults(instruction=None)  # with --policy: the policy's instruction
-    infer.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
-    infer.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    infer.add_argument("--temperature", type=float, default=1.0, help="with --sample (default 1.0)")
-    infer.add_argument("--top-p", type=float, default=1.0, help="with --sample (default 1.0)")
+    _add_data_settings(infer, "on_invalid")
+    _add_model_reference(infer)
+    _add_settings(infer, InferenceConfig, from_artifact={"instruction": "the --policy's, else none"})
     infer.set_defaults(handler=cmd_infer)
 
     evaluate = commands.add_parser(
@@ -758,14 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "--max-attempts times, then its prompt is left out and reported.")
     candidates.add_argument("--prompt-dataset", required=True, metavar="URI", help="JSONL rows {input_text|messages}")
     candidates.add_argument("--output", required=True, metavar="URI", help="pairs file to write (must not exist)")
-    candidates.add_argument("--on-invalid", choices=("fail", "skip"), default="fail")
-    _add_model_arguments(candidates)
-    candidates.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
-    candidates.add_argument("--temperatures", type=float, nargs=2, default=[0.7, 1.0], metavar=("T0", "T1"),
-                            help="sampling temperature of candidate_0 and of candidate_1 (default 0.7 1.0)")
-    candidates.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default 0.95)")
-    candidates.add_argument("--max-attempts", type=_positive_int, default=3,
-                            help="samplings of a pair before its prompt is left out (default 3)")
+    _add_data_settings(candidates, "on_invalid")
+    _add_model_reference(candidates)
+    _add_settings(candidates, CandidateConfig)
     candidates.set_defaults(handler=cmd_generate_candidates)
 
     label = commands.add_parser(

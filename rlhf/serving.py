@@ -17,7 +17,8 @@ from pathlib import Path
 
 from rlhf.data.storage import download_directory, is_gcs
 from rlhf.data.validation import RowError, check_prompt
-from rlhf.evaluation.inference import Generator, InferenceConfig
+from rlhf.evaluation.config import InferenceConfig
+from rlhf.evaluation.inference import Generator
 from rlhf.models.reference import resolve_model_reference
 from rlhf.rl.policy import ADAPTER_DIR, MERGED_DIR, read_policy_spec
 
@@ -83,7 +84,7 @@ def _decoding(generator: Generator, parameters) -> InferenceConfig:
             raise BadRequest("parameters.temperature: a number of at least 0 (0 means greedy)")
         if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
             raise BadRequest("parameters.top_p: a number above 0 and at most 1")
-        config = dataclasses.replace(config, greedy=temperature == 0, temperature=float(temperature or 1.0),
+        config = dataclasses.replace(config, sample=temperature != 0, temperature=float(temperature or 1.0),
                                      top_p=float(top_p))
     return config
 

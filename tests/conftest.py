@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.reward.training import RewardTrainingConfig
-from rlhf.rl.ppo import PPOConfig
+from rlhf.reward.config import RewardTrainingConfig
+from rlhf.rl.config import PPOConfig
 from tests.tiny_model import save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from rlhf.data.pairs import read_pairs
-from rlhf.labeling.candidates import CandidateConfig, generate_candidates
+from rlhf.labeling.candidates import generate_candidates
+from rlhf.labeling.config import CandidateConfig
 from tests.conftest import rlhf
 
 pytestmark = pytest.mark.slow
@@ -64,11 +65,19 @@ def test_prompts_that_only_give_identical_candidates_are_resampled_then_left_out
     assert frozen.resampled == 3
 
 
-def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="two positive temperatures"):
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"temperatures \(0.7, 0.0\) must be above 0"):
         config(temperatures=(0.7, 0.0)).validate()
     with pytest.raises(ValueError, match="top_p"):
         config(top_p=1.5).validate()
+    # The command names each bad setting by its flag, in one line, before any model loads.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"input_text": "fine"}\n')
+    refused = rlhf("generate-candidates", "--prompt-dataset", str(prompts), "--output", str(tmp_path / "out.jsonl"),
+                   "--temperatures", "0.7", "0", "--inference-batch-size", "0", "--large-model-reference", "/nowhere")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert ("candidate generation: --inference-batch-size 0 must be at least 1; candidate generation: "
+            "--temperatures (0.7, 0.0) must be above 0") in refused.stderr
 
 
 def test_cli_writes_pairs_and_never_overwrites(tiny_model_dir, tmp_path):
@@ -76,8 +85,8 @@ def test_cli_writes_pairs_and_never_overwrites(tiny_model_dir, tmp_path):
     prompts.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "source"}) + "\n" for r in PROMPTS))
     output = tmp_path / "pairs.jsonl"
     command = ["generate-candidates", "--prompt-dataset", str(prompts), "--output", str(output),
-               "--large-model-reference", str(tiny_model_dir), "--target-sequence-length", "8", "--batch-size", "2",
-               "--device", "cpu"]
+               "--large-model-reference", str(tiny_model_dir), "--target-sequence-length", "8",
+               "--inference-batch-size", "2", "--device", "cpu"]
     made = rlhf(*command)
     assert made.returncode == 0, made.stderr
     assert "candidate generation: 5/5 prompts" in made.stderr

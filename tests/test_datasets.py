@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.data.config import DataConfig
 from rlhf.data.datasets import (
     EVAL_PROMPTS,
     HELD_OUT_PAIRS,
@@ -52,7 +53,7 @@ def test_summary_counts_balance_lengths_duplicates_and_contradictions(tmp_path):
         pair("p2", "short", "a much longer one", choice=1),
         pair("p3", "x", "yy", choice=0),
     ]
-    data = prepare_datasets(write_rows(tmp_path / "p.jsonl", rows), eval_fraction=0.3)
+    data = prepare_datasets(write_rows(tmp_path / "p.jsonl", rows), data=DataConfig(eval_fraction=0.3))
     summary = data.summary["preference"]
     assert summary["rows"] == 5
     assert summary["distinct_prompts"] == 3

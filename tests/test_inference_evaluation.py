@@ -3,7 +3,8 @@ import json
 import pytest
 
 from rlhf.evaluation.compare import bootstrap_interval, evaluate_outputs, win_rate
-from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+from rlhf.evaluation.config import InferenceConfig
+from rlhf.evaluation.inference import bulk_infer
 from rlhf.evaluation.report import histogram, line_chart, render_html, render_markdown, verdict
 from tests.conftest import EVALUATION, SHARED_DATA
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from kfp.dsl import Artifact, Dataset, Metrics
 
 from rlhf.components.validate import validate_datasets
+from rlhf.data.config import DataConfig
 from rlhf.data.datasets import DatasetError, prepare_datasets, read_jsonl, sample_dataset, write_jsonl
 from rlhf.data.validation import read_dataset
 from tests.bad_inputs import file_cases, row_cases
@@ -181,7 +182,8 @@ def test_the_first_stage_only_reports_problems(tmp_path, preference, prompt, eva
             path.write_bytes(content)
             uris[name], lengths[str(path)] = str(path), content.count(b"\n") + 1
     try:
-        data = prepare_datasets(uris["preference"], uris.get("prompt"), uris.get("eval"), on_invalid=on_invalid)
+        data = prepare_datasets(uris["preference"], uris.get("prompt"), uris.get("eval"),
+                                DataConfig(on_invalid=on_invalid))
     except DatasetError as error:
         assert error.problems
         assert_problems_name_file_and_line(error.problems, lengths)

@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 
 from rlhf.evaluation.compare import evaluate_run
-from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+from rlhf.evaluation.config import InferenceConfig
+from rlhf.evaluation.inference import bulk_infer
 from rlhf.models.loading import ModelLoadError, load_backbone, load_causal_lm, load_tokenizer, pick_placement
+from rlhf.reward.config import RewardTrainingConfig
 from rlhf.reward.model import load_reward_model
-from rlhf.reward.training import RewardTrainingConfig, train_reward_model
-from rlhf.rl.ppo import PPOConfig, train_policy
+from rlhf.reward.training import train_reward_model
+from rlhf.rl.config import PPOConfig
+from rlhf.rl.ppo import train_policy
 from rlhf.rl.rewards import RewardModelReward
 from tests.conftest import REPO, TargetTokenShare, marker_pairs
 

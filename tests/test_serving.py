@@ -10,7 +10,8 @@ import urllib.request
 
 import pytest
 
-from rlhf.evaluation.inference import InferenceConfig, bulk_infer
+from rlhf.evaluation.config import InferenceConfig
+from rlhf.evaluation.inference import bulk_infer
 from rlhf.rl.policy import ADAPTER_DIR, MERGED_DIR, read_policy_spec
 from rlhf.rl.ppo import train_policy
 from tests.conftest import PROMPTS, TargetTokenShare, free_port

@@ -2,11 +2,16 @@
 same defaults, and the stages' own checks run on them before anything runs."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from rlhf.cli import build_parser
+from rlhf.data.config import DataConfig
+from rlhf.evaluation.config import InferenceConfig
+from rlhf.labeling.config import CandidateConfig
 from rlhf.pipeline.compiler import PIPELINE_YAML
 from rlhf.pipeline.local_run import LOCAL_DEFAULTS
 from rlhf.pipeline.parameters import (
@@ -16,12 +21,15 @@ from rlhf.pipeline.parameters import (
     resolve_parameters,
     stage_configs,
 )
-from rlhf.reward.training import RewardTrainingConfig
-from rlhf.rl.ppo import PPOConfig
-from rlhf.training.settings import PLAIN_TEXT, RUN_OPTIONS
+from rlhf.reward.config import RewardTrainingConfig
+from rlhf.rl.config import PPOConfig
+from rlhf.settings import PLAIN_TEXT, RUN_OPTIONS
 
 STAGES = [("train-reward-model", RewardTrainingConfig, "reward_model"),
           ("train-policy", PPOConfig, "reinforcement_learning")]
+# The commands that generate: settings the pipeline has go by its names, the sampling options by their own.
+GENERATING = [("infer", InferenceConfig, {"sample", "temperature", "top_p"}),
+              ("generate-candidates", CandidateConfig, {"temperatures", "top_p", "max_attempts"})]
 
 
 def command_flags(command: str) -> dict[str, str]:
@@ -70,7 +78,32 @@ def test_the_cli_and_the_pipeline_set_the_same_settings_under_the_same_names(com
     assert {f"--{option.replace('_', '-')}" for option in run_options} <= set(flags)
 
 
-@pytest.mark.parametrize("command,settings,_", STAGES)
+@pytest.mark.parametrize("task,settings,not_inputs", [
+    ("validate-datasets", DataConfig, ()),
+    # The instruction and chat template come with the policy (what it was trained with); no seed: greedy.
+    ("bulk-inference", InferenceConfig, ("instruction", "seed")),
+    ("bulk-inference-2", InferenceConfig, ("instruction", "seed")),
+])
+def test_the_data_and_inference_steps_get_their_settings_from_the_parameters_that_name_them(task, settings,
+                                                                                          not_inputs):
+    given = yaml.safe_load(PIPELINE_YAML.read_text())["root"]["dag"]["tasks"][task]["inputs"]["parameters"]
+    fed = {field: given[field]["componentInputParameter"] for field in settings.parameter_names if field in given}
+    assert fed == {field: name for field, name in settings.parameter_names.items() if field not in not_inputs}
+
+
+@pytest.mark.parametrize("command,settings,own", GENERATING)
+def test_the_generating_commands_set_the_pipeline_settings_under_its_names(command, settings, own):
+    flags = command_flags(command)
+    fields = {field.name for field in dataclasses.fields(settings)}
+    setting_flags = {flag.removeprefix("--").replace("-", "_") for flag, dest in flags.items()
+                     if dest in fields or dest == PLAIN_TEXT}
+    assert setting_flags - set(RUN_OPTIONS) == {*settings.parameter_names.values(), PLAIN_TEXT, *own}
+    assert set(settings.parameter_names.values()) <= set(pipeline_parameters())
+    # Every field is a pipeline setting, the chat-template choice, a sampling option or a run option.
+    assert fields - set(settings.parameter_names) - {"use_chat_template"} - own <= set(RUN_OPTIONS)
+
+
+@pytest.mark.parametrize("command,settings,_", STAGES + GENERATING + [("validate", DataConfig, None)])
 def test_the_cli_flags_take_the_dataclass_defaults_and_docs(command, settings, _):
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
     actions = {action.dest: action for action in subcommands[command]._actions}
@@ -90,8 +123,12 @@ def test_the_cli_flags_take_the_dataclass_defaults_and_docs(command, settings, _
       "reinforcement_learning_minibatch_size=32"], "must be a multiple of reinforcement_learning_micro_batch_size 24"),
     (["reinforcement_learning_batch_size=64", "reinforcement_learning_micro_batch_size=16",
       "reinforcement_learning_minibatch_size=8"], "reinforcement_learning_minibatch_size 8 must be a multiple"),
-    (["policy_lora_dim=0"], "policy_lora_dim=0: must be at least 1: the reference model"),
-    (["eval_fraction=0"], "eval_fraction=0.0: must be above 0"),
+    (["policy_lora_dim=0"], "reinforcement learning: policy_lora_dim 0 must be at least 1: the reference model"),
+    (["reward_lora_dim=-1"], "reward model: reward_lora_dim -1 must be 0"),
+    (["temperature=0"], "reinforcement learning: temperature 0.0 must be above 0"),
+    (["inference_batch_size=0"], "inference: inference_batch_size 0 must be at least 1"),
+    (["eval_fraction=0"], "data: eval_fraction 0.0 must be above 0 and below 1"),
+    (["on_invalid=drop"], "data: on_invalid drop must be fail or skip"),
 ])
 def test_settings_that_would_fail_in_a_stage_are_refused_before_any_stage_runs(assignments, phrase):
     with pytest.raises(ParameterError, match=phrase):
@@ -100,3 +137,12 @@ def test_settings_that_would_fail_in_a_stage_are_refused_before_any_stage_runs(a
 
 def test_the_local_defaults_pass_every_stage_check():
     resolve_parameters(None, [], LOCAL_DEFAULTS)
+
+
+def test_the_settings_and_the_cli_parser_load_without_torch():
+    # The pipeline compiles, and `rlhf --help` answers, without loading torch (seconds on a small machine).
+    code = ("import sys\nfrom rlhf.cli import build_parser\nbuild_parser()\n"
+            + "".join(f"import rlhf.{room}.config\n" for room in ("data", "reward", "rl", "evaluation", "labeling"))
+            + "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from rlhf.models.loading import Placement, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.reward.training import normalisation_sample, train_reward_model
+from rlhf.rl.config import BASE_LEARNING_RATE
 from rlhf.rl.policy import Policy
-from rlhf.rl.ppo import BASE_LEARNING_RATE, Experience, collect, ppo_losses, train_policy
+from rlhf.rl.ppo import Experience, collect, ppo_losses, train_policy
 from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, reward_config, scalars
 from tests.conftest import ppo_config as config
 

@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.models.loading import pick_placement
-from rlhf.rl.ppo import BASE_LEARNING_RATE, TENSORBOARD_DIR, PPOConfig, train_policy
+from rlhf.rl.config import BASE_LEARNING_RATE, PPOConfig
+from rlhf.rl.ppo import train_policy
 from rlhf.rl.rewards import RewardModelReward
 
 PHASES = ("generation", "forward", "scoring", "update")

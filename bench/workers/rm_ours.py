@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.reward.training import BASE_LEARNING_RATE, RewardTrainingConfig, train_reward_model
+from rlhf.reward.config import BASE_LEARNING_RATE, RewardTrainingConfig
+from rlhf.reward.training import train_reward_model
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from rlhf.data.config import DataConfig
 from rlhf.data.storage import StorageError, read_bytes
 from rlhf.data.validation import (
     Dataset,
-    OnInvalid,
     Problem,
     chosen,
     is_preference_row,
@@ -61,9 +61,7 @@ def prepare_datasets(
     preference_dataset: str,
     prompt_dataset: str | None = None,
     eval_dataset: str | None = None,
-    on_invalid: OnInvalid = "fail",
-    eval_fraction: float = 0.1,
-    seed: int = 0,
+    data: DataConfig | None = None,
 ) -> PreparedData:
     """Validate all datasets; raise DatasetError listing every problem, or return the split data.
 
@@ -72,8 +70,9 @@ def prepare_datasets(
     - Prompts for RL: the prompt dataset, else the training pairs' distinct prompts.
     - Eval prompts for bulk inference: the eval set's prompts, else the held-out pairs' prompts.
     """
-    if not 0.0 < eval_fraction < 1.0:
-        raise UserError(f"eval_fraction must be between 0 and 1, got {eval_fraction}")
+    data = data or DataConfig()
+    data.validate()
+    on_invalid, eval_fraction, seed = data.on_invalid, data.eval_fraction, data.seed
     datasets = {"preference": read_dataset(preference_dataset, "preference", on_invalid)}
     if prompt_dataset:
         datasets["prompt"] = read_dataset(prompt_dataset, "prompt", on_invalid)

@@ -7,33 +7,17 @@ Vertex shape too (`inputs.inputs_pretokenized`, `prediction`) so tools written f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlhf.data.prompts import PromptEncoder, PromptFormat
 from rlhf.data.validation import user_input
+from rlhf.evaluation.config import InferenceConfig
 from rlhf.models.artifacts import refuse_pickles
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.rl.decoding import generate
 from rlhf.training.progress import Progress
-
-
-@dataclass
-class InferenceConfig:
-    """Settings of bulk inference."""
-
-    target_sequence_length: int = 64  # new tokens at most
-    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
-    batch_size: int = 8  # prompts per generate call
-    greedy: bool = True  # greedy decoding, as Vertex's bulk inferrer; False samples
-    temperature: float = 1.0  # when sampling
-    top_p: float = 1.0  # when sampling
-    seed: int = 0  # when sampling
-    instruction: str = ""  # put before every input
-    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
-    device: str = "auto"
 
 
 def load_generator(model_path: str, adapter_dir: Path | None, placement):
@@ -78,7 +62,7 @@ class Generator:
             batch = order[first:first + config.batch_size]
             rollout = generate(self.model, [prompts[i] for i in batch], config.target_sequence_length,
                                self.stop_ids, self.tokenizer.pad_token_id, config.temperature,
-                               config.top_p, config.greedy)
+                               config.top_p, greedy=not config.sample)
             for index, completion, ended in zip(batch, rollout.completions(), rollout.ended.tolist()):
                 row = rows[index]
                 output = {key: row[key] for key in ("input_text", "messages") if key in row}
@@ -95,6 +79,7 @@ class Generator:
 
 def bulk_infer(rows: list[dict], model_path: str, config: InferenceConfig, adapter_dir: Path | None = None) -> list[dict]:
     """One output row per input row, same order: input, prediction, Vertex-shaped inputs."""
+    config.validate()
     torch.manual_seed(config.seed)
     generator = Generator(model_path, config, adapter_dir)
     progress = Progress(len(rows), "bulk inference", unit="prompt")

@@ -19,36 +19,11 @@ import torch
 
 from rlhf.data.pairs import pair_id, prompt_fields
 from rlhf.data.prompts import PromptEncoder, PromptFormat
-from rlhf.errors import UserError
 from rlhf.evaluation.inference import load_generator
+from rlhf.labeling.config import CandidateConfig
 from rlhf.models.loading import load_tokenizer, pick_placement, stop_token_ids
 from rlhf.rl.decoding import generate
 from rlhf.training.progress import Progress
-
-
-@dataclass
-class CandidateConfig:
-    """Settings of candidate generation."""
-
-    temperatures: tuple[float, float] = (0.7, 1.0)  # sampling temperature of candidate_0 and of candidate_1
-    top_p: float = 0.95  # nucleus sampling, both candidates
-    target_sequence_length: int = 64  # new tokens at most per candidate
-    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
-    batch_size: int = 8  # prompts per generate call
-    max_attempts: int = 3  # samplings of a pair before its prompt is left out as unusable
-    seed: int = 0  # base of every generate call's seed
-    instruction: str = ""  # put before every input
-    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
-
-    def validate(self) -> None:
-        if len(self.temperatures) != 2 or min(self.temperatures) <= 0:
-            raise UserError(f"candidate generation: give two positive temperatures, got {list(self.temperatures)}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"candidate generation: top_p must be in (0, 1], got {self.top_p}")
-        for name in ("target_sequence_length", "prompt_sequence_length", "batch_size", "max_attempts"):
-            if getattr(self, name) < 1:
-                raise UserError(f"candidate generation: {name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass

@@ -47,95 +47,13 @@ from rlhf.data.prompts import PromptEncoder, PromptFormat
 from rlhf.data.validation import user_input
 from rlhf.errors import UserError
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
+from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
 from rlhf.rl.rewards import RewardFunction
 from rlhf.rl.rollouts import Rollout
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
-from rlhf.training.settings import SHARED_PARAMETERS, StageSettings
-
-BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
-
-
-@dataclass
-class PPOConfig(StageSettings):
-    """Hyperparameters of the reinforcement-learning stage."""
-
-    stage = "reinforcement learning"
-    parameter_names = {
-        "train_steps": "reinforcement_learning_train_steps", "batch_size": "reinforcement_learning_batch_size",
-        "micro_batch_size": "reinforcement_learning_micro_batch_size",
-        "ppo_minibatch_size": "reinforcement_learning_minibatch_size",
-        "ppo_epochs": "reinforcement_learning_ppo_epochs",
-        "learning_rate_multiplier": "reinforcement_learning_rate_multiplier",
-        "warmup_fraction": "reinforcement_learning_warmup_fraction", "kl_coeff": "kl_coeff",
-        "lora_dim": "policy_lora_dim", "temperature": "temperature", "top_p": "top_p", "gamma": "gamma",
-        "lam": "gae_lambda", "clip_range": "clip_range", "value_clip_range": "value_clip_range",
-        "value_loss_coeff": "value_loss_coeff", "max_grad_norm": "reinforcement_learning_max_grad_norm",
-        "penalize_unfinished": "penalize_unfinished", "unfinished_reward": "unfinished_reward",
-        "export_merged": "export_merged_model", **SHARED_PARAMETERS}
-
-    train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates)
-    batch_size: int = 64  # prompts per step
-    micro_batch_size: int = 8  # rollouts per forward pass, in generation and in training
-    ppo_minibatch_size: int = 32  # rollouts per optimizer step; divides the batch, a multiple of the micro-batch
-    ppo_epochs: int = 2  # passes over each batch of rollouts
-    learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
-    warmup_fraction: float = 0.1  # share of steps with a linear warm-up, then cosine decay to 0
-    kl_coeff: float = 0.1  # weight of the per-token KL(policy || base) penalty
-    lora_dim: int = 8  # LoRA rank of the policy
-    temperature: float = 1.0  # sampling temperature of rollouts
-    top_p: float = 1.0  # nucleus sampling of rollouts
-    gamma: float = 1.0  # discount over completion tokens
-    lam: float = 1.0  # GAE lambda; 1: each token's advantage is the whole return minus its value
-    clip_range: float = 0.2  # PPO ratio clipping
-    value_clip_range: float = 0.2  # value clipping around the rollout's values
-    value_loss_coeff: float = 0.1  # weight of the value loss in the joint loss
-    max_grad_norm: float = 1.0  # gradient clipping
-    penalize_unfinished: bool = True  # score completions without EOS with unfinished_reward, not the reward model
-    unfinished_reward: float = -2.0  # what a completion without EOS scores instead, in normalised units (2 std down)
-    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
-    target_sequence_length: int = 64  # new tokens generated at most
-    instruction: str = ""  # put before every input
-    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
-    seed: int = 0  # data order and sampling
-    checkpoint_every: int = 20  # steps between checkpoints
-    sample_every: int = 10  # steps between sample completions logged as text
-    export_merged: bool = False  # also write base + adapter merged into a plain model directory
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
-
-    def learning_rate(self) -> float:
-        return BASE_LEARNING_RATE * self.learning_rate_multiplier
-
-    def updates_per_step(self) -> int:
-        """Optimizer steps per PPO step: `validate` makes minibatches whole numbers of micro-batches."""
-        return self.ppo_epochs * (self.batch_size // self.ppo_minibatch_size)
-
-    def stage_problems(self, say) -> list[str]:
-        found = self.below_one(("train_steps", "batch_size", "micro_batch_size", "ppo_minibatch_size", "ppo_epochs",
-                                "prompt_sequence_length", "target_sequence_length", "checkpoint_every",
-                                "sample_every"), say)
-        if self.lora_dim < 1:
-            found.append(f"{say('lora_dim')} must be at least 1: the reference model is the policy with its "
-                         "adapter switched off, so the policy needs one")
-        if not found:
-            # As TRL does: a remainder would make some optimizer steps smaller and the schedule miscount them.
-            if self.batch_size % self.micro_batch_size:
-                found.append(f"{say('batch_size')} must be a multiple of {say('micro_batch_size')}")
-            if self.ppo_minibatch_size % self.micro_batch_size or self.batch_size % self.ppo_minibatch_size:
-                found.append(f"{say('ppo_minibatch_size')} must be a multiple of {say('micro_batch_size')} and "
-                             f"divide {say('batch_size')}")
-        if self.kl_coeff < 0:
-            found.append(f"{say('kl_coeff')} must not be negative")
-        if self.temperature <= 0:
-            found.append(f"{say('temperature')} must be above 0")
-        if not 0 < self.top_p <= 1:
-            found.append(f"{say('top_p')} must be above 0 and at most 1")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                found.append(f"{say(name)} must be from 0 to 1")
-        return found
 
 
 @dataclass

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 
 from rlhf.models.artifacts import TENSORBOARD_DIR
+from rlhf.settings import RUN_OPTIONS
 from rlhf.training.checkpoints import disk_full_explained, finish, resume, save_checkpoint
 from rlhf.training.progress import Progress
-from rlhf.training.settings import RUN_OPTIONS
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"

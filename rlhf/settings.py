@@ -1,11 +1,11 @@
-"""What the training stages' config dataclasses share: the name each setting goes by, its one-line doc, and
-checks that list every bad setting, named the way the user set it.
+"""What the stages' config dataclasses share (training, inference, candidate generation): the name each setting
+goes by, its one-line doc, and checks that list every bad setting, named the way the user set it.
 
 A config dataclass is the one definition of its stage's settings. Each field's trailing comment is its doc;
 `parameter_names` gives the name users set it by: the pipeline parameter (GCPC's name where GCPC has one),
-which is also the CLI flag (`--reward-model-batch-size`). The fields it leaves out are run options
-(`RUN_OPTIONS`: where a run goes and how it is watched), which only the CLI sets, and the chat-template
-choice, which both set as `plain_text`.
+which is also the CLI flag (`--reward-model-batch-size`). The fields it leaves out go by their own names:
+run options (`RUN_OPTIONS`: where a run goes and how it is watched) and a command's own options (how
+`rlhf infer` samples), which only the CLI sets; the chat-template choice both set as `plain_text`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ def chat_template_choice(plain_text: bool) -> bool | None:
     return False if plain_text else None
 
 
-class StageSettings:
-    """Base of a stage's config dataclass: `stage` names it in messages, `stage_problems` checks its own fields;
-    the learning-rate multiplier and warm-up are checked here for every stage."""
+class Settings:
+    """Base of a stage's config dataclass: `stage` names it in messages, `stage_problems` checks its own fields."""
 
     stage: ClassVar[str]
     parameter_names: ClassVar[dict[str, str]]  # field -> pipeline parameter and CLI flag
@@ -59,8 +58,16 @@ class StageSettings:
         return docs
 
     @classmethod
+    def from_values(cls, values: Mapping[str, object], plain_text: bool = False):
+        """The config with these field values; `plain_text` makes the chat-template choice where the stage has
+        one (unless `values` sets `use_chat_template` itself)."""
+        chat = ({"use_chat_template": chat_template_choice(plain_text)}
+                if "use_chat_template" in {f.name for f in fields(cls)} else {})
+        return cls(**{**chat, **values})
+
+    @classmethod
     def user_names(cls) -> dict[str, str]:
-        """The name each field goes by where the user sets it: its parameter name, or its own for a run option."""
+        """The name each field goes by where the user sets it: its parameter name, or its own for a CLI option."""
         return {f.name: cls.parameter_names.get(f.name, f.name) for f in fields(cls)}
 
     def stage_problems(self, say: Say) -> list[str]:
@@ -72,12 +79,10 @@ class StageSettings:
         def say(setting: str) -> str:
             return f"{names.get(setting, setting)} {getattr(self, setting)}"
 
-        found = self.stage_problems(say)
-        if self.learning_rate_multiplier <= 0:
-            found.append(f"{say('learning_rate_multiplier')} must be above 0")
-        if not 0 <= self.warmup_fraction < 1:
-            found.append(f"{say('warmup_fraction')} must be at least 0 and below 1")
-        return [f"{self.stage}: {problem}" for problem in found]
+        return [f"{self.stage}: {problem}" for problem in self.stage_problems(say) + self.shared_problems(say)]
+
+    def shared_problems(self, say: Say) -> list[str]:
+        return []
 
     def validate(self) -> None:
         problems = self.problems()
@@ -86,3 +91,25 @@ class StageSettings:
 
     def below_one(self, fields: tuple[str, ...], say: Say) -> list[str]:
         return [f"{say(name)} must be at least 1" for name in fields if getattr(self, name) < 1]
+
+    def sampling_problems(self, say: Say, temperatures: tuple[str, ...] = ("temperature",)) -> list[str]:
+        found = [f"{say(name)} must be above 0" for name in temperatures if not _all_positive(getattr(self, name))]
+        if not 0 < self.top_p <= 1:
+            found.append(f"{say('top_p')} must be above 0 and at most 1")
+        return found
+
+
+def _all_positive(value: float | tuple[float, ...]) -> bool:
+    return all(v > 0 for v in (value if isinstance(value, tuple) else (value,)))
+
+
+class StageSettings(Settings):
+    """A training stage's settings: the learning-rate multiplier and warm-up are checked here for both."""
+
+    def shared_problems(self, say: Say) -> list[str]:
+        found = []
+        if self.learning_rate_multiplier <= 0:
+            found.append(f"{say('learning_rate_multiplier')} must be above 0")
+        if not 0 <= self.warmup_fraction < 1:
+            found.append(f"{say('warmup_fraction')} must be at least 0 and below 1")
+        return found
