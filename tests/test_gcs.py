@@ -6,6 +6,7 @@ from rlhf.data.datasets import prepare_datasets
 from rlhf.data.storage import expand, read_bytes, write_bytes
 from rlhf.data.validation import read_dataset
 from rlhf.models.reference import COMPLETE_MARKER, resolve_model_reference
+from tests.conftest import rlhf
 
 
 def upload(bucket, name: str, content: bytes) -> str:
@@ -83,3 +84,14 @@ def local_files(directory):
     from pathlib import Path
 
     return list(Path(directory).iterdir())
+
+
+def test_an_unresolvable_storage_host_fails_at_once_in_one_line(tmp_path):
+    # `.invalid` never resolves (RFC 2606). Without the check the client retries for two minutes, and the
+    # line it ends with is a RetryError; the timeout below only stops a hang.
+    result = rlhf("validate", "--preference-dataset", "gs://some-bucket/pairs.jsonl",
+                  env={"STORAGE_EMULATOR_HOST": "http://no-such-host.invalid:4443"}, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert ("gs://some-bucket/pairs.jsonl:0: cannot reach Cloud Storage: its host no-such-host.invalid does not "
+            "resolve") in result.stderr
+    assert "RetryError" not in result.stderr

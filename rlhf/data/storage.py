@@ -71,9 +71,27 @@ def gcs_client():
     return storage.Client(project=project, credentials=credentials)
 
 
+@lru_cache(maxsize=1)
+def _unresolvable_endpoint() -> str | None:
+    """Why Cloud Storage cannot be reached when its host name does not resolve (offline, or a mistyped
+    STORAGE_EMULATOR_HOST), else None: the client would retry such a call for two minutes before failing."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host = urlsplit(gcs_client().api_endpoint).hostname
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as error:
+        return f"cannot reach Cloud Storage: its host {host} does not resolve ({error.strerror}); are you offline?"
+    return None
+
+
 def _gcs_call(uri: str, action):
     from google.api_core import exceptions as gexc
 
+    unreachable = _unresolvable_endpoint()
+    if unreachable:
+        raise StorageError(uri, unreachable)
     try:
         return action()
     except gexc.NotFound:
