@@ -34,10 +34,12 @@ def train_policy(
     plain_text: bool,
     seed: int,
     export_merged: bool,
+    gradient_checkpointing: bool,
     policy: Output[Model],
     metrics: Output[Metrics],
 ):
     """PPO against the reward model; a retry with the same output location resumes from its checkpoint."""
+    inputs = dict(locals())
     from pathlib import Path
 
     from rlhf.data.datasets import read_jsonl
@@ -45,19 +47,10 @@ def train_policy(
     from rlhf.rl.config import PPOConfig
     from rlhf.rl.ppo import train_policy as train
     from rlhf.rl.rewards import RewardModelReward
-    from rlhf.settings import chat_template_choice
     from rlhf.training.stopping import Interrupted, StopFlag
 
-    config = PPOConfig(
-        train_steps=train_steps, batch_size=batch_size, micro_batch_size=micro_batch_size,
-        ppo_minibatch_size=ppo_minibatch_size, ppo_epochs=ppo_epochs,
-        learning_rate_multiplier=learning_rate_multiplier, warmup_fraction=warmup_fraction, kl_coeff=kl_coeff,
-        lora_dim=lora_dim, temperature=temperature, top_p=top_p, gamma=gamma, lam=lam, clip_range=clip_range,
-        value_clip_range=value_clip_range, value_loss_coeff=value_loss_coeff, max_grad_norm=max_grad_norm,
-        penalize_unfinished=penalize_unfinished, unfinished_reward=unfinished_reward,
-        prompt_sequence_length=prompt_sequence_length, target_sequence_length=target_sequence_length,
-        instruction=instruction, use_chat_template=chat_template_choice(plain_text), seed=seed,
-        export_merged=export_merged)
+    # Each setting is the input of its field's name (the pipeline maps its parameters onto them).
+    config = PPOConfig.from_values({name: inputs[name] for name in PPOConfig.parameter_names}, plain_text)
     config.validate()
     reward = RewardModelReward(Path(reward_model.path), pick_placement(config.device))
     result = train(config, read_jsonl(Path(prompts.path)), reward, large_model_reference, Path(policy.path),

@@ -24,25 +24,22 @@ def train_reward_model(
     instruction: str,
     plain_text: bool,
     seed: int,
+    gradient_checkpointing: bool,
     reward_model: Output[Model],
     metrics: Output[Metrics],
 ):
     """Train the pairwise reward model; a retry with the same output location resumes from its checkpoint."""
+    inputs = dict(locals())
     from pathlib import Path
 
     from rlhf.data.datasets import read_jsonl
     from rlhf.reward.config import RewardTrainingConfig
     from rlhf.reward.training import train_reward_model as train
-    from rlhf.settings import chat_template_choice
     from rlhf.training.stopping import Interrupted, StopFlag
 
-    config = RewardTrainingConfig(
-        train_steps=train_steps, batch_size=batch_size, micro_batch_tokens=micro_batch_tokens,
-        learning_rate_multiplier=learning_rate_multiplier, lora_dim=lora_dim, warmup_fraction=warmup_fraction,
-        weight_decay=weight_decay, max_grad_norm=max_grad_norm, normalization_pairs=normalization_pairs,
-        balance_lengths=balance_lengths, prompt_sequence_length=prompt_sequence_length,
-        target_sequence_length=target_sequence_length, instruction=instruction,
-        use_chat_template=chat_template_choice(plain_text), seed=seed)
+    # Each setting is the input of its field's name (the pipeline maps its parameters onto them).
+    config = RewardTrainingConfig.from_values({name: inputs[name] for name in RewardTrainingConfig.parameter_names},
+                                              plain_text)
     result = train(config, read_jsonl(Path(train_pairs.path)), read_jsonl(Path(held_out_pairs.path)),
                    large_model_reference, Path(reward_model.path), stop_requested=StopFlag().install())
     if result.get("interrupted"):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
+from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, recompute_activations, stop_token_ids
 from rlhf.rl.decoding import adapter_merged, decode, generate
-from rlhf.rl.policy import Policy
+from rlhf.rl.policy import Policy, entropy_of
 from rlhf.rl.rollouts import left_pad
 
 TEXTS = ["dog", "a longer post about the cat and dog", "my roommate keeps leaving dishes"]
@@ -155,3 +155,36 @@ def test_no_new_tokens_is_refused(tiny_model_dir, tokenizer, prompts):
     model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu"))
     with pytest.raises(ValueError, match="at least one new token"):
         decode(model, prompts, 0, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+
+
+def test_entropy_row_by_row_equals_the_full_distributions_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 1000) * torch.tensor([0.1, 3.0, 30.0])[:, None, None]  # flat to nearly one-hot
+    log_probs = torch.log_softmax(logits, dim=-1)
+    expected = -(log_probs.exp() * log_probs).sum(-1)
+    torch.testing.assert_close(entropy_of(logits, torch.logsumexp(logits, dim=-1)), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_recomputing_activations_gives_the_same_gradients_and_runs_each_layer_again(tiny_model_dir, tokenizer,
+                                                                                      prompts):
+    rollout = generate(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), prompts, 6,
+                       [tokenizer.eos_token_id], tokenizer.pad_token_id, 1.0, 1.0)
+    gradients, layer_calls = {}, {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4,
+                               [tokenizer.eos_token_id], tokenizer.pad_token_id)
+        if recompute:
+            recompute_activations(policy.model)
+        policy.model.train()
+        calls = []
+        layer = policy.model.get_base_model().model.layers[0]
+        layer.self_attn.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        log_probs, _, values = policy.evaluate(rollout, 1.0)
+        (log_probs.sum() + values.sum()).backward()
+        gradients[recompute] = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
+        layer_calls[recompute] = len(calls)
+    assert layer_calls == {False: 1, True: 2}  # checkpointed: the backward pass runs the layer again
+    assert gradients[True].keys() == gradients[False].keys() and gradients[False]
+    for name, gradient in gradients[False].items():
+        torch.testing.assert_close(gradients[True][name], gradient, atol=1e-6, rtol=1e-5)

@@ -113,6 +113,13 @@ def add_lora(model, rank: int, alpha: float | None = None):
     return get_peft_model(model, config)
 
 
+def recompute_activations(model) -> None:
+    """Gradient checkpointing: each layer's activations are recomputed in the backward pass instead of kept.
+    Non-reentrant, so a frozen embedding under a LoRA adapter needs no input gradients; passes without
+    gradients (sampling with the KV cache) run as before."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def value_head(model) -> torch.nn.Linear:
     """A zero linear head from the model's hidden size to one number: every value starts at 0, so the first
     advantages are the rewards themselves rather than a random head's error."""

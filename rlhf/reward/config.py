@@ -22,7 +22,7 @@ class RewardTrainingConfig(StageSettings):
         "warmup_fraction": "reward_model_warmup_fraction", "weight_decay": "reward_model_weight_decay",
         "max_grad_norm": "reward_model_max_grad_norm", "lora_dim": "reward_lora_dim",
         "normalization_pairs": "reward_model_normalization_pairs", "balance_lengths": "reward_model_balance_lengths",
-        **SHARED_PARAMETERS}
+        "gradient_checkpointing": "reward_model_gradient_checkpointing", **SHARED_PARAMETERS}
 
     train_steps: int = 1000  # optimizer steps (the pipeline turns epochs into steps before this)
     batch_size: int = 64  # preference pairs per optimizer step
@@ -41,6 +41,7 @@ class RewardTrainingConfig(StageSettings):
     log_every: int = 1  # steps between TensorBoard points
     normalization_pairs: int = 512  # training pairs (a seeded sample) scored after training for the reward mean and std
     balance_lengths: bool = False  # train on a seeded subset where the longer candidate wins half the pairs
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
     def learning_rate(self) -> float:

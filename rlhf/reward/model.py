@@ -55,7 +55,7 @@ class RewardModel(torch.nn.Module):
         """Scores [batch, completions] in float32 (the head runs in float32 whatever the backbone's dtype)."""
         dtype = next(self.backbone.parameters()).dtype
         hidden = self.backbone(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                               attention_mask=batch.attention_mask(dtype)).last_hidden_state
+                               attention_mask=batch.attention_mask(dtype), use_cache=False).last_hidden_state
         index = batch.last_token[..., None].expand(-1, -1, hidden.shape[-1])
         return self.head(hidden.gather(1, index).float()).squeeze(-1)
 

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from rlhf.data.prompts import PromptEncoder, PromptFormat
 from rlhf.data.validation import chosen, longer_wins, rejected
 from rlhf.errors import UserError
-from rlhf.models.loading import Placement, add_lora, load_backbone, load_tokenizer, pick_placement
+from rlhf.models.loading import (
+    Placement,
+    add_lora,
+    load_backbone,
+    load_tokenizer,
+    pick_placement,
+    recompute_activations,
+)
 from rlhf.reward.config import RewardTrainingConfig
 from rlhf.reward.model import RewardModel, RewardModelSpec, save_reward_model, score_packed
 from rlhf.reward.packing import pack, packed_length
@@ -148,6 +155,8 @@ def train_reward_model(
     backbone = load_backbone(base_path, placement)
     if config.lora_dim > 0:
         backbone = add_lora(backbone, config.lora_dim)
+    if config.gradient_checkpointing:
+        recompute_activations(backbone)
     model = RewardModel.with_new_head(backbone, config.seed)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

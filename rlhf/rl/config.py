@@ -26,7 +26,8 @@ class PPOConfig(StageSettings):
         "lam": "gae_lambda", "clip_range": "clip_range", "value_clip_range": "value_clip_range",
         "value_loss_coeff": "value_loss_coeff", "max_grad_norm": "reinforcement_learning_max_grad_norm",
         "penalize_unfinished": "penalize_unfinished", "unfinished_reward": "unfinished_reward",
-        "export_merged": "export_merged_model", **SHARED_PARAMETERS}
+        "export_merged": "export_merged_model",
+        "gradient_checkpointing": "reinforcement_learning_gradient_checkpointing", **SHARED_PARAMETERS}
 
     train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates)
     batch_size: int = 64  # prompts per step
@@ -55,6 +56,7 @@ class PPOConfig(StageSettings):
     checkpoint_every: int = 20  # steps between checkpoints
     sample_every: int = 10  # steps between sample completions logged as text
     export_merged: bool = False  # also write base + adapter merged into a plain model directory
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
     def learning_rate(self) -> float:

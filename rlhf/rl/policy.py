@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rlhf.models.artifacts import ModelSpec, read_spec_file, save_weights, write_spec
 from rlhf.rl.decoding import adapter_merged, decode
@@ -80,23 +79,33 @@ class Policy(torch.nn.Module):
             # Logits only where a completion token is predicted: the vocabulary projection is costly.
             output = self.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
                                 position_ids=positions(rollout.attention_mask), logits_to_keep=length + 1,
-                                output_hidden_states=with_values)
+                                output_hidden_states=with_values, use_cache=False)
         logits = output.logits[:, :-1].float()
         if temperature != 1.0:
             logits = logits / temperature
-        log_probs = F.log_softmax(logits, dim=-1)
         targets = rollout.sequences[:, -length:]
-        token_log_probs = log_probs.gather(-1, targets[..., None]).squeeze(-1)
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                entropy = -(log_probs.exp() * log_probs).sum(-1)
+        # log p(token) = its logit - logsumexp(logits): no full-vocabulary log-prob tensor is made, or kept
+        # for the backward pass.
+        normaliser = torch.logsumexp(logits, dim=-1)
+        token_log_probs = logits.gather(-1, targets[..., None]).squeeze(-1) - normaliser
+        entropy = entropy_of(logits.detach(), normaliser.detach()) if with_entropy else None
         values = None
         if with_values:
             # Detached: the value loss trains the head, never the policy's adapter (see ppo.ppo_update).
             hidden = output.hidden_states[-1][:, -length - 1:-1].detach()
             values = self.value_head(hidden.float()).squeeze(-1)
         return token_log_probs, entropy, values
+
+
+@torch.no_grad()
+def entropy_of(logits: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
+    """The entropy of each position's distribution [batch, positions], one row at a time: at most one row's
+    probabilities are in memory, never the whole batch's."""
+    entropies = []
+    for row, norm in zip(logits.split(1), normaliser.split(1)):
+        log_probs = row - norm[..., None]  # as log_softmax: no cancellation between two large sums
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+    return torch.cat(entropies)
 
 
 def save_policy(policy: Policy, spec: PolicySpec, directory: Path, tokenizer, merged: bool) -> None:

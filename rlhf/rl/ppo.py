@@ -46,7 +46,7 @@ import torch
 from rlhf.data.prompts import PromptEncoder, PromptFormat
 from rlhf.data.validation import user_input
 from rlhf.errors import UserError
-from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
+from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, recompute_activations, stop_token_ids
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
 from rlhf.rl.rewards import RewardFunction
@@ -310,6 +310,8 @@ def train_policy(
     torch.manual_seed(config.seed)
     model = load_causal_lm(base_path, placement)
     policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    if config.gradient_checkpointing:
+        recompute_activations(policy.model)
     policy.model.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=0.0)
