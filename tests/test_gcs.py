@@ -87,8 +87,8 @@ def local_files(directory):
 
 
 def test_an_unresolvable_storage_host_fails_at_once_in_one_line(tmp_path):
-    # `.invalid` never resolves (RFC 2606). Without the check the client retries for two minutes, and the
-    # line it ends with is a RetryError; the timeout below only stops a hang.
+    # `.invalid` never resolves (RFC 2606). Retried, such a call would take two minutes and end in a
+    # RetryError line; the timeout below only stops a hang.
     result = rlhf("validate", "--preference-dataset", "gs://some-bucket/pairs.jsonl",
                   env={"STORAGE_EMULATOR_HOST": "http://no-such-host.invalid:4443"}, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from rlhf.errors import UserError
 
@@ -71,27 +72,33 @@ def gcs_client():
     return storage.Client(project=project, credentials=credentials)
 
 
-@lru_cache(maxsize=1)
-def _unresolvable_endpoint() -> str | None:
-    """Why Cloud Storage cannot be reached when its host name does not resolve (offline, or a mistyped
-    STORAGE_EMULATOR_HOST), else None: the client would retry such a call for two minutes before failing."""
-    import socket
-    from urllib.parse import urlsplit
+def _unresolved_host(error: BaseException) -> bool:
+    """Whether a transport error is a host name that did not resolve (offline, or a mistyped
+    STORAGE_EMULATOR_HOST): retrying that only delays the same failure."""
+    import urllib3.exceptions
 
-    host = urlsplit(gcs_client().api_endpoint).hostname
-    try:
-        socket.getaddrinfo(host, None)
-    except socket.gaierror as error:
-        return f"cannot reach Cloud Storage: its host {host} does not resolve ({error.strerror}); are you offline?"
-    return None
+    seen = [error]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, urllib3.exceptions.NameResolutionError):
+            return True
+        seen += [e for e in (current.__cause__, current.__context__, getattr(current, "reason", None),
+                             *getattr(current, "args", ())) if isinstance(e, BaseException)]
+    return False
+
+
+@lru_cache(maxsize=1)
+def _retry():
+    """The client's own retry policy, less the retries of an unresolved host name: the call then fails at
+    once, not after two minutes of retries."""
+    from google.cloud.storage.retry import DEFAULT_RETRY, _should_retry
+
+    return DEFAULT_RETRY.with_predicate(lambda error: _should_retry(error) and not _unresolved_host(error))
 
 
 def _gcs_call(uri: str, action):
     from google.api_core import exceptions as gexc
 
-    unreachable = _unresolvable_endpoint()
-    if unreachable:
-        raise StorageError(uri, unreachable)
     try:
         return action()
     except gexc.NotFound:
@@ -101,6 +108,10 @@ def _gcs_call(uri: str, action):
     except gexc.GoogleAPICallError as error:
         raise StorageError(uri, f"Cloud Storage error: {error.message}") from None
     except Exception as error:  # auth and transport errors have many types; all end the same way
+        if _unresolved_host(error):
+            host = urlsplit(gcs_client().api_endpoint).hostname
+            raise StorageError(uri, f"cannot reach Cloud Storage: its host {host} does not resolve; are you "
+                                    "offline?") from None
         raise StorageError(uri, f"cannot reach Cloud Storage: {type(error).__name__}: {error}") from None
 
 
@@ -131,7 +142,8 @@ def _expand_gcs(uri: str) -> list[str]:
         return [uri]
     pattern = location.name + ("*.jsonl" if uri.endswith("/") else "")
     prefix = _GLOB_CHARS.split(pattern, maxsplit=1)[0]
-    names = _gcs_call(uri, lambda: [b.name for b in gcs_client().list_blobs(location.bucket, prefix=prefix)])
+    names = _gcs_call(uri, lambda: [b.name for b in gcs_client().list_blobs(location.bucket, prefix=prefix,
+                                                                             retry=_retry())])
     regex = _gcs_glob_regex(pattern)
     matches = sorted(f"{GCS_PREFIX}{location.bucket}/{n}" for n in names if regex.fullmatch(n))
     if not matches:
@@ -169,7 +181,8 @@ def _gcs_glob_regex(pattern: str) -> re.Pattern:
 def read_bytes(uri: str) -> bytes:
     if is_gcs(uri):
         location = GcsPath.parse(uri)
-        return _gcs_call(uri, lambda: gcs_client().bucket(location.bucket).blob(location.name).download_as_bytes())
+        return _gcs_call(uri, lambda: gcs_client().bucket(location.bucket).blob(location.name)
+                         .download_as_bytes(retry=_retry()))
     path = Path(uri).expanduser()
     try:
         return path.read_bytes()
@@ -200,7 +213,8 @@ def download_directory(uri: str, destination: Path) -> list[Path]:
     """Copy every object under a gs:// prefix into `destination`, keeping relative paths."""
     location = GcsPath.parse(uri.rstrip("/") + "/")
     client = gcs_client()
-    blobs = _gcs_call(uri, lambda: list(client.list_blobs(location.bucket, prefix=location.name)))
+    blobs = _gcs_call(uri, lambda: list(client.list_blobs(location.bucket, prefix=location.name,
+                                                          retry=_retry())))
     files = [b for b in blobs if not b.name.endswith("/")]
     if not files:
         raise StorageError(uri, "no object under this prefix")
@@ -208,7 +222,8 @@ def download_directory(uri: str, destination: Path) -> list[Path]:
     for blob in files:
         target = destination / blob.name[len(location.name):]
         target.parent.mkdir(parents=True, exist_ok=True)
-        _gcs_call(f"{GCS_PREFIX}{location.bucket}/{blob.name}", lambda blob=blob, target=target: blob.download_to_filename(str(target)))
+        _gcs_call(f"{GCS_PREFIX}{location.bucket}/{blob.name}",
+                  lambda blob=blob, target=target: blob.download_to_filename(str(target), retry=_retry()))
         written.append(target)
     return written
 
@@ -216,4 +231,4 @@ def download_directory(uri: str, destination: Path) -> list[Path]:
 def bucket_exists(uri: str) -> bool:
     """Whether the bucket of a gs:// URI exists (and these credentials may see it)."""
     bucket = GcsPath.parse(uri).bucket
-    return _gcs_call(uri, lambda: gcs_client().bucket(bucket).exists())
+    return _gcs_call(uri, lambda: gcs_client().bucket(bucket).exists(retry=_retry()))
