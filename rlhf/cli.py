@@ -337,7 +337,8 @@ def cmd_infer(args) -> int:
         spec = read_policy_spec(Path(args.policy))
         reference, adapter = spec.large_model_reference, Path(args.policy) / ADAPTER_DIR
         instruction = spec.instruction if instruction is None else instruction
-        chat_template = chat_template if args.plain_text else spec.use_chat_template
+        if not args.plain_text:
+            chat_template = spec.use_chat_template
     config = _stage_config(InferenceConfig, args, instruction=instruction or "", use_chat_template=chat_template)
     outputs = bulk_infer(rows, resolve_model_reference(reference), config, adapter)
     output.parent.mkdir(parents=True, exist_ok=True)
