@@ -23,11 +23,12 @@ def preference_slices(tokenizer, train_count: int, held_out_count: int, prompt_l
                       max_length: int) -> tuple[list[dict], list[dict]]:
     """`train_count` training and `held_out_count` held-out pairs (split by post), each row with its token ids
     (`prompt_ids`, `chosen_ids`, `rejected_ids`: completions end with EOS) next to the original fields."""
+    from rlhf.data.config import DataConfig
     from rlhf.data.datasets import prepare_datasets
     from rlhf.data.validation import chosen, rejected
 
     # Split by post (866 posts for 928 pairs), so no post is on both sides.
-    data = prepare_datasets(str(DATA / "preference.jsonl"), eval_fraction=0.25, seed=DATA_SEED)
+    data = prepare_datasets(str(DATA / "preference.jsonl"), data=DataConfig(eval_fraction=0.25, seed=DATA_SEED))
     coder = encoder(tokenizer, prompt_length, target_length)
 
     def usable(rows: list[dict], count: int, name: str) -> list[dict]:

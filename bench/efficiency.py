@@ -123,7 +123,8 @@ def policy_update(base: str, repetitions: int) -> dict:
     with torch.no_grad():
         log_probs, _, values = policy.evaluate(rollout, config.temperature)
     advantages = torch.randn(log_probs.shape, generator=generator)
-    experience = Experience(rollout, log_probs, values, advantages, values + advantages, torch.zeros(len(rows)), None)
+    scores = torch.zeros(len(rows))
+    experience = Experience(rollout, log_probs, values, advantages, values + advantages, scores, scores, None)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     tokens = float(rollout.completion_mask.sum())

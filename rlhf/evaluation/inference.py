@@ -15,7 +15,7 @@ from rlhf.data.prompts import PromptEncoder, PromptFormat
 from rlhf.data.validation import user_input
 from rlhf.evaluation.config import InferenceConfig
 from rlhf.models.artifacts import refuse_pickles
-from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
+from rlhf.models.loading import in_float32, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.rl.decoding import generate
 from rlhf.training.progress import Progress
 
@@ -44,8 +44,9 @@ class Generator:
         self.config = config
         self.tokenizer = load_tokenizer(model_path)
         self.model = load_generator(model_path, adapter_dir, pick_placement(config.device))
-        if adapter_dir is not None:
-            # Merged once: decoding then runs a plain model, without the adapter's extra products in every layer.
+        if adapter_dir is not None and in_float32(self.model):
+            # Merged once: decoding then runs a plain model, without the adapter's extra products in every layer
+            # (in float32 only: a lower precision would round most of the update away).
             self.model = self.model.merge_and_unload()
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.encoder = PromptEncoder(self.tokenizer, PromptFormat(config.instruction, config.use_chat_template),

@@ -18,14 +18,36 @@ class Placement:
     dtype: torch.dtype
 
 
-def pick_placement(device: str = "auto") -> Placement:
-    """CUDA with bfloat16 when present (float32 where bf16 is unsupported), else the CPU in float32."""
+def pick_placement(device: str = "auto", dtype: torch.dtype | None = None) -> Placement:
+    """CUDA with bfloat16 when present (float32 where bf16 is unsupported), else the CPU in float32. `dtype`
+    overrides the choice: the precision tests and `bench/gpu_check.py` run bfloat16 on a CPU too."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     chosen = torch.device(device)
+    if dtype is not None:
+        return Placement(chosen, dtype)
     if chosen.type == "cuda":
         return Placement(chosen, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
     return Placement(chosen, torch.float32)
+
+
+def in_float32(model) -> bool:
+    """Whether the model's weights are float32: below it, a merged LoRA update is rounded and a one-token
+    pass over the KV cache rounds differently from a full pass."""
+    return next(model.parameters()).dtype == torch.float32
+
+
+def float32_head(model) -> None:
+    """The language-model head's product in float32 when the weights are in a lower precision, from a float32
+    copy of its weight: a bfloat16 logit near 20 is rounded by up to 0.06 nats, so log-probs, PPO's ratios and
+    the KL would carry that much noise. The copy is not a parameter (never saved, never trained: adapters
+    leave the head alone); it costs the head's weights once more in float32."""
+    head = model.get_output_embeddings()
+    if head is None or head.weight.dtype == torch.float32:
+        return
+    head.register_buffer("weight_float32", head.weight.detach().float(), persistent=False)
+    bias = None if head.bias is None else head.bias.detach().float()
+    head.forward = lambda hidden: torch.nn.functional.linear(hidden.float(), head.weight_float32, bias)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -94,7 +116,9 @@ def load_backbone(path: str, placement: Placement, trust_remote_code: bool = Fal
 def load_causal_lm(path: str, placement: Placement, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
 
-    return _load(AutoModelForCausalLM, path, placement, trust_remote_code)
+    model = _load(AutoModelForCausalLM, path, placement, trust_remote_code)
+    float32_head(model)
+    return model
 
 
 def lora_targets(model) -> list[str] | str:

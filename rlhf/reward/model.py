@@ -19,9 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rlhf.data.prompts import PromptEncoder
+from rlhf.errors import UserError
 from rlhf.models.artifacts import ModelSpec, read_spec_file, refuse_pickles, save_weights, write_spec
-from rlhf.models.loading import Placement, load_backbone, load_tokenizer, scalar_head
-from rlhf.reward.packing import PackedBatch, pack, packed_length
+from rlhf.models.loading import Placement, in_float32, load_backbone, load_tokenizer, scalar_head
+from rlhf.reward.packing import PackedBatch, pack, packed_length, packing_problem
 from rlhf.training.batching import micro_batches
 
 SPEC_FILE = "reward_model.json"
@@ -39,6 +40,12 @@ class RewardModelSpec(ModelSpec):
     score_std: float = 1.0
     format: str = FORMAT
     training: dict = field(default_factory=dict)
+
+
+def require_exact_packing(backbone, longest: int) -> None:
+    problem = packing_problem(backbone.config, longest)
+    if problem:
+        raise UserError(f"reward model: {problem}")
 
 
 class RewardModel(torch.nn.Module):
@@ -114,10 +121,13 @@ def load_reward_model(directory: Path, placement: Placement, base_model_path: st
         from peft import PeftModel
 
         # A loaded reward model only scores: merged once, it runs as a plain backbone, without the adapter's
-        # extra products in every layer.
-        backbone = PeftModel.from_pretrained(load_backbone(base, placement), directory / ADAPTER_DIR).merge_and_unload()
+        # extra products in every layer (in float32 only: a lower precision would round the update away).
+        backbone = PeftModel.from_pretrained(load_backbone(base, placement), directory / ADAPTER_DIR)
+        if in_float32(backbone):
+            backbone = backbone.merge_and_unload()
     else:
         backbone = load_backbone(str(directory / BACKBONE_DIR), placement)
+    require_exact_packing(backbone, spec.prompt_sequence_length + 2 * spec.target_sequence_length)
     head_weights = load_file(directory / HEAD_FILE)
     head = torch.nn.Linear(head_weights["weight"].shape[1], 1)
     head.load_state_dict(head_weights)

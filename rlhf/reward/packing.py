@@ -16,6 +16,24 @@ import torch
 
 PAD_SEGMENT = -1
 PROMPT_SEGMENT = 0
+EXACT_ATTENTION = ("sdpa", "eager")  # implementations that apply the packing's own mask as given
+
+
+def packing_problem(config, longest: int) -> str | None:
+    """Why packing would not be exact for a backbone with this config and packed rows up to `longest` tokens,
+    or None. Flash-attention kernels take no such mask (the loser would see the winner), and a sliding-window
+    layer shorter than a row would see less of the prompt than the same completion run alone."""
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in EXACT_ATTENTION:
+        return (f"attention implementation {implementation!r} does not apply the shared-prefix mask; "
+                f"the reward model needs one of {', '.join(EXACT_ATTENTION)}")
+    layer_types = getattr(config, "layer_types", None)
+    sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "sliding_window", None) is not None
+    window = getattr(config, "sliding_window", None)
+    if sliding and window is not None and window < longest:
+        return (f"sliding-window attention of {window} tokens is shorter than a packed pair of up to {longest} "
+                "tokens; lower prompt_sequence_length or target_sequence_length")
+    return None
 
 
 @dataclass

@@ -35,7 +35,7 @@ from rlhf.models.loading import (
     recompute_activations,
 )
 from rlhf.reward.config import RewardTrainingConfig
-from rlhf.reward.model import RewardModel, RewardModelSpec, save_reward_model, score_packed
+from rlhf.reward.model import RewardModel, RewardModelSpec, require_exact_packing, save_reward_model, score_packed
 from rlhf.reward.packing import pack, packed_length
 from rlhf.training.batching import batch_indices, micro_batches, warmup_cosine
 from rlhf.training.checkpoints import finished_result
@@ -153,6 +153,7 @@ def train_reward_model(
 
     torch.manual_seed(config.seed)
     backbone = load_backbone(base_path, placement)
+    require_exact_packing(backbone, config.prompt_sequence_length + 2 * config.target_sequence_length)
     if config.lora_dim > 0:
         backbone = add_lora(backbone, config.lora_dim)
     if config.gradient_checkpointing:

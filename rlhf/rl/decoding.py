@@ -44,9 +44,18 @@ def adapter_merged(model):
     The merged weights are new tensors; on leaving, the base layers get their original tensors back, bit
     for bit (subtracting the update again, as `unmerge` does, would leave rounding errors in the reference
     model after every step). The cost is the memory of those new tensors while the block runs: the adapted
-    layers' weights once more (the attention projections: a fifth of the default model's weights)."""
+    layers' weights once more (the attention projections: a fifth of the default model's weights).
+
+    Float32 weights only: in bfloat16 the sum would round away most of a small update (a weight near 0.05
+    moves in steps of 2.4e-4), and the model sampled would not be the policy trained; there the adapter
+    stays as it is."""
     from peft.tuners.lora import LoraLayer
 
+    from rlhf.models.loading import in_float32
+
+    if not in_float32(model):
+        yield
+        return
     swapped = []
     with model.disable_adapter():
         try:

@@ -60,11 +60,22 @@ class Policy(torch.nn.Module):
 
     def roll_out(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  top_p: float) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
-        """Sampled completions with, from the sampling pass itself, each token's log-prob [batch, completion]
-        (as `evaluate` gives it) and the value of the state before it [batch, completion]."""
+        """Sampled completions with each token's log-prob [batch, completion] as `evaluate` gives it, and the
+        value of the state before it [batch, completion].
+
+        In float32 both come from the sampling pass itself (equal to a full pass within 1e-5). In a lower
+        precision a one-token pass over the KV cache rounds differently from the training pass, so PPO's
+        first ratio would not be 1 nor the KL to the reference 0; there they come from a second pass, the
+        training pass without gradients, as OpenRLHF and verl recompute them after vLLM samples."""
+        from rlhf.models.loading import in_float32
+
+        exact = in_float32(self.model)
         with adapter_merged(self.model):
             decoded = decode(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id, temperature, top_p,
-                             keep_hidden=True)
+                             keep_hidden=exact)
+        if not exact:
+            log_probs, _, values = self.evaluate(decoded.rollout, temperature)
+            return decoded.rollout, log_probs, values
         values = self.value_head(decoded.hidden.float()).squeeze(-1)
         return decoded.rollout, decoded.log_probs, values
 
