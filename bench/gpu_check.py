@@ -74,13 +74,14 @@ def step_zero(model_path: str, placement, prompts: list[list[int]], tokenizer) -
                             torch.zeros(len(prompts)), torch.zeros(len(prompts)), kl)
     losses = ppo_losses(policy, experience, config)
     tokens = float(sampled_mask.sum())
+    with torch.no_grad():
+        log_ratio = policy.evaluate(sampled, config.temperature, with_values=False)[0] - old_log_probs
     return {
         "sampling_vs_training_mean_abs_log_prob": float((decoded.log_probs - log_probs)[mask].abs().mean()),
         "adapter_off_vs_on_mean_abs_log_prob": float((reference - log_probs)[mask].abs().mean()),
         "step0_kl_per_completion": float(kl.mean()),
         "step0_approx_kl_per_token": float(losses["approx_kl"]) / tokens,
-        "step0_max_abs_log_ratio": float(
-            ((policy.evaluate(sampled, config.temperature)[0].detach() - old_log_probs).abs() * sampled_mask).max()),
+        "step0_max_abs_log_ratio": float((log_ratio.abs() * sampled_mask).max()),
         "generation_tokens_per_second": float(mask.sum()) / seconds,
         "generation_rows": len(prompts),
     }

@@ -42,8 +42,9 @@ class RewardModelSpec(ModelSpec):
     training: dict = field(default_factory=dict)
 
 
-def require_exact_packing(backbone, longest: int) -> None:
-    problem = packing_problem(backbone.config, longest)
+def require_exact_packing(backbone, lengths) -> None:
+    """Refuse a backbone for which packing pairs of `lengths`' prompt and completion limits is not exact."""
+    problem = packing_problem(backbone.config, lengths.prompt_sequence_length + 2 * lengths.target_sequence_length)
     if problem:
         raise UserError(f"reward model: {problem}")
 
@@ -127,7 +128,7 @@ def load_reward_model(directory: Path, placement: Placement, base_model_path: st
             backbone = backbone.merge_and_unload()
     else:
         backbone = load_backbone(str(directory / BACKBONE_DIR), placement)
-    require_exact_packing(backbone, spec.prompt_sequence_length + 2 * spec.target_sequence_length)
+    require_exact_packing(backbone, spec)
     head_weights = load_file(directory / HEAD_FILE)
     head = torch.nn.Linear(head_weights["weight"].shape[1], 1)
     head.load_state_dict(head_weights)

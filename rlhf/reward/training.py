@@ -153,7 +153,7 @@ def train_reward_model(
 
     torch.manual_seed(config.seed)
     backbone = load_backbone(base_path, placement)
-    require_exact_packing(backbone, config.prompt_sequence_length + 2 * config.target_sequence_length)
+    require_exact_packing(backbone, config)
     if config.lora_dim > 0:
         backbone = add_lora(backbone, config.lora_dim)
     if config.gradient_checkpointing:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhf.models.loading import in_float32
 from rlhf.rl.rollouts import Rollout, completion_mask, left_pad, positions
 
 
@@ -50,8 +51,6 @@ def adapter_merged(model):
     moves in steps of 2.4e-4), and the model sampled would not be the policy trained; there the adapter
     stays as it is."""
     from peft.tuners.lora import LoraLayer
-
-    from rlhf.models.loading import in_float32
 
     if not in_float32(model):
         yield

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from rlhf.models.artifacts import ModelSpec, read_spec_file, save_weights, write_spec
+from rlhf.models.loading import in_float32
 from rlhf.rl.decoding import adapter_merged, decode
 from rlhf.rl.rollouts import Rollout, positions
 
@@ -67,8 +68,6 @@ class Policy(torch.nn.Module):
         precision a one-token pass over the KV cache rounds differently from the training pass, so PPO's
         first ratio would not be 1 nor the KL to the reference 0; there they come from a second pass, the
         training pass without gradients, as OpenRLHF and verl recompute them after vLLM samples."""
-        from rlhf.models.loading import in_float32
-
         exact = in_float32(self.model)
         with adapter_merged(self.model):
             decoded = decode(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id, temperature, top_p,
