@@ -35,26 +35,22 @@ def train_policy(
     seed: int,
     export_merged: bool,
     gradient_checkpointing: bool,
+    processes: int,
     policy: Output[Model],
     metrics: Output[Metrics],
 ):
-    """PPO against the reward model; a retry with the same output location resumes from its checkpoint."""
+    """PPO against the reward model, in one process per accelerator; a retry with the same output location
+    resumes from its checkpoint."""
     inputs = dict(locals())
-    from pathlib import Path
-
-    from rlhf.data.datasets import read_jsonl
-    from rlhf.models.loading import pick_placement
+    from rlhf.components.processes import run_stage
     from rlhf.rl.config import PPOConfig
-    from rlhf.rl.ppo import train_policy as train
-    from rlhf.rl.rewards import RewardModelReward
-    from rlhf.training.stopping import Interrupted, StopFlag
+    from rlhf.training.stopping import Interrupted
 
     # Each setting is the input of its field's name (the pipeline maps its parameters onto them).
-    config = PPOConfig.from_values({name: inputs[name] for name in PPOConfig.parameter_names}, plain_text)
-    config.validate()
-    reward = RewardModelReward(Path(reward_model.path), pick_placement(config.device))
-    result = train(config, read_jsonl(Path(prompts.path)), reward, large_model_reference, Path(policy.path),
-                   stop_requested=StopFlag().install())
+    settings = {name: inputs[name] for name in PPOConfig.parameter_names}
+    result = run_stage("policy", processes, settings=settings, plain_text=plain_text, prompts=prompts.path,
+                       reward_model=reward_model.path, large_model_reference=large_model_reference,
+                       output=policy.path)
     if result.get("interrupted"):
         raise Interrupted("PPO", result["step"])
     policy.metadata["large_model_reference"] = large_model_reference

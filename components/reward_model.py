@@ -25,23 +25,22 @@ def train_reward_model(
     plain_text: bool,
     seed: int,
     gradient_checkpointing: bool,
+    processes: int,
     reward_model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Train the pairwise reward model; a retry with the same output location resumes from its checkpoint."""
+    """Train the pairwise reward model, in one process per accelerator; a retry with the same output location
+    resumes from its checkpoint."""
     inputs = dict(locals())
-    from pathlib import Path
-
-    from rlhf.data.datasets import read_jsonl
+    from rlhf.components.processes import run_stage
     from rlhf.reward.config import RewardTrainingConfig
-    from rlhf.reward.training import train_reward_model as train
-    from rlhf.training.stopping import Interrupted, StopFlag
+    from rlhf.training.stopping import Interrupted
 
     # Each setting is the input of its field's name (the pipeline maps its parameters onto them).
-    config = RewardTrainingConfig.from_values({name: inputs[name] for name in RewardTrainingConfig.parameter_names},
-                                              plain_text)
-    result = train(config, read_jsonl(Path(train_pairs.path)), read_jsonl(Path(held_out_pairs.path)),
-                   large_model_reference, Path(reward_model.path), stop_requested=StopFlag().install())
+    settings = {name: inputs[name] for name in RewardTrainingConfig.parameter_names}
+    result = run_stage("reward_model", processes, settings=settings, plain_text=plain_text,
+                       train_pairs=train_pairs.path, held_out_pairs=held_out_pairs.path,
+                       large_model_reference=large_model_reference, output=reward_model.path)
     if result.get("interrupted"):
         raise Interrupted("reward-model training", result["step"])
     reward_model.metadata["large_model_reference"] = large_model_reference

@@ -5,7 +5,9 @@ and the tuned model on the eval prompts -> evaluate (metrics.json, report.html) 
 tuned model to the Vertex AI Model Registry (and deploy it), and the training curves to Vertex AI
 TensorBoard.
 
-The accelerator, CPU and memory settings apply on Vertex AI; the KFP local runner ignores them.
+The accelerator, CPU and memory settings apply on Vertex AI; the KFP local runner ignores them, but for one:
+training and bulk inference run one process per accelerator of their `*_accelerator_count` (data parallel),
+there too.
 """
 
 from kfp import dsl
@@ -139,6 +141,7 @@ def build_pipeline(retries: int = RETRIES):
             large_model_reference=large_model_reference,
             train_steps=steps.outputs["reward_model_steps"],
             plain_text=plain_text,
+            processes=reward_model_accelerator_count,
             **_settings(train_reward_model, RewardTrainingConfig, parameters),
         ).set_display_name("train reward model")
         _on_machine(reward_model, reward_model_accelerator_type, reward_model_accelerator_count, reward_model_cpu_limit,
@@ -149,6 +152,7 @@ def build_pipeline(retries: int = RETRIES):
             large_model_reference=large_model_reference,
             train_steps=steps.outputs["reinforcement_learning_steps"],
             plain_text=plain_text,
+            processes=reinforcement_learning_accelerator_count,
             **_settings(train_policy, PPOConfig, parameters),
         ).set_display_name("train policy (PPO)")
         _on_machine(policy, reinforcement_learning_accelerator_type, reinforcement_learning_accelerator_count,
@@ -159,6 +163,7 @@ def build_pipeline(retries: int = RETRIES):
                 prompts=validated.outputs["eval_prompts"],
                 policy=policy.outputs["policy"],
                 use_tuned_adapter=tuned,
+                processes=inference_accelerator_count,
                 **_settings(bulk_inference, InferenceConfig, parameters),
             ).set_display_name(f"bulk inference ({side})")
             _on_machine(predictions[side], inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,

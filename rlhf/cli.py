@@ -226,6 +226,23 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _add_processes(parser) -> None:
+    parser.add_argument("--nproc-per-node", type=_positive_int, default=1, metavar="N",
+                        help="processes on this machine, one per GPU, each taking its share of every batch "
+                             "(default 1)")
+
+
+def _in_processes(args) -> int | None:
+    """With `--nproc-per-node` above 1, or on one of several Vertex AI replicas, the command again in that many
+    processes per machine (after its checks, which run once, here); None in a process that is one of them, or
+    alone."""
+    from rlhf.training.distributed import Machines, launch
+
+    if "LOCAL_RANK" in os.environ or (args.nproc_per_node == 1 and Machines.from_environment().count == 1):
+        return None
+    return launch(args.nproc_per_node, args.argv)
+
+
 def _stop_flag():
     from rlhf.training.stopping import StopFlag
 
@@ -257,6 +274,9 @@ def cmd_train_reward_model(args) -> int:
     config = _stage_config(RewardTrainingConfig, args, train_steps=steps)
     print(f"Training the reward model: {len(data.train_pairs)} pairs, {steps} steps of {args.batch_size}, "
           f"{len(data.held_out_pairs)} held-out pairs", file=sys.stderr)
+    launched = _in_processes(args)
+    if launched is not None:
+        return launched
     metrics = train_reward_model(config, data.train_pairs, data.held_out_pairs, args.large_model_reference,
                                  output_dir, stop_requested=_stop_flag())
     print(json.dumps(metrics, indent=2))
@@ -280,6 +300,7 @@ def cmd_train_policy(args) -> int:
     from rlhf.rl.config import PPOConfig
     from rlhf.rl.ppo import train_policy
     from rlhf.rl.rewards import RewardModelReward
+    from rlhf.training.distributed import local_device
     from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
     from rlhf.training.steps import resolve_steps
 
@@ -295,8 +316,11 @@ def cmd_train_policy(args) -> int:
                           args.reinforcement_learning_train_epochs, args.batch_size, "reinforcement learning")
     instruction = reward_spec.instruction if args.instruction is None else args.instruction
     config = _stage_config(PPOConfig, args, train_steps=steps, instruction=instruction)
-    reward = RewardModelReward(Path(args.reward_model), pick_placement(args.device))
     print(f"Tuning the policy: {len(prompts)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
+    launched = _in_processes(args)
+    if launched is not None:
+        return launched
+    reward = RewardModelReward(Path(args.reward_model), pick_placement(local_device(args.device)))
     metrics = train_policy(config, prompts, reward, reference, output_dir,
                            stop_requested=_stop_flag())
     print(json.dumps(metrics, indent=2))
@@ -321,6 +345,7 @@ def cmd_infer(args) -> int:
     from rlhf.evaluation.inference import bulk_infer
     from rlhf.models.reference import resolve_model_reference
     from rlhf.rl.policy import ADAPTER_DIR, read_policy_spec
+    from rlhf.training.distributed import join
 
     _refuse_to_overwrite("--output", args.output)
     output = Path(args.output)
@@ -340,7 +365,12 @@ def cmd_infer(args) -> int:
         if not args.plain_text:
             chat_template = spec.use_chat_template
     config = _stage_config(InferenceConfig, args, instruction=instruction or "", use_chat_template=chat_template)
+    launched = _in_processes(args)
+    if launched is not None:
+        return launched
     outputs = bulk_infer(rows, resolve_model_reference(reference), config, adapter)
+    if not join().main:
+        return 0
     output.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(output, outputs)
     print(f"Wrote {len(outputs)} predictions to {output}", file=sys.stderr)
@@ -692,6 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_reference(train_rm)
     train_rm.add_argument("--output-dir", required=True, metavar="DIR", help="where the reward model goes")
     _add_steps_or_epochs(train_rm, "reward_model", "pairs")
+    _add_processes(train_rm)
     _add_settings(train_rm, RewardTrainingConfig)
     train_rm.set_defaults(handler=cmd_train_reward_model)
 
@@ -718,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_pol.add_argument("--output-dir", required=True, metavar="DIR", help="where the policy adapter goes")
     _add_steps_or_epochs(train_pol, "reinforcement_learning", "prompts")
     _add_settings(train_pol, PPOConfig, from_artifact={"instruction": "the reward model's"})
+    _add_processes(train_pol)
     train_pol.set_defaults(handler=cmd_train_policy)
 
     infer = commands.add_parser(
@@ -731,6 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_settings(infer, "on_invalid")
     _add_model_reference(infer)
     _add_settings(infer, InferenceConfig, from_artifact={"instruction": "the --policy's, else none"})
+    _add_processes(infer)
     infer.set_defaults(handler=cmd_infer)
 
     evaluate = commands.add_parser(
@@ -786,6 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     (`RunFailure`, exit 1) is one line, with its traceback only under RLHF_DEBUG=1; any other exception is a
     bug here and shows its traceback."""
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         _require_local_paths(args)
         return args.handler(args)

@@ -46,6 +46,12 @@ def test_yaml_loads_back_with_its_parameters_and_tasks():
     assert "train-reward-model" in tasks["train-policy"]["dependentTasks"]
     assert {"bulk-inference", "bulk-inference-2", "train-reward-model", "train-policy"} <= set(
         tasks["evaluate"]["dependentTasks"])
+    # Training and bulk inference run one process per accelerator they are given.
+    for task, count in (("train-reward-model", "reward_model_accelerator_count"),
+                        ("train-policy", "reinforcement_learning_accelerator_count"),
+                        ("bulk-inference", "inference_accelerator_count"),
+                        ("bulk-inference-2", "inference_accelerator_count")):
+        assert tasks[task]["inputs"]["parameters"]["processes"]["componentInputParameter"] == count
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from rlhf.evaluation.config import InferenceConfig
 from rlhf.models.artifacts import refuse_pickles
 from rlhf.models.loading import in_float32, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.rl.decoding import generate
+from rlhf.training.distributed import ALONE, Ranks, join, local_device, seed_of
 from rlhf.training.progress import Progress
 
 
@@ -43,7 +44,7 @@ class Generator:
     def __init__(self, model_path: str, config: InferenceConfig, adapter_dir: Path | None = None):
         self.config = config
         self.tokenizer = load_tokenizer(model_path)
-        self.model = load_generator(model_path, adapter_dir, pick_placement(config.device))
+        self.model = load_generator(model_path, adapter_dir, pick_placement(local_device(config.device)))
         if adapter_dir is not None and in_float32(self.model):
             # Merged once: decoding then runs a plain model, without the adapter's extra products in every layer
             # (in float32 only: a lower precision would round most of the update away).
@@ -52,15 +53,20 @@ class Generator:
         self.encoder = PromptEncoder(self.tokenizer, PromptFormat(config.instruction, config.use_chat_template),
                                      config.prompt_sequence_length, config.target_sequence_length)
 
-    def complete(self, rows: list[dict], config: InferenceConfig | None = None, on_batch=None) -> list[dict]:
+    def complete(self, rows: list[dict], config: InferenceConfig | None = None, on_batch=None,
+                 ranks: Ranks = ALONE, seeded: bool = False) -> list[dict]:
         """One output row per input row: input, prediction, Vertex-shaped inputs. `config` overrides the
-        decoding settings (not the prompt format) for this call; `on_batch(n)` reports progress."""
+        decoding settings (not the prompt format) for this call; `on_batch(n)` reports progress. With several
+        `ranks`, each generates its share of the batches and every rank returns all the rows. `seeded`: each
+        batch samples from its own seed (from `config.seed`), so the rows do not depend on who generates them."""
         config = config or self.config
         prompts = [self.encoder.encode_prompt(r) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+        batches = [order[first:first + config.batch_size] for first in range(0, len(order), config.batch_size)]
         outputs: list[dict | None] = [None] * len(rows)
-        for first in range(0, len(order), config.batch_size):
-            batch = order[first:first + config.batch_size]
+        for number, batch in ranks.share(list(enumerate(batches))):
+            if seeded:
+                torch.manual_seed(seed_of(config.seed, number))
             rollout = generate(self.model, [prompts[i] for i in batch], config.target_sequence_length,
                                self.stop_ids, self.tokenizer.pad_token_id, config.temperature,
                                config.top_p, greedy=not config.sample)
@@ -74,16 +80,21 @@ class Generator:
                     output["source"] = row["source"]
                 outputs[index] = output
             if on_batch:
-                on_batch(len(batch))
+                on_batch(len(batch) * ranks.world_size)
+        if ranks.parallel:
+            shares = ranks.gather({index: output for index, output in enumerate(outputs) if output is not None})
+            outputs = [next(share[index] for share in shares if index in share) for index in range(len(rows))]
         return outputs
 
 
 def bulk_infer(rows: list[dict], model_path: str, config: InferenceConfig, adapter_dir: Path | None = None) -> list[dict]:
-    """One output row per input row, same order: input, prediction, Vertex-shaped inputs."""
+    """One output row per input row, same order: input, prediction, Vertex-shaped inputs. Started by
+    `torch.distributed.run`, each process generates its share of the batches, and each returns every row."""
     config.validate()
-    torch.manual_seed(config.seed)
+    ranks = join()
     generator = Generator(model_path, config, adapter_dir)
-    progress = Progress(len(rows), "bulk inference", unit="prompt")
-    outputs = generator.complete(rows, on_batch=progress.update)
-    progress.close()
+    progress = Progress(len(rows), "bulk inference", unit="prompt") if ranks.main else None
+    outputs = generator.complete(rows, on_batch=progress.update if progress else None, ranks=ranks, seeded=True)
+    if progress:
+        progress.close()
     return outputs

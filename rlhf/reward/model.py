@@ -57,7 +57,11 @@ class RewardModel(torch.nn.Module):
 
     @classmethod
     def with_new_head(cls, backbone: torch.nn.Module, seed: int) -> RewardModel:
-        return cls(backbone, scalar_head(backbone, seed))
+        head = scalar_head(backbone, seed)
+        # The pairwise loss sees only score differences, so the bias's gradient is zero up to rounding, and Adam,
+        # which divides by the gradient's own scale, would turn that rounding into steps of the full learning rate.
+        head.bias.requires_grad_(False)
+        return cls(backbone, head)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         """Scores [batch, completions] in float32 (the head runs in float32 whatever the backbone's dtype)."""

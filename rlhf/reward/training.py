@@ -39,6 +39,7 @@ from rlhf.reward.model import RewardModel, RewardModelSpec, require_exact_packin
 from rlhf.reward.packing import pack, packed_length
 from rlhf.training.batching import batch_indices, micro_batches, warmup_cosine
 from rlhf.training.checkpoints import finished_result
+from rlhf.training.distributed import join, local_device
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
 
 
@@ -92,19 +93,20 @@ def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, ma
             "eval_mean_margin": float((scores[:, 0] - scores[:, 1]).mean())}
 
 
-def train_step(model: RewardModel, batch: list[EncodedPair], pad_id: int, placement: Placement,
+def train_step(model: RewardModel, pairs: list[EncodedPair], batch_size: int, pad_id: int, placement: Placement,
                config: RewardTrainingConfig) -> tuple[float, float]:
-    """Gradients of the batch's mean pairwise loss, accumulated over micro-batches of at most
-    `micro_batch_tokens` padded tokens; returns the batch's mean loss and accuracy."""
+    """Gradients of `pairs`' share of the batch's mean pairwise loss (the batch has `batch_size` pairs, on one
+    rank or over several), accumulated over micro-batches of at most `micro_batch_tokens` padded tokens;
+    returns the summed loss and the number of pairs ranked right."""
     total_loss, total_correct = 0.0, 0.0
-    for group in micro_batches([p.length() for p in batch], config.micro_batch_tokens):
-        micro = [batch[i] for i in group]
+    for group in micro_batches([p.length() for p in pairs], config.micro_batch_tokens):
+        micro = [pairs[i] for i in group]
         packed = pack([p.prompt for p in micro], [[p.winner, p.loser] for p in micro], pad_id)
         losses, correct = pairwise_loss(model(packed.to(placement.device)))
-        (losses.sum() / len(batch)).backward()
+        (losses.sum() / batch_size).backward()
         total_loss += float(losses.detach().sum())
         total_correct += float(correct.sum())
-    return total_loss / len(batch), total_correct / len(batch)
+    return total_loss, total_correct
 
 
 def train_reward_model(
@@ -120,7 +122,8 @@ def train_reward_model(
 
     `base_model_path` is where `large_model_reference` loads from (resolved by the caller when given).
     `stop_requested` is polled after each step; when it says so, a checkpoint is saved and the run returns
-    with `"interrupted": True` (a preempted job's SIGTERM goes through it).
+    with `"interrupted": True` (a preempted job's SIGTERM goes through it). Started by
+    `torch.distributed.run`, each process trains on its share of every batch (`rlhf.training.distributed`).
     """
     from rlhf.models.reference import resolve_model_reference
 
@@ -135,7 +138,8 @@ def train_reward_model(
     if finished is not None:
         return finished
 
-    placement: Placement = pick_placement(config.device)
+    ranks = join()
+    placement: Placement = pick_placement(local_device(config.device))
     if config.lora_dim == 0 and placement.dtype != torch.float32:
         # Updated in bfloat16, most weights would never move (an update below a weight's rounding step is lost):
         # full fine-tuning keeps the weights in float32.
@@ -166,10 +170,12 @@ def train_reward_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, config.train_steps))
 
     with TrainingLoop(output_dir, run_id, "reward model", config, model, optimizer, scheduler,
-                      stop_requested) as loop:
+                      stop_requested, ranks=ranks) as loop:
         for step in loop.steps():
             batch = [train_pairs[i] for i in batch_indices(step, config.batch_size, len(train_pairs), config.seed)]
-            rank_loss, accuracy = train_step(model, batch, pad_id, placement, config)
+            summed = train_step(model, ranks.share(batch), len(batch), pad_id, placement, config)
+            ranks.sum_gradients(trainable)
+            rank_loss, accuracy = (total / len(batch) for total in ranks.total(list(summed)))
             require_finite(rank_loss, "reward model", step, loop.checkpoint_dir)
             learning_rate = scheduler.get_last_lr()[0]
             optimizer_step(optimizer, scheduler, [trainable], config.max_grad_norm)
@@ -177,6 +183,8 @@ def train_reward_model(
                      items=len(batch), loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}")
         if loop.interrupted:
             return loop.stopped()
+        if not ranks.main:
+            return loop.result_of_main()
 
         normalisation = normalisation_sample(train_pairs, config.normalization_pairs, config.seed)
         scores = score_packed(model, [p.prompt for p in normalisation], [[p.winner, p.loser] for p in normalisation],

@@ -53,6 +53,7 @@ from rlhf.rl.rewards import RewardFunction
 from rlhf.rl.rollouts import Rollout
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import finished_result
+from rlhf.training.distributed import Ranks, join, local_device, seed_of
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
 
 
@@ -123,27 +124,57 @@ def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_f
     return Experience(rollout, log_probs, values * mask, advantages, returns, scores, raw_scores, kl, seconds)
 
 
-def whiten(experiences: list[Experience]) -> None:
-    """Advantages to zero mean and unit variance over every real token of the batch."""
-    flat = torch.cat([e.advantages[e.rollout.completion_mask.bool()] for e in experiences])
-    mean = flat.mean()
-    std = flat.std().clamp_min(1e-8) if flat.numel() > 1 else torch.ones(())
+def whiten(experiences: list[Experience], ranks: Ranks) -> None:
+    """Advantages to zero mean and unit variance over every real token of the batch, on all ranks."""
+    flat = torch.cat([e.advantages[e.rollout.completion_mask.bool()].double() for e in experiences]
+                     or [torch.zeros(0, dtype=torch.float64)])
+    count, total = ranks.total([flat.numel(), float(flat.sum())])
+    mean = total / count
+    squares, = ranks.total([float(((flat - mean) ** 2).sum())])
+    std = max(math.sqrt(squares / (count - 1)), 1e-8) if count > 1 else 1.0
     for experience in experiences:
         experience.advantages = (experience.advantages - mean) / std * experience.rollout.completion_mask
 
 
 def roll_out(policy: Policy, prompt_rows: list[dict], prompts: list[list[int]], chosen: list[int],
-             reward_fn: RewardFunction, config: PPOConfig) -> tuple[list[Experience], list[list[dict]]]:
-    """Steps 2 and 3 for the chosen prompts, `micro_batch_size` at a time; the advantages whitened over the
-    whole batch. Returns the micro-batches' experiences and rows."""
-    experiences, batch_rows = [], []
-    for first in range(0, len(chosen), config.micro_batch_size):
+             reward_fn: RewardFunction, config: PPOConfig, step: int,
+             ranks: Ranks) -> tuple[list[Experience], list[list[dict]], list[int]]:
+    """Steps 2 and 3 for the chosen prompts, `micro_batch_size` at a time (this rank's share of the
+    micro-batches), each sampled from its own seed; the advantages whitened over the whole batch. Returns the
+    experiences, their rows and their micro-batches' numbers in the step."""
+    experiences, batch_rows, numbers = [], [], []
+    groups = list(enumerate(range(0, len(chosen), config.micro_batch_size)))
+    for number, first in ranks.share(groups):
         indices = chosen[first:first + config.micro_batch_size]
         rows = [prompt_rows[i] for i in indices]
+        torch.manual_seed(seed_of(config.seed, step, number))
         experiences.append(collect(policy, rows, [prompts[i] for i in indices], reward_fn, config))
         batch_rows.append(rows)
-    whiten(experiences)
-    return experiences, batch_rows
+        numbers.append(number)
+    whiten(experiences, ranks)
+    return experiences, batch_rows, numbers
+
+
+PHASES = ("generation", "forward", "scoring")
+
+
+def batch_statistics(experiences: list[Experience], numbers: list[int], ranks: Ranks) -> dict:
+    """The step's per-completion numbers from every rank, in micro-batch order; each micro-batch's completion
+    tokens; each phase's wall time on the slowest rank."""
+    local = [(number, {"scores": e.scores.tolist(), "raw_scores": e.raw_scores.tolist(),
+                       "kl": None if e.kl is None else e.kl.tolist(),
+                       "lengths": e.rollout.completion_mask.sum(dim=1).tolist(),
+                       "ended": e.rollout.ended.float().tolist()}) for number, e in zip(numbers, experiences)]
+    seconds = {phase: sum(e.seconds[phase] for e in experiences) for phase in PHASES}
+    gathered = ranks.gather((local, seconds))
+    batches = [batch for _, batch in sorted((item for part, _ in gathered for item in part), key=lambda i: i[0])]
+    statistics = {name: torch.tensor([value for batch in batches for value in batch[name]], dtype=torch.float64)
+                  for name in ("scores", "raw_scores", "lengths", "ended")}
+    statistics["kl"] = None if batches[0]["kl"] is None else torch.tensor(
+        [value for batch in batches for value in batch["kl"]], dtype=torch.float64)
+    statistics["tokens"] = [float(sum(batch["lengths"])) for batch in batches]
+    statistics["seconds"] = {phase: max(part[phase] for _, part in gathered) for phase in PHASES}
+    return statistics
 
 
 def ppo_losses(policy: Policy, experience: Experience, config: PPOConfig) -> dict[str, torch.Tensor]:
@@ -172,11 +203,11 @@ def ppo_losses(policy: Policy, experience: Experience, config: PPOConfig) -> dic
 LOGGED_LOSSES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction")
 
 
-def minibatch_gradients(policy: Policy, group: list[Experience], config: PPOConfig, step: int, checkpoint_dir: Path,
-                        totals: dict[str, float]) -> float:
-    """Accumulate the gradients of one minibatch's joint loss (token mean over the minibatch), a micro-batch
-    at a time; adds each micro-batch's token sums to `totals` and returns the minibatch's token count."""
-    tokens = sum(float(e.rollout.completion_mask.sum()) for e in group)
+def minibatch_gradients(policy: Policy, group: list[Experience], tokens: float, config: PPOConfig, step: int,
+                        checkpoint_dir: Path, totals: dict[str, float]) -> None:
+    """Accumulate the gradients of this rank's part of one minibatch's joint loss (token mean over the
+    minibatch's `tokens` on all ranks), a micro-batch at a time; adds each micro-batch's token sums to
+    `totals`."""
     for experience in group:
         losses = ppo_losses(policy, experience, config)
         loss = (losses["policy_loss"] + config.value_loss_coeff * losses["value_loss"]) / tokens
@@ -184,13 +215,14 @@ def minibatch_gradients(policy: Policy, group: list[Experience], config: PPOConf
         loss.backward()
         for name in LOGGED_LOSSES:
             totals[name] += float(losses[name].detach())
-    return tokens
 
 
-def ppo_update(policy: Policy, experiences: list[Experience], optimizer, scheduler, config: PPOConfig, step: int,
-               checkpoint_dir: Path) -> dict[str, float]:
+def ppo_update(policy: Policy, experiences: list[Experience], numbers: list[int], tokens: list[float], optimizer,
+               scheduler, config: PPOConfig, step: int, checkpoint_dir: Path, ranks: Ranks) -> dict[str, float]:
     """Step 4: `ppo_epochs` passes over the step's rollouts in minibatches of `ppo_minibatch_size`, one
-    optimizer step each. Returns the token means of the losses and statistics, and the mean gradient norms
+    optimizer step each. A minibatch is a seeded draw of the step's micro-batches (numbered, with their
+    completion `tokens`, over all ranks); each rank takes the gradients of those it holds, and the ranks sum
+    them before the step. Returns the token means of the losses and statistics, and the mean gradient norms
     before clipping.
 
     The value head reads detached hidden states, so the value loss trains the head alone and the policy
@@ -198,30 +230,33 @@ def ppo_update(policy: Policy, experiences: list[Experience], optimizer, schedul
     the policy."""
     clipped = [[p for p in policy.model.parameters() if p.requires_grad], list(policy.value_head.parameters())]
     micro_per_minibatch = config.ppo_minibatch_size // config.micro_batch_size
+    held = dict(zip(numbers, experiences))
     totals = dict.fromkeys(LOGGED_LOSSES, 0.0)
     norms = [0.0, 0.0]
     token_count, updates = 0.0, 0
-    for _ in range(config.ppo_epochs):
-        order = torch.randperm(len(experiences)).tolist()
+    for epoch in range(config.ppo_epochs):
+        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed_of(config.seed, step, epoch)))
         for first in range(0, len(order), micro_per_minibatch):
-            group = [experiences[i] for i in order[first:first + micro_per_minibatch]]
-            token_count += minibatch_gradients(policy, group, config, step, checkpoint_dir, totals)
+            minibatch = order[first:first + micro_per_minibatch].tolist()
+            minibatch_tokens = sum(tokens[number] for number in minibatch)
+            minibatch_gradients(policy, [held[n] for n in minibatch if n in held], minibatch_tokens, config, step,
+                                checkpoint_dir, totals)
+            ranks.sum_gradients([p for group in clipped for p in group])
+            token_count += minibatch_tokens
             norms = [total + norm for total, norm in
                      zip(norms, optimizer_step(optimizer, scheduler, clipped, config.max_grad_norm), strict=True)]
             updates += 1
+    summed = dict(zip(LOGGED_LOSSES, ranks.total([totals[name] for name in LOGGED_LOSSES]), strict=True))
     policy_norm, value_norm = (total / updates for total in norms)
-    return {**{name: value / token_count for name, value in totals.items()},
+    return {**{name: value / token_count for name, value in summed.items()},
             "policy_grad_norm": policy_norm, "value_grad_norm": value_norm}
 
 
-def step_record(step: int, experiences: list[Experience], totals: dict[str, float], update_seconds: float,
-                learning_rate: float, config: PPOConfig) -> dict:
-    """Step 5: what a step logs (TensorBoard names as Vertex's)."""
-    scores = torch.cat([e.scores for e in experiences])
-    raw_scores = torch.cat([e.raw_scores for e in experiences])
-    kl = float(torch.cat([e.kl for e in experiences]).mean()) if config.kl_coeff > 0 else None
-    lengths = torch.cat([e.rollout.completion_mask.sum(dim=1).float() for e in experiences])
-    ended = torch.cat([e.rollout.ended.float() for e in experiences])
+def step_record(step: int, batch: dict, totals: dict[str, float], update_seconds: float, learning_rate: float,
+                config: PPOConfig) -> dict:
+    """Step 5: what a step logs (TensorBoard names as Vertex's), from the whole batch's `batch_statistics`."""
+    scores, raw_scores, lengths, ended = (batch[name] for name in ("scores", "raw_scores", "lengths", "ended"))
+    kl = float(batch["kl"].mean()) if batch["kl"] is not None else None
     return {
         "step": step + 1,
         "reward": float(scores.mean()),
@@ -243,8 +278,7 @@ def step_record(step: int, experiences: list[Experience], totals: dict[str, floa
         "learning_rate": learning_rate,
         # Where the step's time went: sampling (with the policy's log-probs and values), the reference log-prob
         # pass, the reward function, and the PPO epochs (forward, backward, optimizer).
-        **{f"time/{phase}": sum(e.seconds[phase] for e in experiences)
-           for phase in ("generation", "forward", "scoring")},
+        **{f"time/{phase}": seconds for phase, seconds in batch["seconds"].items()},
         "time/update": update_seconds,
     }
 
@@ -288,7 +322,8 @@ def train_policy(
 
     Each step is the module's five: (1) `batch_indices` picks the prompts; (2, 3) `roll_out` samples, scores
     and computes the advantages; (4) `ppo_update` runs the PPO epochs; (5) `step_record` is what the loop
-    logs, and the loop checkpoints."""
+    logs, and the loop checkpoints. Started by `torch.distributed.run`, each process rolls out and trains on
+    its share of every batch (`rlhf.training.distributed`)."""
     from rlhf.models.reference import resolve_model_reference
 
     config.validate()
@@ -300,7 +335,8 @@ def train_policy(
     if finished is not None:
         return finished
 
-    placement = pick_placement(config.device)
+    ranks = join()
+    placement = pick_placement(local_device(config.device))
     base_path = base_model_path or resolve_model_reference(large_model_reference)
     tokenizer = load_tokenizer(base_path)
     encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
@@ -320,21 +356,27 @@ def train_policy(
         optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
 
     with TrainingLoop(output_dir, run_id, "policy", config, policy, optimizer, scheduler, stop_requested,
-                      progress_label="policy (PPO)") as loop:
+                      progress_label="policy (PPO)", ranks=ranks) as loop:
         for step in loop.steps():
             chosen = batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
-            experiences, batch_rows = roll_out(policy, prompt_rows, prompts, chosen, reward_fn, config)
+            experiences, batch_rows, numbers = roll_out(policy, prompt_rows, prompts, chosen, reward_fn, config, step,
+                                                        ranks)
+            batch = batch_statistics(experiences, numbers, ranks)
             update_started = clock(placement.device)
-            totals = ppo_update(policy, experiences, optimizer, scheduler, config, step, loop.checkpoint_dir)
-            record = step_record(step, experiences, totals, clock(placement.device) - update_started,
+            totals = ppo_update(policy, experiences, numbers, batch["tokens"], optimizer, scheduler, config, step,
+                                loop.checkpoint_dir, ranks)
+            record = step_record(step, batch, totals, clock(placement.device) - update_started,
                                  scheduler.get_last_lr()[0], config)
-            _warn_the_first_time_ending_does_not_pay(config, record, loop.history)
+            if ranks.main:
+                _warn_the_first_time_ending_does_not_pay(config, record, loop.history)
             loop.log(record, items=len(chosen), reward=f"{record['reward']:.3f}",
                      kl="-" if record["kl"] is None else f"{record['kl']:.3f}")
-            if (step + 1) % config.sample_every == 0 or step == loop.start_step:
+            if ranks.main and ((step + 1) % config.sample_every == 0 or step == loop.start_step):
                 loop.writer.add_text("samples", _samples_markdown(tokenizer, batch_rows[0], experiences[0]), step + 1)
         if loop.interrupted:
             return loop.stopped()
+        if not ranks.main:
+            return loop.result_of_main()
 
         spec = PolicySpec(large_model_reference=large_model_reference, lora_dim=config.lora_dim,
                           prompt_sequence_length=config.prompt_sequence_length,

@@ -16,8 +16,13 @@ A trainer reads:
             loop.log(record, items=len(batch), loss=...)
         if loop.interrupted:
             return loop.stopped()
+        if not loop.ranks.main:
+            return loop.result_of_main()
         ... final evaluation, save the artifact ...
         return loop.finish(metrics)
+
+With several processes (`rlhf.training.distributed`), every rank runs the steps on its share of the rows;
+rank 0 alone checkpoints, logs, shows progress and finishes.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.settings import RUN_OPTIONS
 from rlhf.training.checkpoints import disk_full_explained, finish, resume, save_checkpoint
+from rlhf.training.distributed import ALONE, Ranks
 from rlhf.training.progress import Progress
 
 METRICS_FILE = "metrics.json"
@@ -85,18 +91,20 @@ class TrainingLoop:
     """The steps of one run in `output_dir`, from its last checkpoint (or step 0) to `config.train_steps`.
 
     `steps()` yields each step still to do; after the trainer's body it saves a checkpoint every
-    `config.checkpoint_every` steps, and stops early (checkpoint saved) once `stop_requested()` says so.
+    `config.checkpoint_every` steps, and stops early (checkpoint saved) once `stop_requested()` says so on
+    any rank.
     """
 
     def __init__(self, output_dir: Path, run_id: str, what: str, config, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler, stop_requested: Callable[[], bool],
-                 progress_label: str | None = None):
+                 progress_label: str | None = None, ranks: Ranks = ALONE):
         self.output_dir, self.run_id, self.what = Path(output_dir), run_id, what
         self.progress_label = progress_label or what
         self.total_steps, self.checkpoint_every = config.train_steps, config.checkpoint_every
         self.log_every = getattr(config, "log_every", 1)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.stop_requested = stop_requested
+        self.ranks = ranks
         self.checkpoint_dir = self.output_dir / CHECKPOINT_DIR
         self.interrupted = False
         self.items = 0
@@ -106,11 +114,18 @@ class TrainingLoop:
         from torch.utils.tensorboard import SummaryWriter
 
         self._stack.enter_context(disk_full_explained(self.checkpoint_dir))
-        self.start_step, self.history = resume(self.checkpoint_dir, self.model, self.optimizer, self.scheduler,
-                                               self.run_id, f"the {self.what}", self.total_steps)
-        self.writer = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR), purge_step=self.start_step + 1)
-        self._stack.callback(self.writer.close)
-        self.progress = Progress(self.total_steps, self.progress_label, initial=self.start_step)
+        # Rank 0 first clears what an interrupted save left; then every rank restores the same checkpoint.
+        for turn in ("main", "others"):
+            if (turn == "main") == self.ranks.main:
+                self.start_step, self.history = resume(self.checkpoint_dir, self.model, self.optimizer,
+                                                       self.scheduler, self.run_id, f"the {self.what}",
+                                                       self.total_steps)
+            self.ranks.wait()
+        self.writer = self.progress = None
+        if self.ranks.main:
+            self.writer = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR), purge_step=self.start_step + 1)
+            self._stack.callback(self.writer.close)
+            self.progress = Progress(self.total_steps, self.progress_label, initial=self.start_step)
         self.started = time.monotonic()
         return self
 
@@ -121,14 +136,17 @@ class TrainingLoop:
         for step in range(self.start_step, self.total_steps):
             yield step
             done = step + 1
-            self.interrupted = self.stop_requested() and done < self.total_steps
+            self.interrupted = self.ranks.any(self.stop_requested()) and done < self.total_steps
             if done % self.checkpoint_every == 0 or self.interrupted:
-                save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer,
-                                {"fingerprint": self.run_id, "scheduler": self.scheduler.state_dict(),
-                                 "history": self.history})
+                if self.ranks.main:
+                    save_checkpoint(self.checkpoint_dir, done, self.model, self.optimizer,
+                                    {"fingerprint": self.run_id, "scheduler": self.scheduler.state_dict(),
+                                     "history": self.history})
+                self.ranks.wait()
             if self.interrupted:
                 break
-        self.progress.close()
+        if self.progress is not None:
+            self.progress.close()
         self.elapsed = time.monotonic() - self.started
 
     def log(self, record: dict, items: int, **shown) -> None:
@@ -136,6 +154,8 @@ class TrainingLoop:
         count the `items` (pairs, episodes) it took, and show `shown` on the progress line."""
         self.history.append(record)
         self.items += items
+        if not self.ranks.main:
+            return
         step = record["step"]
         if step % self.log_every == 0 or step == self.total_steps:
             for name, value in record.items():
@@ -148,10 +168,18 @@ class TrainingLoop:
 
     def stopped(self) -> dict:
         step = self.history[-1]["step"]
-        print(f"Stopped at step {step}; run the same command again to resume", file=sys.stderr)
+        if self.ranks.main:
+            print(f"Stopped at step {step}; run the same command again to resume", file=sys.stderr)
         return {"interrupted": True, "step": step}
 
+    def result_of_main(self) -> dict:
+        """On a rank other than 0: the metrics rank 0 finishes with, once it has."""
+        self.ranks.wait()
+        return json.loads((self.output_dir / METRICS_FILE).read_text())
+
     def finish(self, metrics: dict) -> dict:
-        """Write the metrics (which mark the run finished) and remove the checkpoints."""
+        """On rank 0: write the metrics (which mark the run finished) and remove the checkpoints."""
         self.writer.close()
-        return finish(self.output_dir / METRICS_FILE, self.checkpoint_dir, {**metrics, "fingerprint": self.run_id})
+        finished = finish(self.output_dir / METRICS_FILE, self.checkpoint_dir, {**metrics, "fingerprint": self.run_id})
+        self.ranks.wait()
+        return finished

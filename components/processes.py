@@ -1,0 +1,89 @@
+"""The stages as the components run them: in the component's own process on one accelerator, or as one
+process per accelerator (`rlhf.training.distributed.launch`) each running this module, when the pipeline
+gives the stage several (`*_accelerator_count`).
+
+`python -m rlhf.components.processes STAGE ARGUMENTS.json RESULT.json` is one such process: STAGE is one of
+`STAGES`, ARGUMENTS.json holds its keyword arguments, and rank 0 writes what it returns to RESULT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def train_reward_model(settings: dict, plain_text: bool, train_pairs: str, held_out_pairs: str,
+                       large_model_reference: str, output: str) -> dict:
+    from rlhf.data.datasets import read_jsonl
+    from rlhf.reward.config import RewardTrainingConfig
+    from rlhf.reward.training import train_reward_model as train
+    from rlhf.training.stopping import StopFlag
+
+    config = RewardTrainingConfig.from_values(settings, plain_text)
+    return train(config, read_jsonl(Path(train_pairs)), read_jsonl(Path(held_out_pairs)), large_model_reference,
+                 Path(output), stop_requested=StopFlag().install())
+
+
+def train_policy(settings: dict, plain_text: bool, prompts: str, reward_model: str, large_model_reference: str,
+                 output: str) -> dict:
+    from rlhf.data.datasets import read_jsonl
+    from rlhf.models.loading import pick_placement
+    from rlhf.rl.config import PPOConfig
+    from rlhf.rl.ppo import train_policy as train
+    from rlhf.rl.rewards import RewardModelReward
+    from rlhf.training.distributed import local_device
+    from rlhf.training.stopping import StopFlag
+
+    config = PPOConfig.from_values(settings, plain_text)
+    config.validate()
+    reward = RewardModelReward(Path(reward_model), pick_placement(local_device(config.device)))
+    return train(config, read_jsonl(Path(prompts)), reward, large_model_reference, Path(output),
+                 stop_requested=StopFlag().install())
+
+
+def bulk_inference(settings: dict, prompts: str, model: str, adapter: str | None, output: str) -> dict:
+    from rlhf.data.datasets import read_jsonl, write_jsonl
+    from rlhf.evaluation.config import InferenceConfig
+    from rlhf.evaluation.inference import bulk_infer
+    from rlhf.training.distributed import join
+
+    rows = bulk_infer(read_jsonl(Path(prompts)), model, InferenceConfig(**settings), Path(adapter) if adapter else None)
+    if join().main:
+        write_jsonl(Path(output), rows)
+    return {"rows": len(rows)}
+
+
+STAGES = {"reward_model": train_reward_model, "policy": train_policy, "bulk_inference": bulk_inference}
+
+
+def run_stage(stage: str, processes: int, **arguments) -> dict:
+    """What the stage returns (a trainer: its metrics, or `{"interrupted": True, "step": N}` when it stopped at
+    a checkpoint), run here for one process, else in `processes` processes."""
+    from rlhf.errors import RunFailure
+    from rlhf.training.distributed import launch
+
+    if processes == 1:
+        return STAGES[stage](**arguments)
+    with tempfile.TemporaryDirectory() as scratch:
+        given, result = Path(scratch) / "arguments.json", Path(scratch) / "result.json"
+        given.write_text(json.dumps(arguments))
+        status = launch(processes, [stage, str(given), str(result)], module="rlhf.components.processes")
+        if status not in (0, 75):
+            raise RunFailure(f"the {stage.replace('_', ' ')} stage's {processes} processes failed (status {status}); "
+                             "a training stage's checkpoint is kept, and running it again resumes from it")
+        return json.loads(result.read_text())
+
+
+def main(stage: str, arguments: Path, result: Path) -> int:
+    from rlhf.training.distributed import join
+
+    returned = STAGES[stage](**json.loads(arguments.read_text()))
+    if join().main:
+        result.write_text(json.dumps(returned))
+    return 75 if returned.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])))

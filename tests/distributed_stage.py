@@ -1,0 +1,65 @@
+"""A training stage on the tiny model for the data-parallel tests, started the way `rlhf --nproc-per-node N`
+starts one: `python -m tests.distributed_stage reward|policy MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`.
+The parent process launches PROCESSES processes of itself through `rlhf.training.distributed.launch`; each
+trains on its share. With `--signal`, rank R sends itself signal S (SIGKILL: a crashed machine; SIGTERM: a
+preempted one) when the trainer polls for a stop request for the K-th time, i.e. after step K."""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rlhf.reward.training import train_reward_model
+from rlhf.rl.ppo import train_policy
+from rlhf.training.distributed import join, launch
+from rlhf.training.stopping import StopFlag
+from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, ppo_config, reward_config
+
+REWARD_SETTINGS = dict(train_steps=20, batch_size=8, checkpoint_every=2, micro_batch_tokens=256)
+POLICY_SETTINGS = dict(train_steps=6, batch_size=16, micro_batch_size=4, ppo_minibatch_size=8, ppo_epochs=2,
+                       target_sequence_length=6, checkpoint_every=2)
+
+
+def stop_requests(rank: int, number: int, at: int):
+    """The trainer's stop-request poll, which on rank `rank` sends the signal `number` at the `at`-th call."""
+    flag = StopFlag().install()
+    calls = 0
+
+    def requested() -> bool:
+        nonlocal calls
+        calls += 1
+        if number and join().rank == rank and calls == at:
+            os.kill(os.getpid(), number)
+        return flag()
+
+    return requested
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage", choices=("reward", "policy"))
+    parser.add_argument("model")
+    parser.add_argument("output")
+    parser.add_argument("processes", type=int)
+    parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--signal", type=int, default=0)
+    parser.add_argument("--at", type=int, default=0)
+    args = parser.parse_args()
+    if "LOCAL_RANK" not in os.environ:
+        return launch(args.processes, sys.argv[1:], module="tests.distributed_stage")
+    stop = stop_requests(args.rank, args.signal, args.at)
+    if args.stage == "reward":
+        rows = marker_pairs(48)
+        result = train_reward_model(reward_config(**REWARD_SETTINGS), rows[:40], rows[40:], args.model,
+                                    Path(args.output), base_model_path=args.model, stop_requested=stop)
+    else:
+        result = train_policy(ppo_config(**POLICY_SETTINGS), PROMPTS, TargetTokenShare(), args.model,
+                              Path(args.output), base_model_path=args.model, stop_requested=stop)
+    if join().main:
+        print(json.dumps(result))
+    return 75 if result.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

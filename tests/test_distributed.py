@@ -1,0 +1,187 @@
+"""Data parallelism on CPUs (gloo), two processes on the tiny model: the same steps as one process given the
+whole batch; a stop asked of one rank stops all at a checkpoint; a rank killed mid-run is resumed from the last
+checkpoint to the same result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
+from tests.conftest import PROMPTS, free_port, marker_pairs, reward_config, rlhf
+
+# One thread per process on both sides: the sums inside a matmul then run in the same order, so one process and
+# two differ only by the order of additions across ranks.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def stage_command(kind, model, output, processes, *extra):
+    return [sys.executable, "-m", "tests.distributed_stage", kind, str(model), str(output), str(processes), *extra]
+
+
+def stage(kind, model, output, processes, *extra):
+    return subprocess.run(stage_command(kind, model, output, processes, *extra), capture_output=True, text=True,
+                          timeout=900, env={**os.environ, **ONE_THREAD})
+
+
+def trained_tensors(output, kind):
+    if kind == "reward":
+        return load_file(output / "head.safetensors") | load_file(output / "adapter" / "adapter_model.safetensors")
+    return load_file(output / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_tensors(first, second, tolerance):
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=tolerance, atol=tolerance, msg=name)
+
+
+@pytest.fixture(scope="module")
+def alone_and_parallel(tiny_model_dir, tmp_path_factory):
+    """Each stage once in one process and once in two (module-scoped: the launches are the slow part)."""
+    root = tmp_path_factory.mktemp("distributed")
+    runs = {}
+    for kind in ("reward", "policy"):
+        for processes in (1, 2):
+            output = root / f"{kind}-{processes}"
+            result = stage(kind, tiny_model_dir, output, processes)
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[kind, processes] = output, json.loads(result.stdout.strip().splitlines()[-1])
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, metrics", [("reward", ("final_rank_loss", "final_train_accuracy", "eval_accuracy",
+                                                        "eval_mean_margin", "score_mean", "score_std")),
+                                           ("policy", ("final_reward", "final_kl", "initial_reward",
+                                                       "final_ended_share"))])
+def test_two_processes_train_the_same_weights_and_metrics_as_one(alone_and_parallel, kind, metrics):
+    (alone, alone_metrics), (parallel, parallel_metrics) = alone_and_parallel[kind, 1], alone_and_parallel[kind, 2]
+    assert_same_tensors(trained_tensors(alone, kind), trained_tensors(parallel, kind), 1e-5)
+    for name in metrics:
+        assert parallel_metrics[name] == pytest.approx(alone_metrics[name], rel=1e-5, abs=1e-6), name
+    assert alone_metrics["steps"] == parallel_metrics["steps"]
+    # The run learned (so the comparison is of weights that moved, not of the initial ones).
+    if kind == "reward":
+        assert parallel_metrics["eval_accuracy"] >= 0.75
+    else:
+        assert parallel_metrics["final_reward"] > parallel_metrics["initial_reward"]
+
+
+# A stop asked of rank 1 after step 3 (SIGTERM: a preempted machine) stops both ranks at that step, checkpoint
+# first, with the status of a stopped run; rank 1 killed after step 5 (a crashed machine) fails the stage and
+# leaves the checkpoint of step 4 (every 2 steps).
+INTERRUPTIONS = {"stopped": (signal.SIGTERM, 3, 3, "Stopped at step 3; run the same command again to resume"),
+                 "killed": (signal.SIGKILL, 5, 4, "process 1 ended first, with status -9")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interruption", INTERRUPTIONS)
+@pytest.mark.parametrize("kind", ["reward", "policy"])
+def test_an_interrupted_rank_stops_the_stage_and_the_rerun_resumes_to_the_same_result(
+        alone_and_parallel, tiny_model_dir, tmp_path, kind, interruption):
+    number, at, kept, message = INTERRUPTIONS[interruption]
+    output = tmp_path / kind
+    interrupted = stage(kind, tiny_model_dir, output, 2, "--rank", "1", "--signal", str(int(number)), "--at", str(at))
+    assert interrupted.returncode == (75 if number == signal.SIGTERM else 1), interrupted.stderr[-3000:]
+    assert message in interrupted.stderr, interrupted.stderr[-3000:]
+    assert (output / CHECKPOINT_DIR / f"step-{kept:07d}").is_dir() and not (output / METRICS_FILE).exists()
+
+    resumed = stage(kind, tiny_model_dir, output, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(step {kept} of" in resumed.stderr
+    assert_same_tensors(trained_tensors(output, kind), trained_tensors(alone_and_parallel[kind, 2][0], kind), 0)
+
+
+@pytest.mark.slow
+def test_two_machines_of_a_vertex_cluster_spec_train_as_two_processes_of_one(alone_and_parallel, tiny_model_dir,
+                                                                             tmp_path):
+    """Each Vertex AI replica gets CLUSTER_SPEC (the chief in worker pool 0, the other replicas in pool 1, with
+    the address each listens on) and one process per machine here; they meet at the chief's address."""
+    output = tmp_path / "reward"
+    pools = {"workerpool0": [f"127.0.0.1:{free_port()}"], "workerpool1": [f"127.0.0.1:{free_port()}"]}
+    machines = []
+    for pool in ("workerpool0", "workerpool1"):
+        spec = {"cluster": pools, "task": {"type": pool, "index": 0}, "environment": "cloud"}
+        machines.append(subprocess.Popen(stage_command("reward", tiny_model_dir, output, 1), stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True,
+                                         env={**os.environ, **ONE_THREAD, "CLUSTER_SPEC": json.dumps(spec)}))
+    results = [machine.communicate(timeout=900) for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], [err[-2000:] for _, err in results]
+    printed = [json.loads(out.strip().splitlines()[-1]) for out, _ in results if out.strip()]
+    parallel, parallel_metrics = alone_and_parallel["reward", 2]
+    assert len(printed) == 1 and printed[0]["final_rank_loss"] == pytest.approx(parallel_metrics["final_rank_loss"])
+    assert_same_tensors(trained_tensors(output, "reward"), trained_tensors(parallel, "reward"), 1e-6)
+
+
+@pytest.mark.slow
+def test_a_training_component_given_two_accelerators_trains_as_two_processes(alone_and_parallel, tiny_model_dir,
+                                                                             tmp_path):
+    """What the reward-model component runs with `processes=2` (the pipeline's reward_model_accelerator_count)."""
+    from rlhf.data.datasets import write_jsonl
+    from rlhf.reward.config import RewardTrainingConfig
+    from tests.distributed_stage import REWARD_SETTINGS
+
+    rows = marker_pairs(48)
+    write_jsonl(tmp_path / "train.jsonl", rows[:40])
+    write_jsonl(tmp_path / "held_out.jsonl", rows[40:])
+    config = reward_config(**REWARD_SETTINGS)
+    arguments = {"settings": {name: getattr(config, name) for name in RewardTrainingConfig.parameter_names},
+                 "plain_text": False, "train_pairs": str(tmp_path / "train.jsonl"),
+                 "held_out_pairs": str(tmp_path / "held_out.jsonl"), "large_model_reference": str(tiny_model_dir),
+                 "output": str(tmp_path / "reward")}
+    code = ("import json, sys\nfrom rlhf.components.processes import run_stage\n"
+            "print(json.dumps(run_stage('reward_model', 2, **json.loads(sys.argv[1]))))")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], capture_output=True, text=True,
+                            timeout=900, env={**os.environ, **ONE_THREAD})
+    assert result.returncode == 0, result.stderr[-3000:]
+    parallel, parallel_metrics = alone_and_parallel["reward", 2]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["final_rank_loss"] == pytest.approx(
+        parallel_metrics["final_rank_loss"])
+    assert_same_tensors(trained_tensors(tmp_path / "reward", "reward"), trained_tensors(parallel, "reward"), 1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [[], ["--sample", "--temperature", "1.5"]], ids=["greedy", "sampled"])
+def test_bulk_inference_in_two_processes_writes_what_one_process_writes(tiny_model_dir, tmp_path, sampling):
+    from rlhf.data.datasets import read_jsonl, write_jsonl
+
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    written = {}
+    for processes in (1, 2):
+        output = tmp_path / f"predictions-{processes}.jsonl"
+        result = rlhf("infer", "--eval-dataset", str(tmp_path / "prompts.jsonl"), "--large-model-reference",
+                      str(tiny_model_dir), "--output", str(output), "--inference-batch-size", "4",
+                      "--target-sequence-length", "8", "--nproc-per-node", str(processes), *sampling, env=ONE_THREAD)
+        assert result.returncode == 0, result.stderr[-3000:]
+        written[processes] = read_jsonl(output)
+    assert len(written[2]) == len(PROMPTS)
+    assert [r["input_text"] for r in written[2]] == [r["input_text"] for r in PROMPTS]
+    assert written[2] == written[1]
+    assert len({r["prediction"] for r in written[2]}) > 1  # not one completion copied to every row
+
+
+@pytest.mark.slow
+def test_the_bulk_inference_component_given_two_accelerators_writes_what_one_process_writes(tiny_model_dir,
+                                                                                            tmp_path):
+    from rlhf.data.datasets import read_jsonl, write_jsonl
+
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS)
+    outputs = {}
+    for processes in (1, 2):
+        arguments = {"settings": {"target_sequence_length": 8, "batch_size": 4}, "prompts": str(tmp_path / "prompts.jsonl"),
+                     "model": str(tiny_model_dir), "adapter": None, "output": str(tmp_path / f"out-{processes}.jsonl")}
+        code = ("import json, sys\nfrom rlhf.components.processes import run_stage\n"
+                f"print(json.dumps(run_stage('bulk_inference', {processes}, **json.loads(sys.argv[1]))))")
+        result = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], capture_output=True, text=True,
+                                timeout=900, env={**os.environ, **ONE_THREAD})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout.strip().splitlines()[-1]) == {"rows": len(PROMPTS)}
+        outputs[processes] = read_jsonl(Path(arguments["output"]))
+    assert outputs[2] == outputs[1] and len(outputs[2]) == len(PROMPTS)
