@@ -82,8 +82,10 @@ class Generator:
             if on_batch:
                 on_batch(len(batch) * ranks.world_size)
         if ranks.parallel:
-            shares = ranks.gather({index: output for index, output in enumerate(outputs) if output is not None})
-            outputs = [next(share[index] for share in shares if index in share) for index in range(len(rows))]
+            merged = {}
+            for share in ranks.gather({index: output for index, output in enumerate(outputs) if output is not None}):
+                merged.update(share)
+            outputs = [merged[index] for index in range(len(rows))]
         return outputs
 
 

@@ -114,12 +114,13 @@ class TrainingLoop:
         from torch.utils.tensorboard import SummaryWriter
 
         self._stack.enter_context(disk_full_explained(self.checkpoint_dir))
-        # Rank 0 first clears what an interrupted save left; then every rank restores the same checkpoint.
-        for turn in ("main", "others"):
-            if (turn == "main") == self.ranks.main:
-                self.start_step, self.history = resume(self.checkpoint_dir, self.model, self.optimizer,
-                                                       self.scheduler, self.run_id, f"the {self.what}",
-                                                       self.total_steps)
+        # Rank 0 first clears what an interrupted save left (the others wait for it); then every rank restores
+        # the same checkpoint.
+        if not self.ranks.main:
+            self.ranks.wait()
+        self.start_step, self.history = resume(self.checkpoint_dir, self.model, self.optimizer, self.scheduler,
+                                               self.run_id, f"the {self.what}", self.total_steps)
+        if self.ranks.main:
             self.ranks.wait()
         self.writer = self.progress = None
         if self.ranks.main:
