@@ -40,9 +40,11 @@ LOCAL_DEFAULTS = {
     "eval_dataset": sample_dataset("eval.jsonl"),
     "large_model_reference": DEFAULT_MODEL,
     "instruction": "Summarize in less than 50 words.",
-    "reward_model_train_epochs": 2,
+    # 4 epochs at x10 rank the policy's own samples by the rule far better than 2 at x30 (both reach 1.00 on the
+    # held-out pairs): experiments/reward_rule_agreement.py, LEARNING.md.
+    "reward_model_train_epochs": 4,
     "reward_model_batch_size": 16,
-    "reward_model_learning_rate_multiplier": 30.0,
+    "reward_model_learning_rate_multiplier": 10.0,
     "reinforcement_learning_train_steps": 20,
     "reinforcement_learning_batch_size": 16,
     "reinforcement_learning_micro_batch_size": 8,
