@@ -99,6 +99,16 @@ def test_valid_rows_are_kept_as_given_with_their_source(tmp_path):
     assert dataset.rows == [{**GOOD["preference"], "source": f"{path}:1"}, {**chat, "source": f"{path}:2"}]
 
 
+def test_rows_written_by_validation_read_again_keep_their_first_source(tmp_path):
+    """The splits the validate stage writes (rows with their `source`) can be given to any stage by hand."""
+    original = write(tmp_path, json.dumps(GOOD["preference"]).encode())
+    rows = read_dataset(original, "preference").rows
+    split = tmp_path / "train_pairs"
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = read_dataset(str(split), "preference")
+    assert again.ok and again.rows == rows and rows[0]["source"] == f"{original}:1"
+
+
 def test_glob_and_directory_read_every_shard_in_order(tmp_path):
     shards = tmp_path / "train"
     shards.mkdir()

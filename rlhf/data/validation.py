@@ -24,6 +24,9 @@ OnInvalid = Literal["fail", "skip"]
 
 PROMPT_KEYS = ("input_text", "messages")
 CANDIDATE_KEYS = ("candidate_0", "candidate_1", "choice")
+# Where a row was first read ("FILE:LINE"): validation adds it, so the splits it writes carry it, and a split
+# read again keeps it.
+SOURCE_KEY = "source"
 ROLES = ("system", "user", "assistant")
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def _read_file(file: str, dataset: Dataset, on_invalid: OnInvalid) -> None:
             else:
                 dataset.problems.append(Problem(file, number, error.kind, error.message))
             continue
-        row["source"] = f"{file}:{number}"
+        row.setdefault(SOURCE_KEY, f"{file}:{number}")
         dataset.rows.append(row)
     if rows_in_file == 0:
         dataset.problems.append(Problem(file, 0, "empty_file", "empty file: no JSON rows"))
@@ -171,7 +174,7 @@ def _preview(text: str, limit: int = 40) -> str:
 
 
 def _check_keys(row: dict, required: tuple[str, ...]) -> None:
-    allowed = set(PROMPT_KEYS) | set(required)
+    allowed = {*PROMPT_KEYS, *required, SOURCE_KEY}
     extra = [k for k in row if k not in allowed]
     if extra:
         expected = ", ".join(["input_text (or messages)", *required])
