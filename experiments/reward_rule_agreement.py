@@ -17,13 +17,16 @@ same completions.
 """
 
 import argparse
+import dataclasses
 import json
 from itertools import combinations
 from pathlib import Path
 
 import torch
 
+from rlhf.data.datasets import read_jsonl
 from rlhf.data.validation import user_input
+from rlhf.evaluation.compare import completion_ids
 from rlhf.evaluation.config import InferenceConfig
 from rlhf.evaluation.inference import Generator
 from rlhf.evaluation.rule_judge import CHECKS, rule_for_instruction
@@ -37,11 +40,9 @@ def stage_dir(run_dir: Path, stage: str, artifact: str) -> Path:
 
 
 def sampled(generator: Generator, rows: list[dict], samples: int, temperature: float, seed: int) -> list[list[dict]]:
-    config = InferenceConfig(**{**generator.config.__dict__, "sample": True, "temperature": temperature,
-                                "seed": seed})
     per_post = [[] for _ in rows]
     for draw in range(samples):
-        config.seed = seed + draw
+        config = dataclasses.replace(generator.config, sample=True, temperature=temperature, seed=seed + draw)
         for index, output in enumerate(generator.complete(rows, config, seeded=True)):
             per_post[index].append(output)
     return per_post
@@ -83,18 +84,17 @@ def main() -> None:
 
     record = json.loads((args.run_dir / "run.json").read_text())
     parameters = record["parameters"]
-    rows = [json.loads(line) for line in Path(parameters["eval_dataset"]).read_text().splitlines() if line.strip()]
+    rows = read_jsonl(Path(parameters["eval_dataset"]))
     instruction = parameters["instruction"]
     rule = rule_for_instruction(instruction)
     model_path = resolve_model_reference(parameters["large_model_reference"])
     reward = RewardModelReward(args.reward_model or stage_dir(args.run_dir, "train-reward-model", "reward_model"),
                                pick_placement("cpu"), model_path)
-    tokenizer = reward.loaded.tokenizer
+    tokenizer, limit = reward.loaded.tokenizer, reward.loaded.spec.target_sequence_length
     if args.samples_file and args.samples_file.exists():
         samples = json.loads(args.samples_file.read_text())
     else:
-        config = InferenceConfig(instruction=instruction,
-                                 target_sequence_length=reward.loaded.spec.target_sequence_length)
+        config = InferenceConfig(instruction=instruction, target_sequence_length=limit)
         sides = {"base": None}
         if args.tuned:
             sides["tuned"] = stage_dir(args.run_dir, "train-policy", "policy") / "adapter"
@@ -105,15 +105,15 @@ def main() -> None:
     report = {}
     for side, posts in samples.items():
         for row, outputs in zip(rows, posts):
-            ids = [tokenizer(o["prediction"], add_special_tokens=False)["input_ids"]
-                   + ([tokenizer.eos_token_id] if o["ended"] else []) for o in outputs]
+            ids = [completion_ids(tokenizer, o["prediction"], o["ended"], limit) for o in outputs]
             scores = reward([row] * len(outputs), ids)
             for output, score in zip(outputs, scores.tolist()):
                 output["score"] = score
                 output["checks"] = rule.judge(user_input(row), output["prediction"], output["ended"]).checks
+        ordered = agreement(posts)
         report[side] = {"agreement": {name: round(a["agreement"], 3) if a["agreement"] is not None else None
-                                      for name, a in agreement(posts).items()},
-                        "pairs": {name: a["pairs"] for name, a in agreement(posts).items()},
+                                      for name, a in ordered.items()},
+                        "pairs": {name: a["pairs"] for name, a in ordered.items()},
                         "rule_pass_rate": sum(all(o["checks"].values()) for p in posts for o in p)
                         / sum(len(p) for p in posts)}
     print(json.dumps(report, indent=1))
