@@ -12,6 +12,7 @@ def train_policy(
     train_steps: int,
     batch_size: int,
     micro_batch_size: int,
+    rollout_micro_batch_size: int,
     ppo_minibatch_size: int,
     ppo_epochs: int,
     learning_rate_multiplier: float,

@@ -80,6 +80,7 @@ def build_pipeline(retries: int = RETRIES):
         reinforcement_learning_train_epochs: int = 0,
         reinforcement_learning_batch_size: int = 64,
         reinforcement_learning_micro_batch_size: int = 8,
+        reinforcement_learning_rollout_micro_batch_size: int = 0,
         reinforcement_learning_minibatch_size: int = 32,
         reinforcement_learning_ppo_epochs: int = 2,
         reinforcement_learning_rate_multiplier: float = 1.0,

@@ -5,7 +5,7 @@ import torch
 
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
 from rlhf.rl.policy import Policy, read_policy_spec
-from rlhf.rl.ppo import gae, train_policy
+from rlhf.rl.ppo import collect, gae, micro_batches, train_policy
 from rlhf.rl.rollouts import completion_mask
 from rlhf.training.checkpoints import CheckpointMismatch
 from rlhf.training.loop import CHECKPOINT_DIR
@@ -120,6 +120,39 @@ def test_greedy_generation_agrees_with_the_evaluated_distribution(tiny_model_dir
     assert torch.equal(predicted * rollout.completion_mask, generated * rollout.completion_mask)
 
 
+def test_a_rollout_pass_cut_into_micro_batches_gives_each_the_log_probs_and_values_of_its_rows(tiny_model_dir):
+    placement = pick_placement("cpu")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    policy = Policy.create(load_causal_lm(str(tiny_model_dir), placement), 4, [tokenizer.eos_token_id],
+                           tokenizer.pad_token_id)
+    # Short and long prompts in different micro-batches, so each piece drops padding the pass had.
+    texts = ["dog", "a dog", "a much longer post about the cat, the dog and the sink", "the cat and the dog's night"]
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    torch.manual_seed(0)
+    experience = collect(policy, [{"input_text": t} for t in texts], prompts, TargetTokenShare(),
+                         config(target_sequence_length=8))
+    pieces = micro_batches(experience, 2)
+    assert [len(p.scores) for p in pieces] == [2, 2]
+    assert pieces[0].rollout.sequences.shape[1] < experience.rollout.sequences.shape[1]
+    assert [c for p in pieces for c in p.rollout.completions()] == experience.rollout.completions()
+    with torch.no_grad():
+        for start, piece in zip((0, 2), pieces):
+            log_probs, _, values = policy.evaluate(piece.rollout, 1.0)
+            mask = piece.rollout.completion_mask.bool()
+            torch.testing.assert_close(log_probs[mask], piece.old_log_probs[mask], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(values[mask], piece.old_values[mask], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(piece.advantages, experience.advantages[start:start + 2, :mask.shape[1]])
+
+
+def test_rollout_passes_of_several_micro_batches_train(tiny_model_dir, tmp_path):
+    result = train_policy(config(train_steps=2, batch_size=8, micro_batch_size=2, rollout_micro_batch_size=4,
+                                 ppo_minibatch_size=4, ppo_epochs=1), PROMPTS, TargetTokenShare(), "tiny",
+                          tmp_path / "policy", base_model_path=str(tiny_model_dir))
+    assert result["steps"] == 2
+    updates, _ = scalars(tmp_path / "policy", "learning_rate")
+    assert len(updates) == 2
+
+
 def test_completion_mask_stops_after_the_first_eos_even_when_pad_is_eos():
     eos = 2
     completions = torch.tensor([[5, 6, eos, eos, eos], [5, eos, 7, 8, 9], [5, 6, 7, 8, 9]])
@@ -190,3 +223,5 @@ def test_bad_settings_are_refused_before_any_model_loads():
         config(kl_coeff=-0.1).validate()
     with pytest.raises(ValueError, match="train_steps"):
         config(train_steps=0).validate()
+    with pytest.raises(ValueError, match="rollout_micro_batch_size 48 must be 0 or a multiple of micro_batch_size"):
+        config(rollout_micro_batch_size=48).validate()

@@ -18,6 +18,7 @@ class PPOConfig(StageSettings):
     parameter_names = {
         "train_steps": "reinforcement_learning_train_steps", "batch_size": "reinforcement_learning_batch_size",
         "micro_batch_size": "reinforcement_learning_micro_batch_size",
+        "rollout_micro_batch_size": "reinforcement_learning_rollout_micro_batch_size",
         "ppo_minibatch_size": "reinforcement_learning_minibatch_size",
         "ppo_epochs": "reinforcement_learning_ppo_epochs",
         "learning_rate_multiplier": "reinforcement_learning_rate_multiplier",
@@ -31,7 +32,8 @@ class PPOConfig(StageSettings):
 
     train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates)
     batch_size: int = 64  # prompts per step
-    micro_batch_size: int = 8  # rollouts per forward pass, in generation and in training
+    micro_batch_size: int = 8  # rollouts per forward pass with gradients (the update)
+    rollout_micro_batch_size: int = 0  # rollouts per pass without gradients (sampling, reference, reward); 0: micro_batch_size
     ppo_minibatch_size: int = 32  # rollouts per optimizer step; divides the batch, a multiple of the micro-batch
     ppo_epochs: int = 2  # passes over each batch of rollouts
     learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
@@ -62,6 +64,9 @@ class PPOConfig(StageSettings):
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier
 
+    def micro_batches_per_rollout_pass(self) -> int:
+        return max(1, self.rollout_micro_batch_size // self.micro_batch_size)
+
     def updates_per_step(self) -> int:
         """Optimizer steps per PPO step: `validate` makes minibatches whole numbers of micro-batches."""
         return self.ppo_epochs * (self.batch_size // self.ppo_minibatch_size)
@@ -77,6 +82,8 @@ class PPOConfig(StageSettings):
             # As TRL does: a remainder would make some optimizer steps smaller and the schedule miscount them.
             if self.batch_size % self.micro_batch_size:
                 found.append(f"{say('batch_size')} must be a multiple of {say('micro_batch_size')}")
+            if self.rollout_micro_batch_size < 0 or self.rollout_micro_batch_size % self.micro_batch_size:
+                found.append(f"{say('rollout_micro_batch_size')} must be 0 or a multiple of {say('micro_batch_size')}")
             if self.ppo_minibatch_size % self.micro_batch_size or self.batch_size % self.ppo_minibatch_size:
                 found.append(f"{say('ppo_minibatch_size')} must be a multiple of {say('micro_batch_size')} and "
                              f"divide {say('batch_size')}")

@@ -2,14 +2,15 @@
 
 Read `train_policy` top to bottom. Each step:
 1. take `batch_size` prompts in a seeded order;
-2. roll out, `micro_batch_size` prompts at a time: sample completions with the KV cache, keeping the
+2. roll out, `rollout_micro_batch_size` prompts at a time: sample completions with the KV cache, keeping the
    policy's log-prob of each sampled token and the value of the state before it from that same pass; with
    no gradient, the reference log-probs (the same model with the adapter switched off; skipped when
    kl_coeff is 0) and the reward of each completion (a completion that never emits EOS gets
    `unfinished_reward` instead of its score, unless that is turned off);
 3. per-token rewards: `-kl_coeff * (log p_policy - log p_reference)` on every token, plus the score on the
    last one; advantages with GAE(gamma, lambda), whitened over the batch;
-4. `ppo_epochs` passes over the rollouts in minibatches: the clipped policy objective plus
+4. `ppo_epochs` passes over the rollouts in minibatches (`micro_batch_size` rollouts to a forward and
+   backward pass): the clipped policy objective plus
    `value_loss_coeff` times the clipped value loss, one optimizer step per minibatch;
 5. log (TensorBoard names as Vertex's: reward, kl_loss, rl_loss, entropy, value_loss, clip_fraction,
    approx_kl, response_length, plus sample completions as text) and checkpoint.
@@ -136,21 +137,44 @@ def whiten(experiences: list[Experience], ranks: Ranks) -> None:
         experience.advantages = (experience.advantages - mean) / std * experience.rollout.completion_mask
 
 
+def micro_batches(experience: Experience, size: int) -> list[Experience]:
+    """A rollout pass's experience cut into the update's micro-batches of `size` rows, each without the columns
+    that are padding in all of its rows; a phase's time goes to the pieces by their share of rows."""
+    count = len(experience.scores)
+    pieces = []
+    for start in range(0, count, size):
+        stop = min(start + size, count)
+        rollout = experience.rollout.rows(start, stop)
+        cells = (slice(start, stop), slice(0, rollout.completion_mask.shape[1]))
+        pieces.append(Experience(
+            rollout, experience.old_log_probs[cells], experience.old_values[cells], experience.advantages[cells],
+            experience.returns[cells], experience.scores[start:stop], experience.raw_scores[start:stop],
+            None if experience.kl is None else experience.kl[start:stop],
+            {phase: seconds * (stop - start) / count for phase, seconds in experience.seconds.items()}))
+    return pieces
+
+
 def roll_out(policy: Policy, prompt_rows: list[dict], prompts: list[list[int]], chosen: list[int],
              reward_fn: RewardFunction, config: PPOConfig, step: int,
              ranks: Ranks) -> tuple[list[Experience], list[list[dict]], list[int]]:
-    """Steps 2 and 3 for the chosen prompts, `micro_batch_size` at a time (this rank's share of the
-    micro-batches), each sampled from its own seed; the advantages whitened over the whole batch. Returns the
-    experiences, their rows and their micro-batches' numbers in the step."""
+    """Steps 2 and 3 for the chosen prompts: the batch is numbered in micro-batches of `micro_batch_size`, each
+    rank takes its share, and samples and scores them `rollout_micro_batch_size` rollouts to a pass (one pass
+    per micro-batch when it is 0), each pass from its own seed; the advantages whitened over the whole batch.
+    Returns the experiences, their rows and their micro-batches' numbers in the step, a micro-batch each."""
     experiences, batch_rows, numbers = [], [], []
-    groups = list(enumerate(range(0, len(chosen), config.micro_batch_size)))
-    for number, first in ranks.share(groups):
-        indices = chosen[first:first + config.micro_batch_size]
+    mine = ranks.share(list(enumerate(range(0, len(chosen), config.micro_batch_size))))
+    per_pass = config.micro_batches_per_rollout_pass()
+    for first_group in range(0, len(mine), per_pass):
+        groups = mine[first_group:first_group + per_pass]
+        indices = [i for _, first in groups for i in chosen[first:first + config.micro_batch_size]]
         rows = [prompt_rows[i] for i in indices]
-        torch.manual_seed(seed_of(config.seed, step, number))
-        experiences.append(collect(policy, rows, [prompts[i] for i in indices], reward_fn, config))
-        batch_rows.append(rows)
-        numbers.append(number)
+        torch.manual_seed(seed_of(config.seed, step, groups[0][0]))
+        experience = collect(policy, rows, [prompts[i] for i in indices], reward_fn, config)
+        pieces = micro_batches(experience, config.micro_batch_size) if per_pass > 1 else [experience]
+        for (number, _), piece, start in zip(groups, pieces, range(0, len(rows), config.micro_batch_size)):
+            experiences.append(piece)
+            batch_rows.append(rows[start:start + config.micro_batch_size])
+            numbers.append(number)
     whiten(experiences, ranks)
     return experiences, batch_rows, numbers
 

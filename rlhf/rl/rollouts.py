@@ -30,6 +30,17 @@ class Rollout:
     def prompt_length(self) -> int:
         return self.sequences.shape[1] - self.completion_mask.shape[1]
 
+    def rows(self, start: int, stop: int) -> Rollout:
+        """Rows `start` to `stop` alone, without the prompt and completion columns that are padding in all of
+        them (a pass over them costs what their own longest prompt and completion cost)."""
+        mask = self.attention_mask[start:stop]
+        first = int(mask[:, :self.prompt_length].any(dim=0).long().argmax())
+        # A completion mask is 1 on a prefix of each row: its longest prefix is the columns kept.
+        width = int(self.completion_mask[start:stop].sum(dim=1).max())
+        end = self.prompt_length + width
+        return Rollout(self.sequences[start:stop, first:end], mask[:, first:end],
+                       self.completion_mask[start:stop, :width], self.ended[start:stop])
+
     def completions(self) -> list[list[int]]:
         tokens = self.sequences[:, self.prompt_length:]
         return [row[mask.bool()].tolist() for row, mask in zip(tokens, self.completion_mask)]
