@@ -9,6 +9,8 @@ def train_policy(
     prompts: Input[Dataset],
     reward_model: Input[Model],
     large_model_reference: str,
+    tuning_method: str,
+    samples_per_prompt: int,
     train_steps: int,
     batch_size: int,
     micro_batch_size: int,

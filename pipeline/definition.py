@@ -1,9 +1,9 @@
 """`rlhf_pipeline`: the DAG, with parameters named as in Google's Vertex AI RLHF pipeline.
 
-validate -> resolve steps -> train reward model -> tune the policy (PPO) -> bulk inference of the base
-and the tuned model on the eval prompts -> evaluate (metrics.json, report.html) -> optionally upload the
-tuned model to the Vertex AI Model Registry (and deploy it), and the training curves to Vertex AI
-TensorBoard.
+validate -> resolve steps -> train reward model -> tune the policy (PPO, RLOO or GRPO: `tuning_method`) ->
+bulk inference of the base and the tuned model on the eval prompts -> evaluate (metrics.json, report.html)
+-> optionally upload the tuned model to the Vertex AI Model Registry (and deploy it), and the training
+curves to Vertex AI TensorBoard.
 
 The accelerator, CPU and memory settings apply on Vertex AI; the KFP local runner ignores them, but for one:
 training and bulk inference run one process per accelerator of their `*_accelerator_count` (data parallel),
@@ -80,6 +80,8 @@ def build_pipeline(retries: int = RETRIES):
         reinforcement_learning_train_epochs: int = 0,
         reinforcement_learning_batch_size: int = 64,
         reinforcement_learning_micro_batch_size: int = 8,
+        tuning_method: str = "ppo",
+        samples_per_prompt: int = 1,
         reinforcement_learning_rollout_micro_batch_size: int = 0,
         reinforcement_learning_minibatch_size: int = 32,
         reinforcement_learning_ppo_epochs: int = 2,
@@ -155,7 +157,7 @@ def build_pipeline(retries: int = RETRIES):
             plain_text=plain_text,
             processes=reinforcement_learning_accelerator_count,
             **_settings(train_policy, PPOConfig, parameters),
-        ).set_display_name("train policy (PPO)")
+        ).set_display_name("train policy (RL)")
         _on_machine(policy, reinforcement_learning_accelerator_type, reinforcement_learning_accelerator_count,
                     reinforcement_learning_cpu_limit, reinforcement_learning_memory_limit, retries)
         predictions = {}

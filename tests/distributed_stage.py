@@ -1,5 +1,5 @@
 """A training stage on the tiny model for the data-parallel tests, started the way `rlhf --nproc-per-node N`
-starts one: `python -m tests.distributed_stage reward|policy MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`.
+starts one: `python -m tests.distributed_stage reward|policy|group MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`.
 The parent process launches PROCESSES processes of itself through `rlhf.training.distributed.launch`; each
 trains on its share. With `--signal`, rank R sends itself signal S (SIGKILL: a crashed machine; SIGTERM: a
 preempted one) when the trainer polls for a stop request for the K-th time, i.e. after step K."""
@@ -19,6 +19,9 @@ from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, ppo_config, 
 REWARD_SETTINGS = dict(train_steps=20, batch_size=8, checkpoint_every=2, micro_batch_tokens=256)
 POLICY_SETTINGS = dict(train_steps=6, batch_size=16, micro_batch_size=4, ppo_minibatch_size=8, ppo_epochs=2,
                        target_sequence_length=6, checkpoint_every=2)
+# RLOO with groups of 4 over micro-batches of 2: every group's baseline needs rollouts of both ranks.
+GROUP_SETTINGS = {**POLICY_SETTINGS, "tuning_method": "rloo", "batch_size": 4, "samples_per_prompt": 4,
+                  "micro_batch_size": 2}
 
 
 def stop_requests(rank: int, number: int, at: int):
@@ -38,7 +41,7 @@ def stop_requests(rank: int, number: int, at: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=("reward", "policy"))
+    parser.add_argument("stage", choices=("reward", "policy", "group"))
     parser.add_argument("model")
     parser.add_argument("output")
     parser.add_argument("processes", type=int)
@@ -54,7 +57,8 @@ def main() -> int:
         result = train_reward_model(reward_config(**REWARD_SETTINGS), rows[:40], rows[40:], args.model,
                                     Path(args.output), base_model_path=args.model, stop_requested=stop)
     else:
-        result = train_policy(ppo_config(**POLICY_SETTINGS), PROMPTS, TargetTokenShare(), args.model,
+        settings = POLICY_SETTINGS if args.stage == "policy" else GROUP_SETTINGS
+        result = train_policy(ppo_config(**settings), PROMPTS, TargetTokenShare(), args.model,
                               Path(args.output), base_model_path=args.model, stop_requested=stop)
     if join().main:
         print(json.dumps(result))

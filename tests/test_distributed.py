@@ -47,7 +47,7 @@ def alone_and_parallel(tiny_model_dir, tmp_path_factory):
     """Each stage once in one process and once in two (module-scoped: the launches are the slow part)."""
     root = tmp_path_factory.mktemp("distributed")
     runs = {}
-    for kind in ("reward", "policy"):
+    for kind in ("reward", "policy", "group"):
         for processes in (1, 2):
             output = root / f"{kind}-{processes}"
             result = stage(kind, tiny_model_dir, output, processes)
@@ -60,7 +60,8 @@ def alone_and_parallel(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("kind, metrics", [("reward", ("final_rank_loss", "final_train_accuracy", "eval_accuracy",
                                                         "eval_mean_margin", "score_mean", "score_std")),
                                            ("policy", ("final_reward", "final_kl", "initial_reward",
-                                                       "final_ended_share"))])
+                                                       "final_ended_share")),
+                                           ("group", ("final_reward", "final_kl", "initial_reward"))])
 def test_two_processes_train_the_same_weights_and_metrics_as_one(alone_and_parallel, kind, metrics):
     (alone, alone_metrics), (parallel, parallel_metrics) = alone_and_parallel[kind, 1], alone_and_parallel[kind, 2]
     assert_same_tensors(trained_tensors(alone, kind), trained_tensors(parallel, kind), 1e-5)

@@ -163,7 +163,7 @@ COMPARISON_FILE = "comparison.jsonl"
 
 REWARD_MODEL_KEYS = ("eval_accuracy", "eval_pairs", "final_rank_loss", "final_train_accuracy", "eval_mean_margin",
                      "steps", "train_pairs", "pairs_per_second")
-POLICY_KEYS = ("final_reward", "final_kl", "initial_reward", "final_ended_share", "steps", "prompts",
+POLICY_KEYS = ("tuning_method", "final_reward", "final_kl", "initial_reward", "final_ended_share", "steps", "prompts",
                "episodes_per_second")
 
 

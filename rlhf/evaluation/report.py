@@ -176,6 +176,7 @@ def _prompt_text(row: dict) -> str:
 def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_scalars: dict,
                 policy_scalars: dict) -> str:
     evaluation = metrics["evaluation"]
+    method = metrics.get("policy", {}).get("tuning_method", "ppo").upper()
     side_by_side = [{"prompt": _prompt_text(entry), "base": entry["base"], "tuned": entry["tuned"],
                      "base_rule": _rule_cell(entry.get("base_rule")), "tuned_rule": _rule_cell(entry.get("tuned_rule")),
                      "base_reward": entry["base_reward"], "tuned_reward": entry["tuned_reward"],
@@ -187,8 +188,8 @@ def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_
                        for name, title in (("rank_loss", "Reward model: rank_loss"),
                                            ("accuracy", "Reward model: training accuracy"))],
         policy_charts=[line_chart_geometry(policy_scalars.get(name, []), title)
-                       for name, title in (("reward", "PPO: reward"), ("kl_loss", "PPO: kl_loss"),
-                                           ("response_length", "PPO: response length (tokens)"))],
+                       for name, title in (("reward", f"{method}: reward"), ("kl_loss", f"{method}: kl_loss"),
+                                           ("response_length", f"{method}: response length (tokens)"))],
         distribution=histogram_geometry({"base": [c["base_reward"] for c in comparison],
                                          "tuned": [c["tuned_reward"] for c in comparison]}, "Reward: base vs tuned"),
         metrics=[(f"{stage}.{name}", json.dumps(value)) for stage in ("reward_model", "policy", "evaluation")

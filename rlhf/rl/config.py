@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from rlhf.settings import SHARED_PARAMETERS, StageSettings
 
 BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
+TUNING_METHODS = ("ppo", "rloo", "grpo")  # how advantages are estimated: see rlhf/rl/ppo.py
 
 
 @dataclass
@@ -16,6 +17,7 @@ class PPOConfig(StageSettings):
 
     stage = "reinforcement learning"
     parameter_names = {
+        "tuning_method": "tuning_method", "samples_per_prompt": "samples_per_prompt",
         "train_steps": "reinforcement_learning_train_steps", "batch_size": "reinforcement_learning_batch_size",
         "micro_batch_size": "reinforcement_learning_micro_batch_size",
         "rollout_micro_batch_size": "reinforcement_learning_rollout_micro_batch_size",
@@ -30,15 +32,17 @@ class PPOConfig(StageSettings):
         "export_merged": "export_merged_model",
         "gradient_checkpointing": "reinforcement_learning_gradient_checkpointing", **SHARED_PARAMETERS}
 
+    tuning_method: str = "ppo"  # ppo (value head, GAE), rloo (leave-one-out baseline) or grpo (group-normalised)
+    samples_per_prompt: int = 1  # completions sampled per prompt in a step; rloo and grpo compare them (at least 2)
     train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates)
-    batch_size: int = 64  # prompts per step
+    batch_size: int = 64  # prompts per step (each sampled samples_per_prompt times)
     micro_batch_size: int = 8  # rollouts per forward pass with gradients (the update)
     rollout_micro_batch_size: int = 0  # rollouts per pass without gradients (sampling, reference, reward); 0: micro_batch_size
-    ppo_minibatch_size: int = 32  # rollouts per optimizer step; divides the batch, a multiple of the micro-batch
+    ppo_minibatch_size: int = 32  # rollouts per optimizer step; divides the step's rollouts, a multiple of the micro-batch
     ppo_epochs: int = 2  # passes over each batch of rollouts
     learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
     warmup_fraction: float = 0.1  # share of steps with a linear warm-up, then cosine decay to 0
-    kl_coeff: float = 0.1  # weight of the per-token KL(policy || base) penalty
+    kl_coeff: float = 0.1  # weight of the KL(policy || base) penalty: in the reward (ppo, rloo), in the loss (grpo)
     lora_dim: int = 8  # LoRA rank of the policy
     temperature: float = 1.0  # sampling temperature of rollouts
     top_p: float = 1.0  # nucleus sampling of rollouts
@@ -67,26 +71,37 @@ class PPOConfig(StageSettings):
     def micro_batches_per_rollout_pass(self) -> int:
         return max(1, self.rollout_micro_batch_size // self.micro_batch_size)
 
+    def rollouts_per_step(self) -> int:
+        return self.batch_size * self.samples_per_prompt
+
     def updates_per_step(self) -> int:
         """Optimizer steps per PPO step: `validate` makes minibatches whole numbers of micro-batches."""
-        return self.ppo_epochs * (self.batch_size // self.ppo_minibatch_size)
+        return self.ppo_epochs * (self.rollouts_per_step() // self.ppo_minibatch_size)
 
     def stage_problems(self, say) -> list[str]:
-        found = self.below_one(("train_steps", "batch_size", "micro_batch_size", "ppo_minibatch_size", "ppo_epochs",
+        found = self.below_one(("samples_per_prompt", "train_steps", "batch_size", "micro_batch_size",
+                                "ppo_minibatch_size", "ppo_epochs",
                                 "prompt_sequence_length", "target_sequence_length", "checkpoint_every",
                                 "sample_every"), say)
         if self.lora_dim < 1:
             found.append(f"{say('lora_dim')} must be at least 1: the reference model is the policy with its "
                          "adapter switched off, so the policy needs one")
+        if self.tuning_method not in TUNING_METHODS:
+            found.append(f"{say('tuning_method')} must be one of {', '.join(TUNING_METHODS)}")
+        elif self.tuning_method != "ppo" and self.samples_per_prompt < 2:
+            found.append(f"{say('samples_per_prompt')} must be at least 2 for {self.tuning_method}: its baseline is "
+                         "the other samples of the same prompt")
         if not found:
             # As TRL does: a remainder would make some optimizer steps smaller and the schedule miscount them.
-            if self.batch_size % self.micro_batch_size:
-                found.append(f"{say('batch_size')} must be a multiple of {say('micro_batch_size')}")
+            rollouts = self.rollouts_per_step()
+            if rollouts % self.micro_batch_size:
+                found.append(f"{say('batch_size')} times {say('samples_per_prompt')} ({rollouts} rollouts) must be "
+                             f"a multiple of {say('micro_batch_size')}")
             if self.rollout_micro_batch_size < 0 or self.rollout_micro_batch_size % self.micro_batch_size:
                 found.append(f"{say('rollout_micro_batch_size')} must be 0 or a multiple of {say('micro_batch_size')}")
-            if self.ppo_minibatch_size % self.micro_batch_size or self.batch_size % self.ppo_minibatch_size:
+            if self.ppo_minibatch_size % self.micro_batch_size or rollouts % self.ppo_minibatch_size:
                 found.append(f"{say('ppo_minibatch_size')} must be a multiple of {say('micro_batch_size')} and "
-                             f"divide {say('batch_size')}")
+                             f"divide the {rollouts} rollouts of a step")
         if self.kl_coeff < 0:
             found.append(f"{say('kl_coeff')} must not be negative")
         found += self.sampling_problems(say)

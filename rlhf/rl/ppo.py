@@ -15,7 +15,19 @@ Read `train_policy` top to bottom. Each step:
 5. log (TensorBoard names as Vertex's: reward, kl_loss, rl_loss, entropy, value_loss, clip_fraction,
    approx_kl, response_length, plus sample completions as text) and checkpoint.
 
-Value function: a linear head on the policy's own last hidden state. It comes out of the same forward
+`tuning_method` picks how step 3 estimates advantages, all else (sampling, scoring, the unfinished penalty,
+the clipped objective, checkpoints) being the same, as OpenRLHF's and verl's advantage estimators do:
+- ppo: GAE over a value head (below), whitened over the batch;
+- rloo: each prompt is sampled `samples_per_prompt` (k) times; a completion's advantage, on each of its
+  tokens, is its reward minus the mean reward of the prompt's other k - 1 completions, the reward carrying the
+  KL penalty (`score - kl_coeff * KL`), as in TRL's RLOOTrainer;
+- grpo: the same k samples; the advantage is the reward minus the group mean, over the group's standard
+  deviation, and the KL to the reference is a loss term (`kl_coeff` times the k3 estimator per token), as in
+  the GRPO paper and TRL's GRPOTrainer.
+Neither learns a value: the value head is left as it starts and the value loss is 0. Every loss is a token
+mean over the minibatch.
+
+Value function (ppo): a linear head on the policy's own last hidden state. It comes out of the same forward
 passes that give the log-probs (while sampling, and in the update), so it costs almost nothing. It starts
 at zero (the first advantages are the rewards themselves, not a random head's error) and reads the
 hidden state detached, so the value loss trains the head alone and never moves the policy; the two
@@ -70,6 +82,7 @@ class Experience:
     scores: torch.Tensor  # [batch]: reward-model score, or the unfinished penalty
     raw_scores: torch.Tensor  # [batch]: the reward-model score of every completion, ended or not
     kl: torch.Tensor | None  # [batch]: summed per-token log-ratio policy/reference; None when kl_coeff is 0
+    reference_log_probs: torch.Tensor | None  # [batch, completion]: the adapter-off model's; None when kl_coeff is 0
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of generation, forward, scoring
 
 
@@ -104,7 +117,7 @@ def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_f
                                                  config.top_p)
     generated = clock(policy.device)
     mask = rollout.completion_mask.float()
-    kl = None
+    kl = reference_log_probs = None
     rewards = torch.zeros_like(log_probs)
     if config.kl_coeff > 0:
         reference_log_probs, _, _ = policy.evaluate(rollout, config.temperature, with_values=False,
@@ -118,11 +131,42 @@ def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_f
     raw_scores = scores
     if config.penalize_unfinished:
         scores = torch.where(rollout.ended, scores, torch.full_like(scores, config.unfinished_reward))
-    last = mask.sum(dim=1).long() - 1
-    rewards[torch.arange(len(rows)), last] += scores
-    advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
     seconds = {"generation": generated - started, "forward": forwarded - generated, "scoring": scored - forwarded}
-    return Experience(rollout, log_probs, values * mask, advantages, returns, scores, raw_scores, kl, seconds)
+    if config.tuning_method == "ppo":
+        last = mask.sum(dim=1).long() - 1
+        rewards[torch.arange(len(rows)), last] += scores
+        advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+    else:  # filled in by `group_advantages` once the whole batch is scored; no value is learned
+        advantages, returns = torch.zeros_like(mask), torch.zeros_like(mask)
+    return Experience(rollout, log_probs, values * mask, advantages, returns, scores, raw_scores, kl,
+                      reference_log_probs, seconds)
+
+
+def group_baseline(rewards: torch.Tensor, method: str) -> torch.Tensor:
+    """Advantages of [prompts, samples_per_prompt] sequence rewards against the other samples of the same
+    prompt: RLOO subtracts the mean of the other k - 1 (Ahmadian et al. 2024; TRL's RLOOTrainer); GRPO
+    subtracts the group's mean and divides by its standard deviation (Shao et al. 2024; TRL's GRPOTrainer,
+    with its 1e-4 so a group of equal rewards gets advantages of 0)."""
+    k = rewards.shape[1]
+    if method == "rloo":
+        return rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+    return (rewards - rewards.mean(dim=1, keepdim=True)) / (rewards.std(dim=1, keepdim=True) + 1e-4)
+
+
+def group_advantages(experiences: list[Experience], numbers: list[int], config: PPOConfig, ranks: Ranks) -> None:
+    """Step 3 for rloo and grpo: one advantage per completion, on each of its tokens, from the sequence rewards
+    of its prompt's group, gathered from every rank (a group may span micro-batches and ranks). RLOO's reward
+    carries the KL penalty (`score - kl_coeff * KL`, as TRL's RLOO); GRPO's KL is a loss term instead."""
+    penalised = config.tuning_method == "rloo" and config.kl_coeff > 0
+    local = [(number, (e.scores - config.kl_coeff * e.kl if penalised else e.scores).tolist())
+             for number, e in zip(numbers, experiences)]
+    batches = sorted((item for part in ranks.gather(local) for item in part), key=lambda item: item[0])
+    rewards = torch.tensor([r for _, batch in batches for r in batch], dtype=torch.float64)
+    advantages = group_baseline(rewards.view(-1, config.samples_per_prompt), config.tuning_method).flatten()
+    for number, experience in zip(numbers, experiences):
+        rows = advantages[number * config.micro_batch_size:(number + 1) * config.micro_batch_size]
+        mask = experience.rollout.completion_mask.float()
+        experience.advantages = rows.to(mask)[:, None] * mask
 
 
 def whiten(experiences: list[Experience], ranks: Ranks) -> None:
@@ -150,6 +194,7 @@ def micro_batches(experience: Experience, size: int) -> list[Experience]:
             rollout, experience.old_log_probs[cells], experience.old_values[cells], experience.advantages[cells],
             experience.returns[cells], experience.scores[start:stop], experience.raw_scores[start:stop],
             None if experience.kl is None else experience.kl[start:stop],
+            None if experience.reference_log_probs is None else experience.reference_log_probs[cells],
             {phase: seconds * (stop - start) / count for phase, seconds in experience.seconds.items()}))
     return pieces
 
@@ -160,6 +205,7 @@ def roll_out(policy: Policy, prompt_rows: list[dict], prompts: list[list[int]], 
     """Steps 2 and 3 for the chosen prompts: the batch is numbered in micro-batches of `micro_batch_size`, each
     rank takes its share, and samples and scores them `rollout_micro_batch_size` rollouts to a pass (one pass
     per micro-batch when it is 0), each pass from its own seed; the advantages whitened over the whole batch.
+    `chosen` holds each prompt `samples_per_prompt` times in a row, so a prompt's group is consecutive rollouts.
     Returns the experiences, their rows and their micro-batches' numbers in the step, a micro-batch each."""
     experiences, batch_rows, numbers = [], [], []
     mine = ranks.share(list(enumerate(range(0, len(chosen), config.micro_batch_size))))
@@ -175,7 +221,10 @@ def roll_out(policy: Policy, prompt_rows: list[dict], prompts: list[list[int]], 
             experiences.append(piece)
             batch_rows.append(rows[start:start + config.micro_batch_size])
             numbers.append(number)
-    whiten(experiences, ranks)
+    if config.tuning_method == "ppo":
+        whiten(experiences, ranks)
+    else:
+        group_advantages(experiences, numbers, config, ranks)
     return experiences, batch_rows, numbers
 
 
@@ -204,16 +253,26 @@ def batch_statistics(experiences: list[Experience], numbers: list[int], ranks: R
 def ppo_losses(policy: Policy, experience: Experience, config: PPOConfig) -> dict[str, torch.Tensor]:
     """Token sums (not means) of the losses and statistics for one micro-batch, with gradients on the losses."""
     mask = experience.rollout.completion_mask.float()
-    log_probs, entropy, values = policy.evaluate(experience.rollout, config.temperature, with_entropy=True)
+    learns_value = config.tuning_method == "ppo"
+    log_probs, entropy, values = policy.evaluate(experience.rollout, config.temperature, with_values=learns_value,
+                                                 with_entropy=True)
     # Zero outside the completions: there the old log-probs are those of padding and say nothing.
     log_ratio = (log_probs - experience.old_log_probs) * mask
     ratio = torch.exp(log_ratio)
     advantages = experience.advantages
     policy_loss = torch.max(-advantages * ratio,
                             -advantages * ratio.clamp(1 - config.clip_range, 1 + config.clip_range))
-    clipped_values = experience.old_values + (values - experience.old_values).clamp(
-        -config.value_clip_range, config.value_clip_range)
-    value_loss = 0.5 * torch.max((values - experience.returns) ** 2, (clipped_values - experience.returns) ** 2)
+    if config.tuning_method == "grpo" and experience.reference_log_probs is not None:
+        # GRPO's KL term (Shao et al. 2024): the k3 estimator exp(r) - r - 1 of KL(policy || reference), with
+        # r = log p_reference - log p_policy per token; unbiased, never negative.
+        reference_ratio = experience.reference_log_probs - log_probs
+        policy_loss = policy_loss + config.kl_coeff * (torch.exp(reference_ratio) - reference_ratio - 1)
+    if learns_value:
+        clipped_values = experience.old_values + (values - experience.old_values).clamp(
+            -config.value_clip_range, config.value_clip_range)
+        value_loss = 0.5 * torch.max((values - experience.returns) ** 2, (clipped_values - experience.returns) ** 2)
+    else:
+        value_loss = torch.zeros_like(mask)
     log_ratio = log_ratio.detach()
     return {
         "policy_loss": (policy_loss * mask).sum(),
@@ -380,9 +439,10 @@ def train_policy(
         optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
 
     with TrainingLoop(output_dir, run_id, "policy", config, policy, optimizer, scheduler, stop_requested,
-                      progress_label="policy (PPO)", ranks=ranks) as loop:
+                      progress_label=f"policy ({config.tuning_method.upper()})", ranks=ranks) as loop:
         for step in loop.steps():
-            chosen = batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
+            chosen = [i for i in batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
+                      for _ in range(config.samples_per_prompt)]
             experiences, batch_rows, numbers = roll_out(policy, prompt_rows, prompts, chosen, reward_fn, config, step,
                                                         ranks)
             batch = batch_statistics(experiences, numbers, ranks)
@@ -409,6 +469,7 @@ def train_policy(
                           top_p=config.top_p)
         save_policy(policy, spec, output_dir, tokenizer, merged=config.export_merged)
         return loop.finish({
+            "tuning_method": config.tuning_method,
             "final_reward": final_mean(loop.history, "reward"),
             "final_kl": final_mean(loop.history, "kl") if config.kl_coeff > 0 else None,
             "initial_reward": loop.history[0]["reward"],
