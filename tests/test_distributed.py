@@ -71,8 +71,10 @@ def test_two_processes_train_the_same_weights_and_metrics_as_one(alone_and_paral
     # The run learned (so the comparison is of weights that moved, not of the initial ones).
     if kind == "reward":
         assert parallel_metrics["eval_accuracy"] >= 0.75
-    else:
+    elif kind == "policy":
         assert parallel_metrics["final_reward"] > parallel_metrics["initial_reward"]
+    else:  # 6 steps of 4 prompts are too few for RLOO's reward to rise reliably; its adapter (B starts at 0) moved
+        assert all(bool(t.abs().sum() > 0) for name, t in trained_tensors(parallel, kind).items() if "lora_B" in name)
 
 
 # A stop asked of rank 1 after step 3 (SIGTERM: a preempted machine) stops both ranks at that step, checkpoint
