@@ -78,9 +78,10 @@ def test_each_method_raises_the_known_reward(runs, method):
     assert set(values) == {0.0}  # no value is learned
 
 
-def test_a_group_spread_over_micro_batches_resumes_to_the_same_result(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["rloo", "grpo"])
+def test_a_group_spread_over_micro_batches_resumes_to_the_same_result(tiny_model_dir, tmp_path, method):
     # Groups of 4 over micro-batches of 2: each group's baseline needs rollouts of two micro-batches.
-    settings = dict(train_steps=4, checkpoint_every=2, tuning_method="rloo", batch_size=4, samples_per_prompt=4,
+    settings = dict(train_steps=4, checkpoint_every=2, tuning_method=method, batch_size=4, samples_per_prompt=4,
                     micro_batch_size=2, ppo_minibatch_size=8, ppo_epochs=2)
     straight = train_policy(config(**settings), PROMPTS, TargetTokenShare(), str(tiny_model_dir), tmp_path / "a")
     calls = []
