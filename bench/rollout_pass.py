@@ -11,7 +11,7 @@ model's backbone with a seeded head (its scores do not matter here).
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
 from common import SCRATCH, load_average, machine, model_dir, our_versions, summary, write_results
 from ppo import make_reward_model
@@ -29,7 +29,7 @@ def main() -> None:
 
     import torch
 
-    from rlhf.data.datasets import sample_dataset
+    from rlhf.data.datasets import read_jsonl, sample_dataset
     from rlhf.data.prompts import PromptEncoder, PromptFormat
     from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
     from rlhf.rl.config import PPOConfig
@@ -45,7 +45,7 @@ def main() -> None:
     placement = pick_placement("cpu")
     tokenizer = load_tokenizer(base)
     instruction = "Summarize in less than 50 words."
-    rows = [json.loads(line) for line in open(sample_dataset("prompts.jsonl"))][:16]
+    rows = read_jsonl(Path(sample_dataset("prompts.jsonl")))[:16]
     encoder = PromptEncoder(tokenizer, PromptFormat(instruction, None), 512, args.new_tokens)
     prompts = [encoder.encode_prompt(r) for r in rows]
     torch.manual_seed(0)
