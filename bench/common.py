@@ -22,13 +22,24 @@ BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
 SCRATCH = BENCH / "scratch"
 DATA = REPO.parent / "shared" / "data" / "tldr"
-TRL_VENV = BENCH / ".venv-trl"
-TRL_PYTHON = TRL_VENV / "bin" / "python"
 OUR_PYTHON = Path(sys.executable)
 
 # The last TRL release with PPOTrainer (trl.experimental.ppo); it also has RewardTrainer. The other pins are the
 # versions our environment runs, so both sides use the same torch kernels and the same model code.
 TRL_VERSION = "1.12.0"
+# The TRL release the DPO, RLOO and GRPO baselines run (DPOTrainer, RLOOTrainer, GRPOTrainer), in its own venv.
+TRL_PREFERENCE_VERSION = "1.16.0"
+
+
+def trl_venv(version: str = TRL_VERSION) -> Path:
+    return BENCH / (".venv-trl" if version == TRL_VERSION else f".venv-trl-{version}")
+
+
+def trl_python(version: str = TRL_VERSION) -> Path:
+    return trl_venv(version) / "bin" / "python"
+
+
+TRL_PYTHON = trl_python()
 DATA_SEED = 0
 
 
@@ -47,38 +58,39 @@ def our_versions() -> dict:
             "peft": peft.__version__}
 
 
-def ensure_trl_venv() -> None:
-    """Create bench/.venv-trl with TRL and the same torch, transformers and peft as ours (once)."""
+def ensure_trl_venv(version: str = TRL_VERSION) -> None:
+    """Create the venv of TRL `version` with the same torch, transformers and peft as ours (once)."""
     versions = our_versions()
-    marker = TRL_VENV / "bench-pins.json"
-    wanted = {"trl": TRL_VERSION, **versions}
+    venv, python = trl_venv(version), trl_python(version)
+    marker = venv / "bench-pins.json"
+    wanted = {"trl": version, **versions}
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return
-    print(f"Creating {TRL_VENV} with trl=={TRL_VERSION} (once; a few minutes)", file=sys.stderr)
+    print(f"Creating {venv} with trl=={version} (once; a few minutes)", file=sys.stderr)
     base_python = getattr(sys, "_base_executable", None) or sys.executable
-    subprocess.run([base_python, "-m", "venv", str(TRL_VENV)], check=True)
+    subprocess.run([base_python, "-m", "venv", str(venv)], check=True)
     # torch is pinned: left free, pip would pull a multi-GB CUDA build.
-    subprocess.run([str(TRL_PYTHON), "-m", "pip", "install", "--quiet", f"trl=={TRL_VERSION}",
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"trl=={version}",
                     f"torch=={versions['torch']}", f"transformers=={versions['transformers']}",
                     f"peft=={versions['peft']}"], check=True)
     marker.write_text(json.dumps(wanted) + "\n")
 
 
-def start_comparison(steps: int) -> list[float]:
+def start_comparison(steps: int, version: str = TRL_VERSION) -> list[float]:
     """What every run against TRL does first: check the settings and the data, make the TRL environment;
     returns the load average at the start."""
     if steps < 2:
         sys.exit("--steps must be at least 2: the first step is warm-up")
     require_data()
-    ensure_trl_venv()
+    ensure_trl_venv(version)
     return load_average()
 
 
-def trl_versions() -> dict:
+def trl_versions(version: str = TRL_VERSION) -> dict:
     code = ("import json, torch, transformers, peft, trl; print(json.dumps({'trl': trl.__version__, "
             "'torch': torch.__version__.split('+')[0], 'transformers': transformers.__version__, "
             "'peft': peft.__version__}))")
-    return json.loads(subprocess.run([str(TRL_PYTHON), "-c", code], check=True, capture_output=True,
+    return json.loads(subprocess.run([str(trl_python(version)), "-c", code], check=True, capture_output=True,
                                      text=True).stdout)
 
 
@@ -123,6 +135,23 @@ def summary(values: list[float]) -> dict:
     quartiles = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
     return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1],
             "q1": quartiles[0], "q3": quartiles[2], "n": len(ordered)}
+
+
+def pair_side(runs: list[ChildRun], batch_size: int, pair_tokens: float) -> dict:
+    """One side of a pair-training benchmark (reward model, DPO) over its runs: step times, pairs/s, tokens/s,
+    peak memory, held-out accuracy per run."""
+    step_seconds = [s for run in runs for s in run.result["step_seconds"]]
+    return {
+        "step_seconds": summary(step_seconds),
+        # CPU time of the child: with idle cores it is about threads x wall time; much less means the child
+        # waited for cores that other processes held.
+        "step_cpu_seconds": summary([s for run in runs for s in run.result["step_cpu_seconds"]]),
+        "pairs_per_second": summary([batch_size / s for s in step_seconds]),
+        "tokens_per_second": summary([batch_size * pair_tokens / s for s in step_seconds]),
+        "peak_rss_gb": max(run.peak_rss_gb for run in runs),
+        "held_out_accuracy": [run.result["held_out_accuracy"] for run in runs],
+        "run_wall_seconds": [round(run.wall_seconds, 1) for run in runs],
+    }
 
 
 def spread_text(stats: dict, digits: int = 2) -> str:

@@ -22,10 +22,10 @@ from common import (
     machine,
     model_dir,
     our_versions,
+    pair_side,
     run_child,
     spread_text,
     start_comparison,
-    summary,
     trl_versions,
     write_results,
 )
@@ -85,20 +85,7 @@ def main() -> None:
     pair_tokens = statistics.mean(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in train_rows)
     packed_tokens = statistics.mean(len(r["chosen_ids"]) + len(r["rejected_ids"]) - len(r["prompt_ids"])
                                     for r in train_rows)
-    sides_result = {}
-    for side, side_runs in runs.items():
-        step_seconds = [s for run in side_runs for s in run.result["step_seconds"]]
-        sides_result[side] = {
-            "step_seconds": summary(step_seconds),
-            # CPU time of the child: with idle cores it is about threads x wall time; much less means
-            # the child waited for cores that other processes held.
-            "step_cpu_seconds": summary([s for run in side_runs for s in run.result["step_cpu_seconds"]]),
-            "pairs_per_second": summary([args.batch_size / s for s in step_seconds]),
-            "tokens_per_second": summary([args.batch_size * pair_tokens / s for s in step_seconds]),
-            "peak_rss_gb": max(run.peak_rss_gb for run in side_runs),
-            "held_out_accuracy": [run.result["held_out_accuracy"] for run in side_runs],
-            "run_wall_seconds": [round(run.wall_seconds, 1) for run in side_runs],
-        }
+    sides_result = {side: pair_side(side_runs, args.batch_size, pair_tokens) for side, side_runs in runs.items()}
     ours, trl = sides_result["ours"], sides_result["trl"]
     speedup = ours["pairs_per_second"]["median"] / trl["pairs_per_second"]["median"]
     memory_ratio = ours["peak_rss_gb"] / trl["peak_rss_gb"]

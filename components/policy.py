@@ -8,6 +8,8 @@ from rlhf.components.image import IMAGE
 def train_policy(
     prompts: Input[Dataset],
     reward_model: Input[Model],
+    train_pairs: Input[Dataset],
+    held_out_pairs: Input[Dataset],
     large_model_reference: str,
     tuning_method: str,
     samples_per_prompt: int,
@@ -38,12 +40,13 @@ def train_policy(
     seed: int,
     export_merged: bool,
     gradient_checkpointing: bool,
+    beta: float,
     processes: int,
     policy: Output[Model],
     metrics: Output[Metrics],
 ):
-    """PPO against the reward model, in one process per accelerator; a retry with the same output location
-    resumes from its checkpoint."""
+    """PPO, RLOO or GRPO against the reward model, or DPO on the training pairs (`tuning_method`), in one process
+    per accelerator; a retry with the same output location resumes from its checkpoint."""
     inputs = dict(locals())
     from rlhf.components.processes import run_stage
     from rlhf.rl.config import PPOConfig
@@ -52,11 +55,13 @@ def train_policy(
     # Each setting is the input of its field's name (the pipeline maps its parameters onto them).
     settings = {name: inputs[name] for name in PPOConfig.parameter_names}
     result = run_stage("policy", processes, settings=settings, plain_text=plain_text, prompts=prompts.path,
-                       reward_model=reward_model.path, large_model_reference=large_model_reference,
+                       reward_model=reward_model.path, train_pairs=train_pairs.path,
+                       held_out_pairs=held_out_pairs.path, large_model_reference=large_model_reference,
                        output=policy.path)
     if result.get("interrupted"):
-        raise Interrupted("PPO", result["step"])
+        raise Interrupted(tuning_method.upper(), result["step"])
     policy.metadata["large_model_reference"] = large_model_reference
-    for name in ("final_reward", "final_kl", "initial_reward", "episodes_per_second"):
+    for name in ("final_reward", "final_kl", "initial_reward", "episodes_per_second", "final_dpo_loss",
+                 "eval_accuracy", "pairs_per_second"):
         if result.get(name) is not None:
             metrics.log_metric(name, result[name])

@@ -26,18 +26,24 @@ def train_reward_model(settings: dict, plain_text: bool, train_pairs: str, held_
                  Path(output), stop_requested=StopFlag().install())
 
 
-def train_policy(settings: dict, plain_text: bool, prompts: str, reward_model: str, large_model_reference: str,
-                 output: str) -> dict:
+def train_policy(settings: dict, plain_text: bool, prompts: str, reward_model: str, train_pairs: str,
+                 held_out_pairs: str, large_model_reference: str, output: str) -> dict:
     from rlhf.data.datasets import read_jsonl
-    from rlhf.models.loading import pick_placement
     from rlhf.rl.config import PPOConfig
-    from rlhf.rl.ppo import train_policy as train
-    from rlhf.rl.rewards import RewardModelReward
-    from rlhf.training.distributed import local_device
     from rlhf.training.stopping import StopFlag
 
     config = PPOConfig.from_values(settings, plain_text)
     config.validate()
+    if config.tuning_method == "dpo":
+        from rlhf.rl.dpo import train_dpo
+
+        return train_dpo(config, read_jsonl(Path(train_pairs)), read_jsonl(Path(held_out_pairs)),
+                         large_model_reference, Path(output), stop_requested=StopFlag().install())
+    from rlhf.models.loading import pick_placement
+    from rlhf.rl.ppo import train_policy as train
+    from rlhf.rl.rewards import RewardModelReward
+    from rlhf.training.distributed import local_device
+
     reward = RewardModelReward(Path(reward_model), pick_placement(local_device(config.device)))
     return train(config, read_jsonl(Path(prompts)), reward, large_model_reference, Path(output),
                  stop_requested=StopFlag().install())

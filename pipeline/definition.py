@@ -1,6 +1,7 @@
 """`rlhf_pipeline`: the DAG, with parameters named as in Google's Vertex AI RLHF pipeline.
 
-validate -> resolve steps -> train reward model -> tune the policy (PPO, RLOO or GRPO: `tuning_method`) ->
+validate -> resolve steps -> train reward model -> tune the policy (`tuning_method`: PPO, RLOO or GRPO against the
+reward model, or DPO on the training pairs, where the reward model is still trained as a judge) ->
 bulk inference of the base and the tuned model on the eval prompts -> evaluate (metrics.json, report.html)
 -> optionally upload the tuned model to the Vertex AI Model Registry (and deploy it), and the training
 curves to Vertex AI TensorBoard.
@@ -101,6 +102,7 @@ def build_pipeline(retries: int = RETRIES):
         unfinished_reward: float = -2.0,
         export_merged_model: bool = False,
         reinforcement_learning_gradient_checkpointing: bool = False,
+        dpo_beta: float = 0.1,
         inference_batch_size: int = 8,
         prompt_sequence_length: int = 512,
         target_sequence_length: int = 64,
@@ -137,6 +139,7 @@ def build_pipeline(retries: int = RETRIES):
             reinforcement_learning_train_steps=reinforcement_learning_train_steps,
             reinforcement_learning_train_epochs=reinforcement_learning_train_epochs,
             reinforcement_learning_batch_size=reinforcement_learning_batch_size,
+            tuning_method=tuning_method,
         ).set_display_name("resolve steps")
         reward_model = train_reward_model(
             train_pairs=validated.outputs["train_pairs"],
@@ -152,12 +155,14 @@ def build_pipeline(retries: int = RETRIES):
         policy = train_policy(
             prompts=validated.outputs["prompts"],
             reward_model=reward_model.outputs["reward_model"],
+            train_pairs=validated.outputs["train_pairs"],
+            held_out_pairs=validated.outputs["held_out_pairs"],
             large_model_reference=large_model_reference,
             train_steps=steps.outputs["reinforcement_learning_steps"],
             plain_text=plain_text,
             processes=reinforcement_learning_accelerator_count,
             **_settings(train_policy, PPOConfig, parameters),
-        ).set_display_name("train policy (RL)")
+        ).set_display_name("train policy")
         _on_machine(policy, reinforcement_learning_accelerator_type, reinforcement_learning_accelerator_count,
                     reinforcement_learning_cpu_limit, reinforcement_learning_memory_limit, retries)
         predictions = {}

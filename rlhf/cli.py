@@ -295,34 +295,57 @@ def cmd_evaluate_reward_model(args) -> int:
 
 
 def cmd_train_policy(args) -> int:
-    from rlhf.models.loading import pick_placement
-    from rlhf.reward.model import read_spec
     from rlhf.rl.config import PPOConfig
-    from rlhf.rl.ppo import train_policy
-    from rlhf.rl.rewards import RewardModelReward
-    from rlhf.training.distributed import local_device
     from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
     from rlhf.training.steps import resolve_steps
 
     _refuse_to_overwrite("--output-dir", args.output_dir, resumable=(CHECKPOINT_DIR, METRICS_FILE))
     output_dir = Path(args.output_dir)
-    prompts = _read_rows_or_exit(args.prompt_dataset, "prompt", args.on_invalid)
-    reward_spec = read_spec(Path(args.reward_model))
-    reference = args.large_model_reference or reward_spec.large_model_reference
-    if reference != reward_spec.large_model_reference:
-        raise UsageError(f"the reward model was trained on {reward_spec.large_model_reference!r}; the policy must use "
-                         f"the same base model (its tokenizer), not {reference!r}")
-    steps = resolve_steps(len(prompts), args.reinforcement_learning_train_steps,
-                          args.reinforcement_learning_train_epochs, args.batch_size, "reinforcement learning")
-    instruction = reward_spec.instruction if args.instruction is None else args.instruction
-    config = _stage_config(PPOConfig, args, train_steps=steps, instruction=instruction)
-    print(f"Tuning the policy: {len(prompts)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
+    if args.tuning_method == "dpo":
+        if not args.preference_dataset:
+            raise UsageError("--tuning-method dpo trains on preference pairs: give --preference-dataset")
+        from rlhf.models.reference import DEFAULT_MODEL
+
+        data = _prepare_or_exit(args)
+        reference = args.large_model_reference or DEFAULT_MODEL
+        steps = resolve_steps(len(data.train_pairs), args.reinforcement_learning_train_steps,
+                              args.reinforcement_learning_train_epochs, args.batch_size, "dpo")
+        config = _stage_config(PPOConfig, args, train_steps=steps, instruction=args.instruction or "")
+        print(f"Tuning the policy with DPO: {len(data.train_pairs)} pairs, {steps} steps of {args.batch_size}, "
+              f"{len(data.held_out_pairs)} held-out pairs", file=sys.stderr)
+    else:
+        if not (args.prompt_dataset and args.reward_model):
+            raise UsageError(f"--tuning-method {args.tuning_method} samples prompts and scores them: give "
+                             "--prompt-dataset and --reward-model")
+        from rlhf.reward.model import read_spec
+
+        prompts = _read_rows_or_exit(args.prompt_dataset, "prompt", args.on_invalid)
+        reward_spec = read_spec(Path(args.reward_model))
+        reference = args.large_model_reference or reward_spec.large_model_reference
+        if reference != reward_spec.large_model_reference:
+            raise UsageError(f"the reward model was trained on {reward_spec.large_model_reference!r}; the policy must "
+                             f"use the same base model (its tokenizer), not {reference!r}")
+        steps = resolve_steps(len(prompts), args.reinforcement_learning_train_steps,
+                              args.reinforcement_learning_train_epochs, args.batch_size, "reinforcement learning")
+        instruction = reward_spec.instruction if args.instruction is None else args.instruction
+        config = _stage_config(PPOConfig, args, train_steps=steps, instruction=instruction)
+        print(f"Tuning the policy: {len(prompts)} prompts, {steps} steps of {args.batch_size}", file=sys.stderr)
     launched = _in_processes(args)
     if launched is not None:
         return launched
-    reward = RewardModelReward(Path(args.reward_model), pick_placement(local_device(args.device)))
-    metrics = train_policy(config, prompts, reward, reference, output_dir,
-                           stop_requested=_stop_flag())
+    if args.tuning_method == "dpo":
+        from rlhf.rl.dpo import train_dpo
+
+        metrics = train_dpo(config, data.train_pairs, data.held_out_pairs, reference, output_dir,
+                            stop_requested=_stop_flag())
+    else:
+        from rlhf.models.loading import pick_placement
+        from rlhf.rl.ppo import train_policy
+        from rlhf.rl.rewards import RewardModelReward
+        from rlhf.training.distributed import local_device
+
+        reward = RewardModelReward(Path(args.reward_model), pick_placement(local_device(args.device)))
+        metrics = train_policy(config, prompts, reward, reference, output_dir, stop_requested=_stop_flag())
     print(json.dumps(metrics, indent=2))
     if metrics.get("interrupted"):
         return 75
@@ -737,14 +760,19 @@ def build_parser() -> argparse.ArgumentParser:
     eval_rm.set_defaults(handler=cmd_evaluate_reward_model)
 
     train_pol = commands.add_parser(
-        "train-policy", help="tune the policy with PPO against a reward model, with a KL penalty",
-        description="PPO on a LoRA adapter over the base model: rollouts on the prompt dataset, rewards from the "
-                    "reward model, a per-token kl_coeff * KL(policy || base) penalty. Running the same command "
-                    "again resumes from the last checkpoint. The settings' flags are the pipeline's parameters "
-                    "of the same names.")
-    train_pol.add_argument("--prompt-dataset", required=True, metavar="URI", help="JSONL rows {input_text|messages}")
-    train_pol.add_argument("--reward-model", required=True, metavar="DIR", help="from `rlhf train-reward-model`")
-    _add_data_settings(train_pol, "on_invalid")
+        "train-policy", help="tune the policy: PPO, RLOO or GRPO against a reward model, or DPO on the pairs",
+        description="A LoRA adapter over the base model. PPO, RLOO, GRPO: rollouts on the prompt dataset, rewards "
+                    "from the reward model, a kl_coeff * KL(policy || base) penalty. DPO (--tuning-method dpo): the "
+                    "preference pairs directly, no reward model. Running the same command again resumes from the "
+                    "last checkpoint. The settings' flags are the pipeline's parameters of the same names.")
+    train_pol.add_argument("--prompt-dataset", metavar="URI",
+                           help="JSONL rows {input_text|messages} (ppo, rloo, grpo)")
+    train_pol.add_argument("--reward-model", metavar="DIR", help="from `rlhf train-reward-model` (ppo, rloo, grpo)")
+    train_pol.add_argument("--preference-dataset", metavar="URI",
+                           help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice} (dpo)")
+    train_pol.add_argument("--eval-dataset", metavar="URI",
+                           help="dpo: JSONL preference rows held out for accuracy (default: a split by prompt)")
+    _add_data_settings(train_pol, "on_invalid", "eval_fraction")
     _add_model_reference(train_pol, from_artifact="reward model")
     train_pol.add_argument("--output-dir", required=True, metavar="DIR", help="where the policy adapter goes")
     _add_steps_or_epochs(train_pol, "reinforcement_learning", "prompts")

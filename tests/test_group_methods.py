@@ -97,7 +97,7 @@ def test_a_group_spread_over_micro_batches_resumes_to_the_same_result(tiny_model
 @pytest.mark.parametrize("changes, message", [
     (dict(tuning_method="rloo"), "samples_per_prompt 1 must be at least 2 for rloo"),
     (dict(tuning_method="grpo", samples_per_prompt=1), "samples_per_prompt 1 must be at least 2 for grpo"),
-    (dict(tuning_method="dpo"), "tuning_method dpo must be one of ppo, rloo, grpo"),
+    (dict(tuning_method="sft"), "tuning_method sft must be one of ppo, rloo, grpo, dpo"),
     (dict(samples_per_prompt=0), "samples_per_prompt 0 must be at least 1"),
     (dict(tuning_method="rloo", batch_size=3, samples_per_prompt=3, micro_batch_size=2, ppo_minibatch_size=2),
      "9 rollouts"),

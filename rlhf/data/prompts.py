@@ -49,6 +49,12 @@ class PromptEncoder:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
 
+    @classmethod
+    def for_settings(cls, tokenizer, settings) -> PromptEncoder:
+        """The encoder a stage's settings describe: their instruction, chat-template choice and lengths."""
+        return cls(tokenizer, PromptFormat(settings.instruction, settings.use_chat_template),
+                   settings.prompt_sequence_length, settings.target_sequence_length)
+
     @property
     def uses_chat_template(self) -> bool:
         wanted = self.prompt_format.use_chat_template

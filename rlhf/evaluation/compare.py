@@ -164,7 +164,8 @@ COMPARISON_FILE = "comparison.jsonl"
 REWARD_MODEL_KEYS = ("eval_accuracy", "eval_pairs", "final_rank_loss", "final_train_accuracy", "eval_mean_margin",
                      "steps", "train_pairs", "pairs_per_second")
 POLICY_KEYS = ("tuning_method", "final_reward", "final_kl", "initial_reward", "final_ended_share", "steps", "prompts",
-               "episodes_per_second")
+               "episodes_per_second", "final_dpo_loss", "final_reward_margin", "eval_accuracy", "eval_pairs",
+               "train_pairs", "pairs_per_second")
 
 
 def _stage_metrics(directory: Path, keys: tuple[str, ...]) -> dict:

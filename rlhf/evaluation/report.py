@@ -173,6 +173,12 @@ def _prompt_text(row: dict) -> str:
     return row["input_text"] if "input_text" in row else "\n".join(f"{m['role']}: {m['content']}" for m in row["messages"])
 
 
+# The policy curves a person looks at: the sampling methods' reward, KL and length; DPO's loss and implicit reward.
+POLICY_CHARTS = {False: (("reward", "reward"), ("kl_loss", "kl_loss"), ("response_length", "response length (tokens)")),
+                 True: (("dpo_loss", "loss"), ("reward_margin", "implicit reward margin (winner - loser)"),
+                        ("accuracy", "training accuracy of the implicit reward"))}
+
+
 def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_scalars: dict,
                 policy_scalars: dict) -> str:
     evaluation = metrics["evaluation"]
@@ -182,14 +188,13 @@ def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_
                      "base_reward": entry["base_reward"], "tuned_reward": entry["tuned_reward"],
                      "gain": entry["reward_gain"]} for entry in comparison]
     return _templates().get_template("report.html").render(
-        verdict=verdict(evaluation), rule_verdict=rule_verdict(evaluation), judges=judges_table(evaluation),
+        method=method, verdict=verdict(evaluation), rule_verdict=rule_verdict(evaluation), judges=judges_table(evaluation),
         with_rule="rule_pass_rate_tuned" in evaluation, side_by_side=side_by_side,
         reward_charts=[line_chart_geometry(reward_scalars.get(name, []), title)
                        for name, title in (("rank_loss", "Reward model: rank_loss"),
                                            ("accuracy", "Reward model: training accuracy"))],
-        policy_charts=[line_chart_geometry(policy_scalars.get(name, []), title)
-                       for name, title in (("reward", f"{method}: reward"), ("kl_loss", f"{method}: kl_loss"),
-                                           ("response_length", f"{method}: response length (tokens)"))],
+        policy_charts=[line_chart_geometry(policy_scalars.get(name, []), f"{method}: {title}")
+                       for name, title in POLICY_CHARTS[method == "DPO"]],
         distribution=histogram_geometry({"base": [c["base_reward"] for c in comparison],
                                          "tuned": [c["tuned_reward"] for c in comparison]}, "Reward: base vs tuned"),
         metrics=[(f"{stage}.{name}", json.dumps(value)) for stage in ("reward_model", "policy", "evaluation")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhf.data.pairs import pair_id, prompt_fields
-from rlhf.data.prompts import PromptEncoder, PromptFormat
+from rlhf.data.prompts import PromptEncoder
 from rlhf.evaluation.inference import load_generator
 from rlhf.labeling.config import CandidateConfig
 from rlhf.models.loading import load_tokenizer, pick_placement, stop_token_ids
@@ -53,8 +53,7 @@ def generate_candidates(rows: list[dict], model_path: str, config: CandidateConf
     tokenizer = load_tokenizer(model_path)
     model = load_generator(model_path, None, placement)
     stop_ids = stop_token_ids(model, tokenizer)
-    encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
-                            config.prompt_sequence_length, config.target_sequence_length)
+    encoder = PromptEncoder.for_settings(tokenizer, config)
     prompts = [encoder.encode_prompt(r) for r in rows]
     # Batches of similar length waste fewer pad tokens; results go back in the input order.
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))

@@ -42,11 +42,11 @@ class RewardModelSpec(ModelSpec):
     training: dict = field(default_factory=dict)
 
 
-def require_exact_packing(backbone, lengths) -> None:
+def require_exact_packing(backbone, lengths, stage: str = "reward model") -> None:
     """Refuse a backbone for which packing pairs of `lengths`' prompt and completion limits is not exact."""
     problem = packing_problem(backbone.config, lengths.prompt_sequence_length + 2 * lengths.target_sequence_length)
     if problem:
-        raise UserError(f"reward model: {problem}")
+        raise UserError(f"{stage}: {problem}")
 
 
 class RewardModel(torch.nn.Module):

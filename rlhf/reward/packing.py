@@ -26,7 +26,7 @@ def packing_problem(config, longest: int) -> str | None:
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in EXACT_ATTENTION:
         return (f"attention implementation {implementation!r} does not apply the shared-prefix mask; "
-                f"the reward model needs one of {', '.join(EXACT_ATTENTION)}")
+                f"shared-prefix packing needs one of {', '.join(EXACT_ATTENTION)}")
     layer_types = getattr(config, "layer_types", None)
     sliding = "sliding_attention" in layer_types if layer_types else getattr(config, "sliding_window", None) is not None
     window = getattr(config, "sliding_window", None)

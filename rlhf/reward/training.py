@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf.data.prompts import PromptEncoder, PromptFormat
+from rlhf.data.prompts import PromptEncoder
 from rlhf.data.validation import chosen, longer_wins, rejected
 from rlhf.errors import UserError
 from rlhf.models.loading import (
@@ -149,8 +149,7 @@ def train_reward_model(
     base_path = base_model_path or resolve_model_reference(large_model_reference)
 
     tokenizer = load_tokenizer(base_path)
-    encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
-                            config.prompt_sequence_length, config.target_sequence_length)
+    encoder = PromptEncoder.for_settings(tokenizer, config)
     train_pairs = encode_pairs(train_rows, encoder)
     held_out_pairs = encode_pairs(held_out_rows, encoder)
     pad_id = tokenizer.pad_token_id

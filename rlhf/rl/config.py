@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from rlhf.settings import SHARED_PARAMETERS, StageSettings
 
 BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
-TUNING_METHODS = ("ppo", "rloo", "grpo")  # how advantages are estimated: see rlhf/rl/ppo.py
+TUNING_METHODS = ("ppo", "rloo", "grpo", "dpo")  # ppo, rloo, grpo: rlhf/rl/ppo.py; dpo: rlhf/rl/dpo.py
+ONLINE_METHODS = ("ppo", "rloo", "grpo")  # sample from the policy and score with the reward model
 
 
 @dataclass
@@ -30,13 +31,14 @@ class PPOConfig(StageSettings):
         "value_loss_coeff": "value_loss_coeff", "max_grad_norm": "reinforcement_learning_max_grad_norm",
         "penalize_unfinished": "penalize_unfinished", "unfinished_reward": "unfinished_reward",
         "export_merged": "export_merged_model",
-        "gradient_checkpointing": "reinforcement_learning_gradient_checkpointing", **SHARED_PARAMETERS}
+        "gradient_checkpointing": "reinforcement_learning_gradient_checkpointing", "beta": "dpo_beta",
+        **SHARED_PARAMETERS}
 
-    tuning_method: str = "ppo"  # ppo (value head, GAE), rloo (leave-one-out baseline) or grpo (group-normalised)
+    tuning_method: str = "ppo"  # ppo (value head, GAE), rloo (leave-one-out), grpo (group-normalised) or dpo (the pairs)
     samples_per_prompt: int = 1  # completions sampled per prompt in a step; rloo and grpo compare them (at least 2)
-    train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates)
-    batch_size: int = 64  # prompts per step (each sampled samples_per_prompt times)
-    micro_batch_size: int = 8  # rollouts per forward pass with gradients (the update)
+    train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates; dpo: one batch of pairs)
+    batch_size: int = 64  # prompts per step (each sampled samples_per_prompt times; dpo: preference pairs per step)
+    micro_batch_size: int = 8  # rollouts (dpo: pairs) per forward pass with gradients
     rollout_micro_batch_size: int = 0  # rollouts per pass without gradients (sampling, reference, reward); 0: micro_batch_size
     ppo_minibatch_size: int = 32  # rollouts per optimizer step; divides the step's rollouts, a multiple of the micro-batch
     ppo_epochs: int = 2  # passes over each batch of rollouts
@@ -63,6 +65,7 @@ class PPOConfig(StageSettings):
     sample_every: int = 10  # steps between sample completions logged as text
     export_merged: bool = False  # also write base + adapter merged into a plain model directory
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
+    beta: float = 0.1  # dpo: scale of the implicit reward, beta * log(policy / base); lower lets the policy move further
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
     def learning_rate(self) -> float:
@@ -88,10 +91,13 @@ class PPOConfig(StageSettings):
                          "adapter switched off, so the policy needs one")
         if self.tuning_method not in TUNING_METHODS:
             found.append(f"{say('tuning_method')} must be one of {', '.join(TUNING_METHODS)}")
+        elif self.tuning_method == "dpo":
+            if self.beta <= 0:
+                found.append(f"{say('beta')} must be above 0")
         elif self.tuning_method != "ppo" and self.samples_per_prompt < 2:
             found.append(f"{say('samples_per_prompt')} must be at least 2 for {self.tuning_method}: its baseline is "
                          "the other samples of the same prompt")
-        if not found:
+        if not found and self.tuning_method in ONLINE_METHODS:
             # As TRL does: a remainder would make some optimizer steps smaller and the schedule miscount them.
             rollouts = self.rollouts_per_step()
             if rollouts % self.micro_batch_size:

@@ -33,6 +33,14 @@ class PolicySpec(ModelSpec):
     top_p: float = 1.0  # the rollouts' nucleus
     format: str = FORMAT
 
+    @classmethod
+    def of(cls, config, large_model_reference: str) -> PolicySpec:
+        """What the policy stage's settings (`PPOConfig`) tell a later stage about the policy they trained."""
+        return cls(large_model_reference=large_model_reference, lora_dim=config.lora_dim,
+                   prompt_sequence_length=config.prompt_sequence_length,
+                   target_sequence_length=config.target_sequence_length, instruction=config.instruction,
+                   use_chat_template=config.use_chat_template, temperature=config.temperature, top_p=config.top_p)
+
 
 class Policy(torch.nn.Module):
     def __init__(self, model, value_head: torch.nn.Linear | None, stop_ids: Sequence[int], pad_id: int):

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.data.prompts import PromptEncoder, PromptFormat
+from rlhf.data.prompts import PromptEncoder
 from rlhf.data.validation import user_input
 from rlhf.errors import UserError
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, recompute_activations, stop_token_ids
@@ -422,8 +422,7 @@ def train_policy(
     placement = pick_placement(local_device(config.device))
     base_path = base_model_path or resolve_model_reference(large_model_reference)
     tokenizer = load_tokenizer(base_path)
-    encoder = PromptEncoder(tokenizer, PromptFormat(config.instruction, config.use_chat_template),
-                            config.prompt_sequence_length, config.target_sequence_length)
+    encoder = PromptEncoder.for_settings(tokenizer, config)
     prompts = [encoder.encode_prompt(r) for r in prompt_rows]
 
     torch.manual_seed(config.seed)
@@ -462,12 +461,8 @@ def train_policy(
         if not ranks.main:
             return loop.result_of_main()
 
-        spec = PolicySpec(large_model_reference=large_model_reference, lora_dim=config.lora_dim,
-                          prompt_sequence_length=config.prompt_sequence_length,
-                          target_sequence_length=config.target_sequence_length, instruction=config.instruction,
-                          use_chat_template=config.use_chat_template, temperature=config.temperature,
-                          top_p=config.top_p)
-        save_policy(policy, spec, output_dir, tokenizer, merged=config.export_merged)
+        save_policy(policy, PolicySpec.of(config, large_model_reference), output_dir, tokenizer,
+                    merged=config.export_merged)
         return loop.finish({
             "tuning_method": config.tuning_method,
             "final_reward": final_mean(loop.history, "reward"),

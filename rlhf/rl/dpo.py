@@ -1,0 +1,226 @@
+"""Direct preference optimisation (DPO): the policy learns from the preference pairs themselves, with no
+reward model and no sampling.
+
+The loss of a pair is `-log sigmoid(beta * (log pi(w)/ref(w) - log pi(l)/ref(l)))`, where `pi` is the policy
+(base + LoRA), `ref` the same base with the adapter switched off, and `log pi(w)` the summed log-prob of the
+winner's tokens after the prompt (Rafailov et al., 2023; TRL's DPOTrainer with its default sigmoid loss).
+`beta * log pi/ref` is the implicit reward: DPO widens its gap between winner and loser, as the reward model
+widens its score gap, and `beta` keeps the policy near the base as `kl_coeff` does in PPO.
+
+Read `train_dpo` top to bottom: tokenise every pair once, build the policy, then for each step take
+`batch_size` pairs in a seeded order, run them in micro-batches of `micro_batch_size` pairs, each pair packed
+as prompt + winner + loser (the reward model's shared-prefix packing: the prompt, most of the tokens, runs once
+for both candidates), accumulate gradients, step the optimizer and the warm-up/cosine schedule, log, and
+checkpoint. A pair's reference log-probs are computed once, the first time the pair is drawn. At the end:
+the implicit reward's accuracy on the held-out pairs, and the policy artifact every other method writes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.data.prompts import PromptEncoder
+from rlhf.errors import UserError
+from rlhf.models.loading import (
+    add_lora,
+    load_causal_lm,
+    load_tokenizer,
+    pick_placement,
+    recompute_activations,
+    stop_token_ids,
+)
+from rlhf.reward.model import require_exact_packing
+from rlhf.reward.packing import PROMPT_SEGMENT, PackedBatch, pack
+from rlhf.reward.training import EncodedPair, encode_pairs
+from rlhf.rl.config import PPOConfig
+from rlhf.rl.policy import Policy, PolicySpec, save_policy
+from rlhf.training.batching import batch_indices, warmup_cosine
+from rlhf.training.checkpoints import finished_result
+from rlhf.training.distributed import join, local_device
+from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
+
+
+def completion_log_probs(model, batch: PackedBatch) -> torch.Tensor:
+    """Summed log-probs [rows, completions] of each packed completion's tokens given its prompt, under `model`
+    (a causal LM, peft-wrapped or not), in float32.
+
+    A completion's first token is predicted from the prompt's last position, every later one from the token
+    before it in the same completion; the vocabulary projection runs at those positions only."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    dtype = next(decoder.parameters()).dtype
+    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                     attention_mask=batch.attention_mask(dtype), use_cache=False).last_hidden_state
+    segments = batch.segments
+    in_completion = segments > PROMPT_SEGMENT
+    first_token = in_completion & (segments != segments.roll(1, dims=1))
+    prompt_end = (segments == PROMPT_SEGMENT).sum(1, keepdim=True) - 1
+    positions = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    predicted_from = torch.where(first_token, prompt_end, positions - 1)
+    rows, columns = in_completion.nonzero(as_tuple=True)
+    logits = head(hidden[rows, predicted_from[rows, columns]]).float()
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    targets = batch.input_ids[rows, columns]
+    token_log_probs = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    sums = torch.zeros(batch.last_token.shape, dtype=torch.float32, device=hidden.device)
+    return sums.index_put((rows, segments[rows, columns] - 1), token_log_probs, accumulate=True)
+
+
+def dpo_loss(policy_log_probs: torch.Tensor, reference_log_probs: torch.Tensor,
+             beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair loss and the implicit rewards [pairs, 2] (winner, loser) from summed log-probs [pairs, 2]."""
+    rewards = beta * (policy_log_probs - reference_log_probs)
+    return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]), rewards.detach()
+
+
+def _packed(pairs: list[EncodedPair], pad_id: int, device: torch.device) -> PackedBatch:
+    return pack([p.prompt for p in pairs], [[p.winner, p.loser] for p in pairs], pad_id).to(device)
+
+
+class ReferenceLogProbs:
+    """Each pair's summed log-probs under the base model (the adapter switched off), computed the first time the
+    pair is asked for and kept: the base never changes, so a pair seen again costs nothing."""
+
+    def __init__(self, policy: Policy, pad_id: int):
+        self.policy, self.pad_id = policy, pad_id
+        self.known: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def of(self, indices: list[int], pairs: list[EncodedPair]) -> torch.Tensor:
+        missing = [i for i in dict.fromkeys(indices) if i not in self.known]
+        if missing:
+            with self.policy.model.disable_adapter():
+                found = completion_log_probs(self.policy.model, _packed([pairs[i] for i in missing], self.pad_id,
+                                                                        self.policy.device))
+            self.known.update(zip(missing, found))
+        return torch.stack([self.known[i] for i in indices])
+
+
+def train_step(policy: Policy, indices: list[int], pairs: list[EncodedPair], reference: ReferenceLogProbs,
+               batch_size: int, config: PPOConfig) -> list[float]:
+    """Gradients of these pairs' share of the batch's mean DPO loss (the batch has `batch_size` pairs, on one rank
+    or over several), over micro-batches of `micro_batch_size` pairs; returns the sums of the loss, of pairs
+    ranked right, and of the winner's and the loser's implicit rewards."""
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for start in range(0, len(indices), config.micro_batch_size):
+        micro = indices[start:start + config.micro_batch_size]
+        reference_log_probs = reference.of(micro, pairs)
+        log_probs = completion_log_probs(policy.model, _packed([pairs[i] for i in micro], policy.pad_id,
+                                                               policy.device))
+        losses, rewards = dpo_loss(log_probs, reference_log_probs, config.beta)
+        (losses.sum() / batch_size).backward()
+        for slot, value in enumerate((losses.detach(), (rewards[:, 0] > rewards[:, 1]).float(), rewards[:, 0],
+                                      rewards[:, 1])):
+            totals[slot] += float(value.sum())
+    return totals
+
+
+@torch.no_grad()
+def evaluate_pairs(policy: Policy, pairs: list[EncodedPair], reference: ReferenceLogProbs, config: PPOConfig) -> dict:
+    """The implicit reward on held-out pairs: how often it ranks the winner above the loser, and its mean margin."""
+    if not pairs:
+        return {"eval_pairs": 0}
+    was_training = policy.training
+    policy.eval()
+    margins = []
+    for start in range(0, len(pairs), config.micro_batch_size):
+        indices = list(range(start, min(start + config.micro_batch_size, len(pairs))))
+        log_probs = completion_log_probs(policy.model, _packed([pairs[i] for i in indices], policy.pad_id,
+                                                               policy.device))
+        rewards = config.beta * (log_probs - reference.of(indices, pairs))
+        margins.append(rewards[:, 0] - rewards[:, 1])
+    policy.train(was_training)
+    margin = torch.cat(margins)
+    return {"eval_pairs": len(pairs), "eval_accuracy": float((margin > 0).float().mean()),
+            "eval_mean_margin": float(margin.mean())}
+
+
+def train_dpo(
+    config: PPOConfig,
+    train_rows: list[dict],
+    held_out_rows: list[dict],
+    large_model_reference: str,
+    output_dir: Path,
+    base_model_path: str | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict.
+
+    `stop_requested` is polled after each step; when it says so, a checkpoint is saved and the run returns with
+    `"interrupted": True`. Started by `torch.distributed.run`, each process trains on its share of every batch."""
+    from rlhf.models.reference import resolve_model_reference
+
+    config.validate()
+    if not train_rows:
+        raise UserError("dpo: no training pairs")
+    output_dir = Path(output_dir)
+    run_id = run_fingerprint(config, [large_model_reference], train_rows)
+    finished = finished_result(output_dir / METRICS_FILE, run_id, "tuned policy")
+    if finished is not None:
+        return finished
+
+    ranks = join()
+    placement = pick_placement(local_device(config.device))
+    base_path = base_model_path or resolve_model_reference(large_model_reference)
+    tokenizer = load_tokenizer(base_path)
+    encoder = PromptEncoder.for_settings(tokenizer, config)
+    train_pairs = encode_pairs(train_rows, encoder)
+    held_out_pairs = encode_pairs(held_out_rows, encoder)
+
+    torch.manual_seed(config.seed)
+    model = load_causal_lm(base_path, placement)
+    require_exact_packing(model, config, "dpo")
+    policy = Policy(add_lora(model, config.lora_dim), None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    if config.gradient_checkpointing:
+        recompute_activations(policy.model)
+    policy.model.train()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(math.ceil(config.warmup_fraction * config.train_steps), config.train_steps))
+    reference = ReferenceLogProbs(policy, tokenizer.pad_token_id)
+
+    with TrainingLoop(output_dir, run_id, "policy", config, policy, optimizer, scheduler, stop_requested,
+                      progress_label="policy (DPO)", ranks=ranks) as loop:
+        for step in loop.steps():
+            batch = batch_indices(step, config.batch_size, len(train_pairs), config.seed)
+            summed = train_step(policy, ranks.share(batch), train_pairs, reference, len(batch), config)
+            ranks.sum_gradients(trainable)
+            loss, accuracy, chosen_reward, rejected_reward = (total / len(batch) for total in ranks.total(summed))
+            require_finite(loss, "dpo", step, loop.checkpoint_dir)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer_step(optimizer, scheduler, [trainable], config.max_grad_norm)
+            loop.log({"step": step + 1, "dpo_loss": loss, "accuracy": accuracy, "chosen_reward": chosen_reward,
+                      "rejected_reward": rejected_reward, "reward_margin": chosen_reward - rejected_reward,
+                      "learning_rate": learning_rate},
+                     items=len(batch), loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
+        if loop.interrupted:
+            return loop.stopped()
+        if not ranks.main:
+            return loop.result_of_main()
+
+        evaluation = evaluate_pairs(policy, held_out_pairs, ReferenceLogProbs(policy, tokenizer.pad_token_id), config)
+        if "eval_accuracy" in evaluation:
+            loop.writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], config.train_steps)
+        save_policy(policy, PolicySpec.of(config, large_model_reference), output_dir, tokenizer,
+                    merged=config.export_merged)
+        return loop.finish({
+            "tuning_method": "dpo",
+            **evaluation,
+            "final_dpo_loss": final_mean(loop.history, "dpo_loss"),
+            "final_accuracy": final_mean(loop.history, "accuracy"),
+            "final_reward_margin": final_mean(loop.history, "reward_margin"),
+            "steps": config.train_steps,
+            "train_pairs": len(train_pairs),
+            "pairs_per_second": loop.items_per_second(),
+            "truncation": encoder.counts.as_dict(),
+            "device": str(placement.device),
+            "dtype": str(placement.dtype).removeprefix("torch."),
+        })
