@@ -1,5 +1,5 @@
 """A training stage on the tiny model for the data-parallel tests, started the way `rlhf --nproc-per-node N`
-starts one: `python -m tests.distributed_stage reward|policy|group MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`.
+starts one: `python -m tests.distributed_stage reward|policy|group|dpo MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`.
 The parent process launches PROCESSES processes of itself through `rlhf.training.distributed.launch`; each
 trains on its share. With `--signal`, rank R sends itself signal S (SIGKILL: a crashed machine; SIGTERM: a
 preempted one) when the trainer polls for a stop request for the K-th time, i.e. after step K."""
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rlhf.reward.training import train_reward_model
+from rlhf.rl.dpo import train_dpo
 from rlhf.rl.ppo import train_policy
 from rlhf.training.distributed import join, launch
 from rlhf.training.stopping import StopFlag
@@ -22,6 +23,10 @@ POLICY_SETTINGS = dict(train_steps=6, batch_size=16, micro_batch_size=4, ppo_min
 # RLOO with groups of 4 over micro-batches of 2: every group's baseline needs rollouts of both ranks.
 GROUP_SETTINGS = {**POLICY_SETTINGS, "tuning_method": "rloo", "batch_size": 4, "samples_per_prompt": 4,
                   "micro_batch_size": 2}
+# DPO with batches of 8 pairs in micro-batches of 2: each rank trains on 4 pairs of every batch.
+DPO_SETTINGS = dict(tuning_method="dpo", train_steps=8, batch_size=8, micro_batch_size=2, beta=0.5,
+                    learning_rate_multiplier=30.0, warmup_fraction=0.0, prompt_sequence_length=64,
+                    target_sequence_length=32, checkpoint_every=2)
 
 
 def stop_requests(rank: int, number: int, at: int):
@@ -41,7 +46,7 @@ def stop_requests(rank: int, number: int, at: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=("reward", "policy", "group"))
+    parser.add_argument("stage", choices=("reward", "policy", "group", "dpo"))
     parser.add_argument("model")
     parser.add_argument("output")
     parser.add_argument("processes", type=int)
@@ -56,6 +61,10 @@ def main() -> int:
         rows = marker_pairs(48)
         result = train_reward_model(reward_config(**REWARD_SETTINGS), rows[:40], rows[40:], args.model,
                                     Path(args.output), base_model_path=args.model, stop_requested=stop)
+    elif args.stage == "dpo":
+        rows = marker_pairs(48)
+        result = train_dpo(ppo_config(**DPO_SETTINGS), rows[:40], rows[40:], args.model, Path(args.output),
+                           base_model_path=args.model, stop_requested=stop)
     else:
         settings = POLICY_SETTINGS if args.stage == "policy" else GROUP_SETTINGS
         result = train_policy(ppo_config(**settings), PROMPTS, TargetTokenShare(), args.model,

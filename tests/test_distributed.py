@@ -47,7 +47,7 @@ def alone_and_parallel(tiny_model_dir, tmp_path_factory):
     """Each stage once in one process and once in two (module-scoped: the launches are the slow part)."""
     root = tmp_path_factory.mktemp("distributed")
     runs = {}
-    for kind in ("reward", "policy", "group"):
+    for kind in ("reward", "policy", "group", "dpo"):
         for processes in (1, 2):
             output = root / f"{kind}-{processes}"
             result = stage(kind, tiny_model_dir, output, processes)
@@ -61,7 +61,9 @@ def alone_and_parallel(tiny_model_dir, tmp_path_factory):
                                                         "eval_mean_margin", "score_mean", "score_std")),
                                            ("policy", ("final_reward", "final_kl", "initial_reward",
                                                        "final_ended_share")),
-                                           ("group", ("final_reward", "final_kl", "initial_reward"))])
+                                           ("group", ("final_reward", "final_kl", "initial_reward")),
+                                           ("dpo", ("final_dpo_loss", "final_accuracy", "final_reward_margin",
+                                                    "eval_accuracy", "eval_mean_margin"))])
 def test_two_processes_train_the_same_weights_and_metrics_as_one(alone_and_parallel, kind, metrics):
     (alone, alone_metrics), (parallel, parallel_metrics) = alone_and_parallel[kind, 1], alone_and_parallel[kind, 2]
     assert_same_tensors(trained_tensors(alone, kind), trained_tensors(parallel, kind), 1e-5)
@@ -73,6 +75,8 @@ def test_two_processes_train_the_same_weights_and_metrics_as_one(alone_and_paral
         assert parallel_metrics["eval_accuracy"] >= 0.75
     elif kind == "policy":
         assert parallel_metrics["final_reward"] > parallel_metrics["initial_reward"]
+    elif kind == "dpo":
+        assert parallel_metrics["eval_accuracy"] >= 0.75
     else:  # 6 steps of 4 prompts are too few for RLOO's reward to rise reliably; its adapter (B starts at 0) moved
         assert all(bool(t.abs().sum() > 0) for name, t in trained_tensors(parallel, kind).items() if "lora_B" in name)
 
@@ -86,7 +90,7 @@ INTERRUPTIONS = {"stopped": (signal.SIGTERM, 3, 3, "Stopped at step 3; run the s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("interruption", INTERRUPTIONS)
-@pytest.mark.parametrize("kind", ["reward", "policy"])
+@pytest.mark.parametrize("kind", ["reward", "policy", "dpo"])
 def test_an_interrupted_rank_stops_the_stage_and_the_rerun_resumes_to_the_same_result(
         alone_and_parallel, tiny_model_dir, tmp_path, kind, interruption):
     number, at, kept, message = INTERRUPTIONS[interruption]
