@@ -1,12 +1,17 @@
-"""PPO, ours against TRL's last PPOTrainer (TRL 1.12, trl.experimental.ppo): episodes/s and peak memory.
+"""PPO, RLOO and GRPO, ours against TRL's trainers: episodes/s and peak memory.
 
-    .venv/bin/python bench/ppo.py [--steps 4] [--rounds 2]
+    .venv/bin/python bench/ppo.py [--method ppo] [--steps 6] [--rounds 2]
+    .venv/bin/python bench/ppo.py --method rloo   # or grpo; --samples-per-prompt 2 by default
 
-An episode is one prompt taken through a whole PPO step: sampling the completion, the log-prob, reference,
-value and reward passes, and its share of the update. Both sides: the default model, LoRA on the policy
+PPO runs against TRL's last PPOTrainer (TRL 1.12, trl.experimental.ppo); RLOO and GRPO against TRL 1.16's
+RLOOTrainer and GRPOTrainer (bench/.venv-trl-1.16.0). An episode is one sampled completion taken through a
+whole step: sampling, the log-prob, reference, value (PPO) and reward passes, and its share of the update;
+PPO samples one completion per prompt, RLOO and GRPO `--samples-per-prompt` (k). Both sides: the default
+model, LoRA on the policy
 (same rank, alpha, targets), the reference = the policy with its adapter disabled, a reward model with the
 same weights (the base backbone and one fixed linear head), the same prompts, prompts per step, new tokens,
-sampling temperature, KL weight, learning rate and one PPO epoch of one minibatch per step. Each side runs in
+sampling temperature, KL weight (RLOO: in the reward; GRPO: a loss term; on both sides), learning rate and one
+epoch of one minibatch per step. Each side runs in
 its own child process, alternating (A B, B A, ...); the first step of every run is warm-up and is not timed.
 """
 
@@ -20,7 +25,8 @@ from pathlib import Path
 from common import (
     OUR_PYTHON,
     SCRATCH,
-    TRL_PYTHON,
+    TRL_PREFERENCE_VERSION,
+    TRL_VERSION,
     load_average,
     machine,
     model_dir,
@@ -29,16 +35,22 @@ from common import (
     spread_text,
     start_comparison,
     summary,
+    trl_python,
     trl_versions,
     write_results,
 )
 from data import prompt_slice
 
-NAME = "ppo"
+# Per method: TRL's release, its worker and its trainer's name.
+TRL_SIDES = {"ppo": (TRL_VERSION, "ppo_trl.py", "experimental.ppo.PPOTrainer"),
+             "rloo": (TRL_PREFERENCE_VERSION, "group_trl.py", "RLOOTrainer"),
+             "grpo": (TRL_PREFERENCE_VERSION, "group_trl.py", "GRPOTrainer")}
 
 
 def settings_from(args) -> dict:
     return {
+        "tuning_method": args.method,
+        "samples_per_prompt": args.samples_per_prompt or (1 if args.method == "ppo" else 2),
         "steps": args.steps, "batch_size": args.batch_size, "prompt_length": 256, "new_tokens": args.new_tokens,
         "ppo_epochs": 1, "lora_rank": 8, "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "learning_rate": 1e-4, "kl_coeff": 0.05, "temperature": 1.0, "seed": 0,
@@ -60,19 +72,29 @@ def make_reward_model(base: str, settings: dict, directory: Path) -> Path:
     return directory / HEAD_FILE
 
 
+def speedup_of(side: dict, baseline: dict) -> float:
+    return side["episodes_per_second"]["median"] / baseline["episodes_per_second"]["median"]
+
+
 def pooled_steps(side_runs) -> list[float]:
     return [s for run in side_runs for s in run.result["step_seconds"]]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="PPO steps per run (the first is warm-up)")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts (episodes) per PPO step")
+    parser.add_argument("--method", choices=sorted(TRL_SIDES), default="ppo", help="the tuning method")
+    parser.add_argument("--samples-per-prompt", type=int, default=0,
+                        help="completions per prompt (default: 1 for ppo, 2 for rloo and grpo)")
+    parser.add_argument("--steps", type=int, default=6, help="steps per run (the first is warm-up)")
+    parser.add_argument("--batch-size", type=int, default=4, help="prompts per step")
     parser.add_argument("--new-tokens", type=int, default=48, help="completion tokens sampled at most")
     parser.add_argument("--rounds", type=int, default=2, help="runs per side, alternating sides")
-    parser.add_argument("--results-name", default=NAME, help=f"bench/results/NAME.json and .md (default {NAME})")
+    parser.add_argument("--results-name", help="bench/results/NAME.json and .md (default: the method)")
     args = parser.parse_args()
-    load_at_start = start_comparison(args.steps)
+    trl_version, trl_worker, _ = TRL_SIDES[args.method]
+    if args.method != "ppo" and args.samples_per_prompt == 1:
+        sys.exit(f"--samples-per-prompt must be at least 2 for {args.method}")
+    load_at_start = start_comparison(args.steps, trl_version)
 
     from rlhf.models.loading import load_tokenizer
 
@@ -83,17 +105,23 @@ def main() -> None:
     head = make_reward_model(base, settings, reward_dir)
     spec = {"model_dir": base, "settings": settings, "rows": rows, "reward_dir": str(reward_dir),
             "reward_head": str(head)}
-    sides = {"ours": (OUR_PYTHON, "ppo_ours.py", True), "trl": (TRL_PYTHON, "ppo_trl.py", False)}
+    sides = {"ours": (OUR_PYTHON, "ppo_ours.py", True, {"packed": True}),
+             "trl": (trl_python(trl_version), trl_worker, False, {})}
+    if args.method != "ppo":  # what packing each prompt once with its k completions saves
+        sides["ours_unpacked"] = (OUR_PYTHON, "ppo_ours.py", True, {"packed": False})
+    name = args.method
 
-    runs = {"ours": [], "trl": []}
+    runs = {side: [] for side in sides}
     for round_index in range(args.rounds):
-        order = ["ours", "trl"] if round_index % 2 == 0 else ["trl", "ours"]
+        order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
         for side in order:
-            python, worker, ours = sides[side]
+            python, worker, ours, extra = sides[side]
             print(f"round {round_index + 1}/{args.rounds}: {side}", file=sys.stderr)
-            runs[side].append(run_child(python, worker, {**spec, "output_dir": str(SCRATCH / f"ppo-{side}")},
-                                        f"ppo-{side}", ours))
+            runs[side].append(run_child(python, worker,
+                                        {**spec, **extra, "output_dir": str(SCRATCH / f"{name}-{side}")},
+                                        f"{name}-{side}", ours))
 
+    episodes_per_step = args.batch_size * settings["samples_per_prompt"]
     sides_result = {}
     for side, side_runs in runs.items():
         step_seconds = pooled_steps(side_runs)
@@ -102,40 +130,51 @@ def main() -> None:
             # CPU time of the child: with idle cores it is about threads x wall time; much less means
             # the child waited for cores that other processes held.
             "step_cpu_seconds": summary([s for run in side_runs for s in run.result["step_cpu_seconds"]]),
-            "episodes_per_second": summary([args.batch_size / s for s in step_seconds]),
+            "episodes_per_second": summary([episodes_per_step / s for s in step_seconds]),
             "peak_rss_gb": max(run.peak_rss_gb for run in side_runs),
             "run_wall_seconds": [round(run.wall_seconds, 1) for run in side_runs],
         }
-    sides_result["ours"]["mean_response_tokens"] = statistics.mean(
-        t for run in runs["ours"] for t in run.result["response_length"])
+    for side, side_runs in runs.items():
+        lengths = [t for run in side_runs for t in run.result.get("response_length", [])]
+        if lengths:  # TRL's PPOTrainer does not log it
+            sides_result[side]["mean_response_tokens"] = statistics.mean(lengths)
     ours, trl = sides_result["ours"], sides_result["trl"]
-    speedup = ours["episodes_per_second"]["median"] / trl["episodes_per_second"]["median"]
+    speedup = speedup_of(ours, trl)
     memory_ratio = ours["peak_rss_gb"] / trl["peak_rss_gb"]
+    packing = {}
+    if "ours_unpacked" in sides_result:
+        packing = {"packing_speedup": speedup_of(ours, sides_result["ours_unpacked"])}
     result = {
-        "benchmark": NAME, "settings": settings, "rounds": args.rounds, "prompts": len(rows),
+        "benchmark": name, "settings": settings, "rounds": args.rounds, "prompts": len(rows),
         "mean_prompt_tokens": statistics.mean(len(r["prompt_ids"]) for r in rows),
-        "ours": ours, "trl": trl, "speedup_episodes_per_second": speedup, "peak_memory_ratio": memory_ratio,
+        **sides_result, "speedup_episodes_per_second": speedup, "peak_memory_ratio": memory_ratio, **packing,
         "targets": {"speedup_at_least_2": speedup >= 2.0, "memory_not_higher": memory_ratio <= 1.0},
-        "versions": {"ours": our_versions(), "trl_venv": trl_versions()}, "machine": machine(),
+        "versions": {"ours": our_versions(), "trl_venv": trl_versions(trl_version)}, "machine": machine(),
         "load_average_start": load_at_start, "load_average_end": load_average(),
     }
-    write_results(args.results_name, result, markdown(result))
+    write_results(args.results_name or name, result, markdown(result))
 
 
 def markdown(r: dict) -> str:
     s = r["settings"]
+    method, k = s.get("tuning_method", "ppo"), s.get("samples_per_prompt", 1)
     rows = []
-    for side, label in (("ours", "ours (`train_policy`)"),
-                        ("trl", f"TRL {r['versions']['trl_venv']['trl']} `experimental.ppo.PPOTrainer`")):
+    labels = {"ours": "ours (`train_policy`)" + (", each prompt packed once with its completions" if k > 1 else ""),
+              "ours_unpacked": "ours, each completion with its own copy of the prompt",
+              "trl": f"TRL {r['versions']['trl_venv']['trl']} `{TRL_SIDES[method][2]}`"}
+    for side, label in labels.items():
+        if side not in r:
+            continue
         x = r[side]
         rows.append(f"| {label} | {spread_text(x['episodes_per_second'], 3)} | {spread_text(x['step_seconds'], 1)} "
                     f"| {x['step_cpu_seconds']['median']:.1f} | {x['peak_rss_gb']:.2f} |")
     return "\n".join([
-        "### PPO",
+        f"### {method.upper()}",
         "",
         f"{r['prompts']} prompts (mean {r['mean_prompt_tokens']:.0f} tokens, at most {s['prompt_length']}), "
-        f"{s['steps']} steps of {s['batch_size']} prompts, up to {s['new_tokens']} new tokens sampled at "
-        f"temperature {s['temperature']}, {s['ppo_epochs']} PPO epoch, LoRA r={s['lora_rank']} "
+        f"{s['steps']} steps of {s['batch_size']} prompts, {k} completion{'s' if k > 1 else ''} per prompt "
+        f"(an episode is one completion), up to {s['new_tokens']} new tokens sampled at "
+        f"temperature {s['temperature']}, {s['ppo_epochs']} epoch, LoRA r={s['lora_rank']} "
         f"({', '.join(s['lora_targets'])}) on the policy, KL weight {s['kl_coeff']}, {r['rounds']} runs per side "
         f"alternating; median [min–max] over {r['ours']['step_seconds']['n']} timed steps per side (first step of "
         f"each run is warm-up).",
@@ -145,7 +184,11 @@ def markdown(r: dict) -> str:
         *rows,
         "",
         f"**Ours / TRL episodes/s: {r['speedup_episodes_per_second']:.2f}x** (median ratio); peak memory ours / "
-        f"TRL: {r['peak_memory_ratio']:.2f}. Our mean completion: {r['ours']['mean_response_tokens']:.1f} tokens. "
+        f"TRL: {r['peak_memory_ratio']:.2f}."
+        + (f" Packed / unpacked episodes/s: {r['packing_speedup']:.2f}x." if "packing_speedup" in r else "")
+        + " Mean completion (tokens): "
+        + ", ".join(f"{side} {r[side]['mean_response_tokens']:.1f}" for side in labels
+                    if "mean_response_tokens" in r.get(side, {})) + ". "
         f"Load average start {r['load_average_start']}, end {r['load_average_end']}.",
     ])
 

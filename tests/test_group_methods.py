@@ -5,8 +5,12 @@ import json
 import pytest
 import torch
 
+from rlhf.models.loading import load_backbone, load_causal_lm, pick_placement
+from rlhf.reward.model import RewardModel, RewardModelSpec, save_reward_model
+from rlhf.rl.policy import Policy
 from rlhf.rl.ppo import Experience, group_advantages, group_baseline, train_policy
-from rlhf.rl.rollouts import Rollout
+from rlhf.rl.rewards import RewardModelReward
+from rlhf.rl.rollouts import Rollout, make_rollout
 from rlhf.training.distributed import ALONE
 from rlhf.training.loop import CHECKPOINT_DIR
 from tests.conftest import PROMPTS, TargetTokenShare, assert_reward_rose, scalars
@@ -105,3 +109,81 @@ def test_a_group_spread_over_micro_batches_resumes_to_the_same_result(tiny_model
 def test_bad_group_settings_are_refused_before_any_model_loads(changes, message):
     with pytest.raises(ValueError, match=message):
         config(**changes).validate()
+
+
+EOS = 2
+
+
+def _policy(tiny_model_dir) -> Policy:
+    torch.manual_seed(0)
+    policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4, [EOS], EOS)
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a non-trivial adapter
+    return policy
+
+
+def _passes(policy: Policy, rollout, use_adapter: bool):
+    """Log-probs, entropy and (with the adapter on) the LoRA gradients of their masked sum, from one `evaluate`."""
+    policy.model.zero_grad()
+    log_probs, entropy, _ = policy.evaluate(rollout, 0.7, with_values=False, use_adapter=use_adapter,
+                                            with_entropy=True)
+    if use_adapter:  # adapter-off is the reference pass: nothing in it is trained
+        (log_probs * rollout.completion_mask).sum().backward()
+    grads = [p.grad.clone() for n, p in policy.model.named_parameters() if "lora_" in n and p.grad is not None]
+    return log_probs.detach(), entropy, grads
+
+
+def test_a_group_packed_with_its_prompt_once_gives_what_each_rollout_gives_alone(tiny_model_dir):
+    policy = _policy(tiny_model_dir)
+    prompts = [[5, 6, 7, 8, 9]] * 3 + [list(range(20, 36))] * 3
+    completions = [[10, 11, EOS], [12], [13, 14, 15, 16, 17, 18], [30, EOS], [31, 32, 33, 34], [35, 36, 37, EOS]]
+    rollout = make_rollout(prompts, completions, EOS, [c[-1] == EOS for c in completions])
+    mask = rollout.completion_mask.float()
+    for use_adapter in (True, False):
+        policy.prompt_group = 1
+        alone = _passes(policy, rollout, use_adapter)
+        assert policy.pack_prompt_groups(3, 8, 16)
+        packed = _passes(policy, rollout, use_adapter)
+        torch.testing.assert_close(packed[0], alone[0] * mask, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(packed[1], alone[1] * mask, atol=1e-4, rtol=1e-5)
+        lora_tensors = sum("lora_" in name for name, _ in policy.model.named_parameters())
+        assert len(packed[2]) == len(alone[2]) == (lora_tensors if use_adapter else 0)
+        for packed_grad, alone_grad in zip(packed[2], alone[2]):
+            torch.testing.assert_close(packed_grad, alone_grad, atol=1e-4, rtol=1e-4)
+        if use_adapter:
+            with_adapter = packed[0]
+    assert float(((with_adapter - packed[0]) * mask).abs().max()) > 1e-2  # the reference pass is adapter-off
+
+
+def test_packed_log_probs_equal_the_sampling_pass_so_the_first_ratio_is_one(tiny_model_dir):
+    policy = _policy(tiny_model_dir)
+    assert policy.pack_prompt_groups(4, 6, 8)
+    torch.manual_seed(1)
+    rollout, sampled, _ = policy.roll_out([[5, 6, 7]] * 4 + [[8, 9, 10, 11, 12]] * 4, 6, 1.0, 1.0)
+    with torch.no_grad():
+        packed, _, _ = policy.evaluate(rollout, 1.0, with_values=False)
+    mask = rollout.completion_mask.float()
+    assert float(((packed - sampled) * mask).abs().max()) < 1e-4
+
+
+def test_rollouts_not_in_groups_of_one_prompt_are_refused_not_mixed(tiny_model_dir):
+    policy = _policy(tiny_model_dir)
+    policy.pack_prompt_groups(3, 4, 4)
+    rollout = make_rollout([[5, 6]] * 2 + [[7, 8]], [[10, EOS]] * 3, EOS, [True] * 3)
+    with pytest.raises(RuntimeError, match="not in groups of 3"):
+        policy.evaluate(rollout, 1.0, with_values=False)
+
+
+def test_the_reward_model_scores_runs_of_one_prompt_packed_as_it_scores_them_alone(tiny_model_dir, tmp_path):
+    placement = pick_placement("cpu")
+    model = RewardModel.with_new_head(load_backbone(str(tiny_model_dir), placement), seed=0)
+    save_reward_model(model, RewardModelSpec(large_model_reference=str(tiny_model_dir), lora_dim=0,
+                                             prompt_sequence_length=32, target_sequence_length=8), tmp_path)
+    reward = RewardModelReward(tmp_path, placement, str(tiny_model_dir))
+    rows = [{"input_text": "first post"}] * 3 + [{"input_text": "a second, longer post"}] * 3
+    completions = [[10, 11, EOS], [12], [13, 14, 15, 16], [30, EOS], [31, 32, 33, 34, 35], [36, EOS]]
+    assert reward._prompt_run([reward._prompt(r) for r in rows], 8) == 3
+    alone = torch.cat([reward([row], [completion]) for row, completion in zip(rows, completions)])
+    torch.testing.assert_close(reward(rows, completions), alone, atol=1e-4, rtol=1e-5)

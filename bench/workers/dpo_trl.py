@@ -6,7 +6,6 @@ Runs in bench/.venv-trl-1.16.0: python dpo_trl.py SPEC.json RESULT.json
 
 import json
 import resource
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from peft import LoraConfig
 from step_clock import StepClock
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
+from trl_worker import start
 
 
 def text_pairs(rows: list[dict], tokenizer) -> Dataset:
@@ -29,11 +29,7 @@ def text_pairs(rows: list[dict], tokenizer) -> Dataset:
 
 
 def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    settings = spec["settings"]
-    output = Path(spec["output_dir"])
-    shutil.rmtree(output, ignore_errors=True)
-    torch.manual_seed(settings["seed"])
+    spec, settings, output = start()
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, attn_implementation="sdpa")
     lora = LoraConfig(r=settings["lora_rank"], lora_alpha=2 * settings["lora_rank"], lora_dropout=0.0,

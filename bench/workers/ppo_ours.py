@@ -1,7 +1,9 @@
-"""Our side of the PPO benchmark: `train_policy` on the given prompts, timing every step and reading the
-per-phase times it logs.
+"""Our side of the PPO, RLOO and GRPO benchmarks: `train_policy` on the given prompts, timing every step and
+reading the per-phase times it logs.
 
 Runs in the project's virtual environment: python ppo_ours.py SPEC.json RESULT.json
+With `"packed": false` in the spec (rloo, grpo), every rollout runs as its own sequence in the policy and reward
+passes, as TRL runs them: the benchmark's measure of what packing each prompt once with its k completions saves.
 """
 
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.models.loading import pick_placement
 from rlhf.rl.config import BASE_LEARNING_RATE, PPOConfig
+from rlhf.rl.policy import Policy
 from rlhf.rl.ppo import train_policy
 from rlhf.rl.rewards import RewardModelReward
 
@@ -31,11 +34,15 @@ def logged(output: Path, name: str) -> list[float]:
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     settings = spec["settings"]
+    if not spec.get("packed", True):
+        Policy.pack_prompt_groups = lambda policy, *sizes: False
+        RewardModelReward._prompt_run = lambda reward, prompts, limit: 1
     output = Path(spec["output_dir"])
     shutil.rmtree(output, ignore_errors=True)  # a finished output directory would be returned as it is
-    batch = settings["batch_size"]
+    batch, k = settings["batch_size"], settings["samples_per_prompt"]
     config = PPOConfig(
-        train_steps=settings["steps"], batch_size=batch, micro_batch_size=batch, ppo_minibatch_size=batch,
+        tuning_method=settings["tuning_method"], samples_per_prompt=k, train_steps=settings["steps"],
+        batch_size=batch, micro_batch_size=batch * k, ppo_minibatch_size=batch * k,
         ppo_epochs=settings["ppo_epochs"], learning_rate_multiplier=settings["learning_rate"] / BASE_LEARNING_RATE,
         warmup_fraction=0.0, kl_coeff=settings["kl_coeff"], lora_dim=settings["lora_rank"],
         temperature=settings["temperature"], penalize_unfinished=False,

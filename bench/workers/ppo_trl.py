@@ -9,35 +9,20 @@ Runs in bench/.venv-trl: python ppo_trl.py SPEC.json RESULT.json
 
 import json
 import resource
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from safetensors.torch import load_file
 from step_clock import StepClock
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-
-def scorer(model_dir: str, head_file: str | None):
-    """A sequence-classification model on the base weights; with `head_file`, the score head is ours."""
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32,
-                                                               attn_implementation="sdpa")
-    if head_file:
-        with torch.no_grad():
-            model.score.weight.copy_(load_file(head_file)["weight"])
-    return model
+from trl_worker import scorer, start
 
 
 def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    settings = spec["settings"]
-    output = Path(spec["output_dir"])
-    shutil.rmtree(output, ignore_errors=True)
-    torch.manual_seed(settings["seed"])
+    spec, settings, output = start()
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"], padding_side="left")
     # PPOTrainer finds the end of each response by the pad token: it must differ from EOS.
     tokenizer.pad_token = settings["trl_pad_token"]

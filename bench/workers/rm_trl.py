@@ -6,7 +6,6 @@ Runs in bench/.venv-trl: python rm_trl.py SPEC.json RESULT.json
 
 import json
 import resource
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from step_clock import StepClock
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import DataCollatorForPreference
+from trl_worker import start
 
 
 def pairs_dataset(rows: list[dict]) -> Dataset:
@@ -37,11 +37,7 @@ def held_out_accuracy(model, rows: list[dict], pad_id: int, batch_pairs: int) ->
 
 
 def main() -> None:
-    spec = json.loads(Path(sys.argv[1]).read_text())
-    settings = spec["settings"]
-    output = Path(spec["output_dir"])
-    shutil.rmtree(output, ignore_errors=True)
-    torch.manual_seed(settings["seed"])
+    spec, settings, output = start()
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     # A pad token distinct from EOS, so the score is read at the EOS that ends each completion, as ours does.
     tokenizer.pad_token = settings["trl_pad_token"]

@@ -35,10 +35,10 @@ from rlhf.models.loading import (
     stop_token_ids,
 )
 from rlhf.reward.model import require_exact_packing
-from rlhf.reward.packing import PROMPT_SEGMENT, PackedBatch, pack
+from rlhf.reward.packing import PackedBatch, pack
 from rlhf.reward.training import EncodedPair, encode_pairs
 from rlhf.rl.config import PPOConfig
-from rlhf.rl.policy import Policy, PolicySpec, save_policy
+from rlhf.rl.policy import Policy, PolicySpec, packed_completion_logits, save_policy
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.distributed import join, local_device
@@ -47,30 +47,12 @@ from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer
 
 def completion_log_probs(model, batch: PackedBatch) -> torch.Tensor:
     """Summed log-probs [rows, completions] of each packed completion's tokens given its prompt, under `model`
-    (a causal LM, peft-wrapped or not), in float32.
-
-    A completion's first token is predicted from the prompt's last position, every later one from the token
-    before it in the same completion; the vocabulary projection runs at those positions only."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
-    dtype = next(decoder.parameters()).dtype
-    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                     attention_mask=batch.attention_mask(dtype), use_cache=False).last_hidden_state
-    segments = batch.segments
-    in_completion = segments > PROMPT_SEGMENT
-    first_token = in_completion & (segments != segments.roll(1, dims=1))
-    prompt_end = (segments == PROMPT_SEGMENT).sum(1, keepdim=True) - 1
-    positions = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
-    predicted_from = torch.where(first_token, prompt_end, positions - 1)
-    rows, columns = in_completion.nonzero(as_tuple=True)
-    logits = head(hidden[rows, predicted_from[rows, columns]]).float()
-    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
+    (a causal LM, peft-wrapped or not), in float32."""
+    logits, rows, columns = packed_completion_logits(model, batch)
     targets = batch.input_ids[rows, columns]
     token_log_probs = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    sums = torch.zeros(batch.last_token.shape, dtype=torch.float32, device=hidden.device)
-    return sums.index_put((rows, segments[rows, columns] - 1), token_log_probs, accumulate=True)
+    sums = torch.zeros(batch.last_token.shape, dtype=torch.float32, device=logits.device)
+    return sums.index_put((rows, batch.segments[rows, columns] - 1), token_log_probs, accumulate=True)
 
 
 def dpo_loss(policy_log_probs: torch.Tensor, reference_log_probs: torch.Tensor,

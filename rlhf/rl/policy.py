@@ -1,6 +1,11 @@
 """The policy: the base causal LM with a LoRA adapter, a value head on its last hidden state, and the
 reference model for free (the same weights with the adapter switched off).
 
+When several consecutive rollouts share one prompt (rloo and grpo sample each prompt k times), the passes
+without values pack each group as the reward model packs a pair: the prompt once, then its k completions,
+each seeing the prompt and itself only (rlhf/reward/packing.py), so the prompt, most of the tokens, runs
+once instead of k times, with and without gradients.
+
 Artifact layout (safetensors and JSON only):
     policy.json            base model reference, prompt format, sequence lengths, generation settings
     adapter/               the LoRA adapter, loadable with `peft.PeftModel.from_pretrained(base, adapter)`
@@ -18,6 +23,7 @@ import torch
 
 from rlhf.models.artifacts import ModelSpec, read_spec_file, save_weights, write_spec
 from rlhf.models.loading import in_float32
+from rlhf.reward.packing import PROMPT_SEGMENT, PackedBatch, pack, packing_problem
 from rlhf.rl.decoding import adapter_merged, decode
 from rlhf.rl.rollouts import Rollout, positions
 
@@ -49,6 +55,14 @@ class Policy(torch.nn.Module):
         self.value_head = value_head
         self.stop_ids = list(stop_ids)
         self.pad_id = pad_id
+        self.prompt_group = 1  # consecutive rollouts that share a prompt, packed together when above 1
+
+    def pack_prompt_groups(self, group: int, longest_completion: int, longest_prompt: int) -> bool:
+        """Pack groups of `group` consecutive rollouts from now on, if packing is exact for this backbone;
+        returns whether it is."""
+        longest = longest_prompt + group * longest_completion
+        self.prompt_group = group if group > 1 and packing_problem(self.model.config, longest) is None else 1
+        return self.prompt_group > 1
 
     @classmethod
     def create(cls, causal_lm, lora_dim: int, stop_ids: Sequence[int], pad_id: int) -> Policy:
@@ -90,7 +104,10 @@ class Policy(torch.nn.Module):
                  with_entropy: bool = False):
         """Per-token log-probs [batch, completion] of the rollout's completion tokens, the entropy of each
         step's distribution (None unless asked; a statistic, without gradient), and the value of the state
-        before each token (None without values)."""
+        before each token (None without values). Zero where the completion mask is."""
+        if self.prompt_group > 1 and not with_values:
+            with nullcontext() if use_adapter else self.model.disable_adapter():
+                return self._evaluate_packed(rollout, temperature, with_entropy)
         length = rollout.completion_mask.shape[1]
         context = nullcontext() if use_adapter else self.model.disable_adapter()
         with context:
@@ -113,6 +130,66 @@ class Policy(torch.nn.Module):
             hidden = output.hidden_states[-1][:, -length - 1:-1].detach()
             values = self.value_head(hidden.float()).squeeze(-1)
         return token_log_probs, entropy, values
+
+    def _evaluate_packed(self, rollout: Rollout, temperature: float, with_entropy: bool):
+        """`evaluate` without values, each group of `prompt_group` rollouts packed as one sequence."""
+        group, rows = self.prompt_group, rollout.sequences.shape[0]
+        prompt_columns = rollout.prompt_length
+        prompts, masks = rollout.sequences[:, :prompt_columns], rollout.attention_mask[:, :prompt_columns]
+        leaders = torch.arange(0, rows, group, device=prompts.device).repeat_interleave(group)
+        if rows % group or not (torch.equal(prompts, prompts[leaders]) and torch.equal(masks, masks[leaders])):
+            raise RuntimeError(f"rollouts are not in groups of {group} sharing one prompt")
+        completions = rollout.completions()
+        batch = pack([row[mask.bool()].tolist() for row, mask in zip(prompts[::group], masks[::group])],
+                     [completions[start:start + group] for start in range(0, rows, group)],
+                     self.pad_id).to(self.device)
+        logits, packed_rows, columns = packed_completion_logits(self.model, batch)
+        if temperature != 1.0:
+            logits = logits / temperature
+        normaliser = torch.logsumexp(logits, dim=-1)
+        token_log_probs = logits.gather(-1, batch.input_ids[packed_rows, columns][:, None]).squeeze(-1) - normaliser
+        # Back to the rollout's layout: completion k of packed row g is rollout row g * group + k, and a token's
+        # place in its completion is its position id minus the prompt's length.
+        prompt_lengths = (batch.segments == PROMPT_SEGMENT).sum(dim=1)
+        target = (packed_rows * group + batch.segments[packed_rows, columns] - 1,
+                  batch.position_ids[packed_rows, columns] - prompt_lengths[packed_rows])
+        shape = rollout.completion_mask.shape
+        log_probs = torch.zeros(shape, dtype=token_log_probs.dtype, device=self.device).index_put(
+            target, token_log_probs)
+        entropy = None
+        if with_entropy:
+            flat = torch.cat([entropy_of(part[None], norm[None])[0] for part, norm in
+                              zip(logits.detach().split(ENTROPY_CHUNK), normaliser.detach().split(ENTROPY_CHUNK))])
+            entropy = torch.zeros(shape, dtype=flat.dtype, device=self.device).index_put(target, flat)
+        return log_probs, entropy, None
+
+
+ENTROPY_CHUNK = 64  # packed tokens whose full distributions are in memory at once for the entropy
+
+
+def packed_completion_logits(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 logits [tokens, vocabulary] that predict each packed completion token, with its (row, column) in
+    the batch, under `model` (a causal LM, peft-wrapped or not).
+
+    A completion's first token is predicted from the prompt's last position, every later one from the token
+    before it in the same completion; the vocabulary projection runs at those positions only."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    dtype = next(decoder.parameters()).dtype
+    hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                     attention_mask=batch.attention_mask(dtype), use_cache=False).last_hidden_state
+    segments = batch.segments
+    in_completion = segments > PROMPT_SEGMENT
+    first_token = in_completion & (segments != segments.roll(1, dims=1))
+    prompt_end = (segments == PROMPT_SEGMENT).sum(1, keepdim=True) - 1
+    positions_in_row = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    predicted_from = torch.where(first_token, prompt_end, positions_in_row - 1)
+    rows, columns = in_completion.nonzero(as_tuple=True)
+    logits = head(hidden[rows, predicted_from[rows, columns]]).float()
+    softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits, rows, columns
 
 
 @torch.no_grad()

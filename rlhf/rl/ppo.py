@@ -25,7 +25,9 @@ the clipped objective, checkpoints) being the same, as OpenRLHF's and verl's adv
   deviation, and the KL to the reference is a loss term (`kl_coeff` times the k3 estimator per token), as in
   the GRPO paper and TRL's GRPOTrainer.
 Neither learns a value: the value head is left as it starts and the value loss is 0. Every loss is a token
-mean over the minibatch.
+mean over the minibatch. When each micro-batch holds whole groups (`micro_batch_size` a multiple of k), the
+reference pass and the update pack each group's prompt once with its k completions (`Policy.evaluate`),
+and the reward model scores them packed the same way: the prompt, most of the tokens, runs once, not k times.
 
 Value function (ppo): a linear head on the policy's own last hidden state. It comes out of the same forward
 passes that give the log-probs (while sampling, and in the update), so it costs almost nothing. It starts
@@ -430,6 +432,9 @@ def train_policy(
     policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         recompute_activations(policy.model)
+    if config.tuning_method != "ppo" and config.micro_batch_size % config.samples_per_prompt == 0:
+        policy.pack_prompt_groups(config.samples_per_prompt, config.target_sequence_length,
+                                  config.prompt_sequence_length)
     policy.model.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=0.0)

@@ -10,6 +10,7 @@ import torch
 from rlhf.data.validation import prompt_key
 from rlhf.models.loading import Placement
 from rlhf.reward.model import load_reward_model, score_packed
+from rlhf.reward.packing import packing_problem
 
 
 class RewardFunction(Protocol):
@@ -37,7 +38,21 @@ class RewardModelReward:
         return self._prompt_ids[key]
 
     def __call__(self, rows: list[dict], completions: list[list[int]]) -> torch.Tensor:
+        """Normalised scores; rows that come in runs of one prompt (rloo's and grpo's k samples) are packed
+        with the prompt once, when that is exact for the backbone."""
         limit = self.loaded.spec.target_sequence_length
-        scores = score_packed(self.loaded.model, [self._prompt(r) for r in rows], [[c[:limit]] for c in completions],
+        prompts = [self._prompt(r) for r in rows]
+        group = self._prompt_run(prompts, limit)
+        scores = score_packed(self.loaded.model, prompts[::group],
+                              [[c[:limit] for c in completions[start:start + group]]
+                               for start in range(0, len(rows), group)],
                               self.loaded.tokenizer.pad_token_id, self.max_tokens)
-        return self.loaded.normalise(scores[:, 0])
+        return self.loaded.normalise(scores.flatten())
+
+    def _prompt_run(self, prompts: list[list[int]], limit: int) -> int:
+        """The length of the runs of equal prompts the rows come in, or 1 when they do not all come so."""
+        run = next((i for i, p in enumerate(prompts) if p != prompts[0]), len(prompts))
+        if run == 1 or len(prompts) % run or any(prompts[i] != prompts[i - i % run] for i in range(len(prompts))):
+            return 1
+        longest = max(len(p) for p in prompts) + run * limit
+        return run if packing_problem(self.loaded.model.backbone.config, longest) is None else 1
