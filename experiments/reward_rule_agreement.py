@@ -10,7 +10,8 @@ and judged by the rule. Within a post, every pair of samples where one passes a 
 and the two agree on every other check, is a test of the reward model: it agrees when it scores the passing
 one higher. For the whole rule, every pair where one passes more checks than the other. Printed per check (and
 for the whole rule: more checks passed), as the share of such pairs the reward model orders as the rule does
-(0.5 is chance), with the pair counts.
+(0.5 is chance), with the pair counts; and the mean score of each kind of sample (unended, ended, ended and
+addressing the reader or not, passing the rule): what PPO can climb at that temperature.
 `--samples-file` keeps the samples (written the first time, read after), so that other reward models
 (`--reward-model`, e.g. one trained by `rlhf train-reward-model` with other settings) are judged on the
 same completions.
@@ -71,6 +72,26 @@ def agreement(posts: list[list[dict]]) -> dict:
             for name, (pairs, agreed) in found.items()}
 
 
+# The kinds of sample whose mean score tells what PPO climbs: whether ending pays, and whether, among the
+# samples that end, the ones the rule passes score above the ones that address the reader.
+SCORE_GROUPS = {
+    "unended": lambda c: not c["ended"],
+    "ended": lambda c: c["ended"],
+    "ended, addresses the reader": lambda c: c["ended"] and not c["no_advice"],
+    "ended, does not": lambda c: c["ended"] and c["no_advice"],
+    "passes the rule": lambda c: all(c.values()),
+}
+
+
+def score_means(outputs: list[dict]) -> dict:
+    """Per kind of sample: how many, and their mean reward-model score (normalised units)."""
+    means = {}
+    for name, belongs in SCORE_GROUPS.items():
+        scores = [o["score"] for o in outputs if belongs(o["checks"])]
+        means[name] = {"samples": len(scores), "mean": round(sum(scores) / len(scores), 3) if scores else None}
+    return means
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True)
@@ -114,6 +135,7 @@ def main() -> None:
         report[side] = {"agreement": {name: round(a["agreement"], 3) if a["agreement"] is not None else None
                                       for name, a in ordered.items()},
                         "pairs": {name: a["pairs"] for name, a in ordered.items()},
+                        "mean_score": score_means([o for p in posts for o in p]),
                         "rule_pass_rate": sum(all(o["checks"].values()) for p in posts for o in p)
                         / sum(len(p) for p in posts)}
     print(json.dumps(report, indent=1))

@@ -24,7 +24,8 @@ from pathlib import Path
 POLICY_PARAMETERS = ("reinforcement_learning_train_steps", "reinforcement_learning_micro_batch_size",
                      "reinforcement_learning_minibatch_size", "reinforcement_learning_ppo_epochs",
                      "reinforcement_learning_rate_multiplier", "kl_coeff", "target_sequence_length", "instruction",
-                     "seed", "reinforcement_learning_rollout_micro_batch_size")
+                     "seed", "reinforcement_learning_rollout_micro_batch_size", "temperature", "top_p",
+                     "unfinished_reward")
 
 
 def rlhf(*args: str, log: Path) -> None:
