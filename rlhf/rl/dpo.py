@@ -11,7 +11,7 @@ Read `train_dpo` top to bottom: tokenise every pair once, build the policy, then
 `batch_size` pairs in a seeded order, run them in micro-batches of `micro_batch_size` pairs, each pair packed
 as prompt + winner + loser (the reward model's shared-prefix packing: the prompt, most of the tokens, runs once
 for both candidates), accumulate gradients, step the optimizer and the warm-up/cosine schedule, log, and
-checkpoint. A pair's reference log-probs are computed once, the first time the pair is drawn. At the end:
+checkpoint. A pair's reference log-probs are computed once, on their own, the first time the pair is drawn. At the end:
 the implicit reward's accuracy on the held-out pairs, and the policy artifact every other method writes.
 """
 
@@ -68,7 +68,13 @@ def _packed(pairs: list[EncodedPair], pad_id: int, device: torch.device) -> Pack
 
 class ReferenceLogProbs:
     """Each pair's summed log-probs under the base model (the adapter switched off), computed the first time the
-    pair is asked for and kept: the base never changes, so a pair seen again costs nothing."""
+    pair is asked for and kept: the base never changes, so a pair seen again costs nothing.
+
+    A pair is computed alone, never batched with the others missing at that moment: padding to a batch's
+    longest pair changes the rounding of the products on some CPUs, and which pairs are missing together
+    depends on what was computed before (a run resumed from a checkpoint starts with none, another rank holds
+    others). Alone, a pair's reference is the same number in every run, so a resumed run ends bit for bit as
+    an uninterrupted one. Once per pair, this costs little next to the pair's training passes."""
 
     def __init__(self, policy: Policy, pad_id: int):
         self.policy, self.pad_id = policy, pad_id
@@ -77,11 +83,10 @@ class ReferenceLogProbs:
     @torch.no_grad()
     def of(self, indices: list[int], pairs: list[EncodedPair]) -> torch.Tensor:
         missing = [i for i in dict.fromkeys(indices) if i not in self.known]
-        if missing:
-            with self.policy.model.disable_adapter():
-                found = completion_log_probs(self.policy.model, _packed([pairs[i] for i in missing], self.pad_id,
-                                                                        self.policy.device))
-            self.known.update(zip(missing, found))
+        with self.policy.model.disable_adapter():
+            for i in missing:
+                self.known[i] = completion_log_probs(self.policy.model,
+                                                     _packed([pairs[i]], self.pad_id, self.policy.device))[0]
         return torch.stack([self.known[i] for i in indices])
 
 
