@@ -132,12 +132,12 @@ def main() -> None:
                 output["score"] = score
                 output["checks"] = rule.judge(user_input(row), output["prediction"], output["ended"]).checks
         ordered = agreement(posts)
+        outputs = [o for p in posts for o in p]
         report[side] = {"agreement": {name: round(a["agreement"], 3) if a["agreement"] is not None else None
                                       for name, a in ordered.items()},
                         "pairs": {name: a["pairs"] for name, a in ordered.items()},
-                        "mean_score": score_means([o for p in posts for o in p]),
-                        "rule_pass_rate": sum(all(o["checks"].values()) for p in posts for o in p)
-                        / sum(len(p) for p in posts)}
+                        "mean_score": score_means(outputs),
+                        "rule_pass_rate": sum(all(o["checks"].values()) for o in outputs) / len(outputs)}
     print(json.dumps(report, indent=1))
 
 

@@ -83,10 +83,11 @@ class ReferenceLogProbs:
     @torch.no_grad()
     def of(self, indices: list[int], pairs: list[EncodedPair]) -> torch.Tensor:
         missing = [i for i in dict.fromkeys(indices) if i not in self.known]
-        with self.policy.model.disable_adapter():
-            for i in missing:
-                self.known[i] = completion_log_probs(self.policy.model,
-                                                     _packed([pairs[i]], self.pad_id, self.policy.device))[0]
+        if missing:
+            with self.policy.model.disable_adapter():
+                for i in missing:
+                    self.known[i] = completion_log_probs(self.policy.model,
+                                                         _packed([pairs[i]], self.pad_id, self.policy.device))[0]
         return torch.stack([self.known[i] for i in indices])
 
 
