@@ -13,6 +13,7 @@ def train_policy(
     large_model_reference: str,
     tuning_method: str,
     samples_per_prompt: int,
+    sft_steps: int,
     train_steps: int,
     batch_size: int,
     micro_batch_size: int,
@@ -45,8 +46,8 @@ def train_policy(
     policy: Output[Model],
     metrics: Output[Metrics],
 ):
-    """PPO, RLOO or GRPO against the reward model, or DPO on the training pairs (`tuning_method`), in one process
-    per accelerator; a retry with the same output location resumes from its checkpoint."""
+    """PPO, RLOO or GRPO against the reward model (after `sft_steps` supervised steps on the training pairs'
+    winners), or DPO on the training pairs (`tuning_method`), in one process per accelerator; a retry with the same output location resumes from its checkpoint."""
     inputs = dict(locals())
     from rlhf.components.processes import run_stage
     from rlhf.rl.config import PPOConfig
@@ -62,6 +63,6 @@ def train_policy(
         raise Interrupted(tuning_method.upper(), result["step"])
     policy.metadata["large_model_reference"] = large_model_reference
     for name in ("final_reward", "final_kl", "initial_reward", "episodes_per_second", "final_dpo_loss",
-                 "eval_accuracy", "pairs_per_second"):
+                 "final_sft_loss", "eval_accuracy", "pairs_per_second"):
         if result.get(name) is not None:
             metrics.log_metric(name, result[name])

@@ -25,7 +25,7 @@ POLICY_PARAMETERS = ("reinforcement_learning_train_steps", "reinforcement_learni
                      "reinforcement_learning_minibatch_size", "reinforcement_learning_ppo_epochs",
                      "reinforcement_learning_rate_multiplier", "kl_coeff", "target_sequence_length", "instruction",
                      "seed", "reinforcement_learning_rollout_micro_batch_size", "temperature", "top_p",
-                     "unfinished_reward")
+                     "unfinished_reward", "sft_steps")
 
 
 def rlhf(*args: str, log: Path) -> None:
@@ -52,16 +52,18 @@ def train_and_judge(method: str, run: Path, parameters: dict, k: int, output: Pa
     samples = 1 if method == "ppo" else k
     if batch % samples:
         raise SystemExit(f"the run's batch of {batch} prompts is not a whole number of groups of {samples}")
+    pairs = ["--preference-dataset", str(stages / "validate-datasets" / "train_pairs"),
+             "--eval-dataset", str(stages / "validate-datasets" / "held_out_pairs")]
     if method == "dpo":
         given = {**{name: parameters[name] for name in DPO_PARAMETERS if name in parameters}, **dpo}
         if "reinforcement_learning_train_epochs" in dpo:
             given.pop("reinforcement_learning_train_steps", None)
-        data = ["--preference-dataset", str(stages / "validate-datasets" / "train_pairs"),
-                "--eval-dataset", str(stages / "validate-datasets" / "held_out_pairs")]
+        data = pairs
         flags = ["--tuning-method", "dpo", *[f for name, value in given.items()
                                              for f in (f"--{name.replace('_', '-')}", str(value))]]
     else:
-        data = ["--prompt-dataset", str(stages / "validate-datasets" / "prompts"), "--reward-model", str(reward_model)]
+        data = ["--prompt-dataset", str(stages / "validate-datasets" / "prompts"), "--reward-model", str(reward_model),
+                *(pairs if int(parameters.get("sft_steps", 0)) else [])]
         flags = ["--tuning-method", method, "--samples-per-prompt", str(samples),
                  "--reinforcement-learning-batch-size", str(batch // samples)]
         for name in POLICY_PARAMETERS:

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from rlhf.models.loading import add_lora, load_causal_lm, pick_placement
 from rlhf.reward.packing import pack
-from rlhf.rl.dpo import ReferenceLogProbs, completion_log_probs, dpo_loss, train_dpo
-from rlhf.rl.policy import ADAPTER_DIR, Policy, read_policy_spec
+from rlhf.rl.dpo import ReferenceLogProbs, dpo_loss, train_dpo
+from rlhf.rl.policy import ADAPTER_DIR, Policy, completion_log_probs, read_policy_spec
 from rlhf.training.loop import CHECKPOINT_DIR
 from tests.conftest import marker_pairs, rlhf, scalars
 from tests.conftest import ppo_config as ppo_settings

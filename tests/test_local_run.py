@@ -80,24 +80,27 @@ def test_bad_parameters_stop_the_command_before_it_runs(args, message, tmp_path)
 
 def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_path):
     output = tmp_path / "run"
-    sets = [arg for pair in TINY_RUN + [f"large_model_reference={tiny_model_dir}"] for arg in ("--set", pair)]
+    settings = TINY_RUN + ["sft_steps=2", f"large_model_reference={tiny_model_dir}"]  # the warm-up reaches the stage
+    sets = [arg for pair in settings for arg in ("--set", pair)]
     result = rlhf("run", "--output-dir", str(output), *sets)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"Report: {output / 'report.html'}"
     for stage in ("validate-datasets", "train-reward-model", "train-policy", "evaluate"):
         assert f"{stage}: started" in result.stderr and f"{stage}: success in" in result.stderr
         assert (output / "logs" / f"{stage}.log").is_file()
-    assert "policy (PPO): 2/2 steps (100%)" in result.stderr  # stage progress reaches the terminal
+    assert "policy (PPO): 4/4 steps (100%)" in result.stderr  # stage progress reaches the terminal: 2 + 2 steps
     assert "bulk inference: 16/16 prompts (100%)" in result.stderr
     metrics = json.loads((output / "metrics.json").read_text())
     assert {"eval_accuracy", "eval_pairs", "final_rank_loss"} <= set(metrics["reward_model"])
     assert {"final_reward", "final_kl", "steps"} <= set(metrics["policy"])
-    assert metrics["policy"]["steps"] == 2
+    assert metrics["policy"]["steps"] == 2 and metrics["policy"]["sft_steps"] == 2
+    assert metrics["policy"]["final_sft_loss"] > 0
     assert {"base_mean_reward", "tuned_mean_reward", "win_rate_vs_base", "kl_to_base", "base_mean_words",
             "tuned_mean_words", "prompts"} <= set(metrics["evaluation"])
     assert metrics["evaluation"]["prompts"] == 16
     page = (output / "report.html").read_text()
     assert page.count("<svg") == 6 and page.count('<td class="prompt">') == 16
+    assert "Policy tuning (PPO, after 2 supervised steps on the winners)" in page
     other = rlhf("run", "--output-dir", str(output))  # the local defaults: other settings than this run's
     assert other.returncode == 2 and "holds a run with other settings (" in other.stderr
     assert "reinforcement_learning_train_steps" in other.stderr and (output / "report.html").read_text() == page

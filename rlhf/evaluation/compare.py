@@ -165,7 +165,7 @@ REWARD_MODEL_KEYS = ("eval_accuracy", "eval_pairs", "final_rank_loss", "final_tr
                      "steps", "train_pairs", "pairs_per_second")
 POLICY_KEYS = ("tuning_method", "final_reward", "final_kl", "initial_reward", "final_ended_share", "steps", "prompts",
                "episodes_per_second", "final_dpo_loss", "final_reward_margin", "eval_accuracy", "eval_pairs",
-               "train_pairs", "pairs_per_second")
+               "train_pairs", "pairs_per_second", "sft_steps", "final_sft_loss")
 
 
 def _stage_metrics(directory: Path, keys: tuple[str, ...]) -> dict:

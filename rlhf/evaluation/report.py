@@ -182,13 +182,15 @@ POLICY_CHARTS = {False: (("reward", "reward"), ("kl_loss", "kl_loss"), ("respons
 def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_scalars: dict,
                 policy_scalars: dict) -> str:
     evaluation = metrics["evaluation"]
-    method = metrics.get("policy", {}).get("tuning_method", "ppo").upper()
+    policy = metrics.get("policy", {})
+    method = policy.get("tuning_method", "ppo").upper()
+    warm_up = f", after {policy['sft_steps']} supervised steps on the winners" if policy.get("sft_steps") else ""
     side_by_side = [{"prompt": _prompt_text(entry), "base": entry["base"], "tuned": entry["tuned"],
                      "base_rule": _rule_cell(entry.get("base_rule")), "tuned_rule": _rule_cell(entry.get("tuned_rule")),
                      "base_reward": entry["base_reward"], "tuned_reward": entry["tuned_reward"],
                      "gain": entry["reward_gain"]} for entry in comparison]
     return _templates().get_template("report.html").render(
-        method=method, verdict=verdict(evaluation), rule_verdict=rule_verdict(evaluation), judges=judges_table(evaluation),
+        method=method + warm_up, verdict=verdict(evaluation), rule_verdict=rule_verdict(evaluation), judges=judges_table(evaluation),
         with_rule="rule_pass_rate_tuned" in evaluation, side_by_side=side_by_side,
         reward_charts=[line_chart_geometry(reward_scalars.get(name, []), title)
                        for name, title in (("rank_loss", "Reward model: rank_loss"),

@@ -38,21 +38,11 @@ from rlhf.reward.model import require_exact_packing
 from rlhf.reward.packing import PackedBatch, pack
 from rlhf.reward.training import EncodedPair, encode_pairs
 from rlhf.rl.config import PPOConfig
-from rlhf.rl.policy import Policy, PolicySpec, packed_completion_logits, save_policy
+from rlhf.rl.policy import Policy, PolicySpec, completion_log_probs, save_policy
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.distributed import join, local_device
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
-
-
-def completion_log_probs(model, batch: PackedBatch) -> torch.Tensor:
-    """Summed log-probs [rows, completions] of each packed completion's tokens given its prompt, under `model`
-    (a causal LM, peft-wrapped or not), in float32."""
-    logits, rows, columns = packed_completion_logits(model, batch)
-    targets = batch.input_ids[rows, columns]
-    token_log_probs = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    sums = torch.zeros(batch.last_token.shape, dtype=torch.float32, device=logits.device)
-    return sums.index_put((rows, batch.segments[rows, columns] - 1), token_log_probs, accumulate=True)
 
 
 def dpo_loss(policy_log_probs: torch.Tensor, reference_log_probs: torch.Tensor,

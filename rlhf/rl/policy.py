@@ -192,6 +192,16 @@ def packed_completion_logits(model, batch: PackedBatch) -> tuple[torch.Tensor, t
     return logits, rows, columns
 
 
+def completion_log_probs(model, batch: PackedBatch) -> torch.Tensor:
+    """Summed log-probs [rows, completions] of each packed completion's tokens given its prompt, under `model`
+    (a causal LM, peft-wrapped or not), in float32."""
+    logits, rows, columns = packed_completion_logits(model, batch)
+    targets = batch.input_ids[rows, columns]
+    token_log_probs = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    sums = torch.zeros(batch.last_token.shape, dtype=torch.float32, device=logits.device)
+    return sums.index_put((rows, batch.segments[rows, columns] - 1), token_log_probs, accumulate=True)
+
+
 @torch.no_grad()
 def entropy_of(logits: torch.Tensor, normaliser: torch.Tensor) -> torch.Tensor:
     """The entropy of each position's distribution [batch, positions], one row at a time: at most one row's

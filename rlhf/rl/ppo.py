@@ -62,10 +62,12 @@ from rlhf.data.prompts import PromptEncoder
 from rlhf.data.validation import user_input
 from rlhf.errors import UserError
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, recompute_activations, stop_token_ids
+from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
 from rlhf.rl.rewards import RewardFunction
 from rlhf.rl.rollouts import Rollout
+from rlhf.rl.sft import sft_gradients, sft_record
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.distributed import Ranks, join, local_device, seed_of
@@ -369,7 +371,7 @@ def step_record(step: int, batch: dict, totals: dict[str, float], update_seconds
 
 
 def _ending_does_not_pay(config: PPOConfig, record: dict) -> bool:
-    finished = record["score_finished"]
+    finished = record.get("score_finished")  # absent from the supervised warm-up's steps
     return config.penalize_unfinished and finished is not None and config.unfinished_reward > finished
 
 
@@ -402,10 +404,12 @@ def train_policy(
     output_dir: Path,
     base_model_path: str | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    sft_rows: list[dict] = (),
 ) -> dict:
     """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict.
 
-    Each step is the module's five: (1) `batch_indices` picks the prompts; (2, 3) `roll_out` samples, scores
+    `config.sft_steps` supervised steps on the winners of `sft_rows` (the training pairs) come first
+    (rlhf/rl/sft.py). Each step after them is the module's five: (1) `batch_indices` picks the prompts; (2, 3) `roll_out` samples, scores
     and computes the advantages; (4) `ppo_update` runs the PPO epochs; (5) `step_record` is what the loop
     logs, and the loop checkpoints. Started by `torch.distributed.run`, each process rolls out and trains on
     its share of every batch (`rlhf.training.distributed`)."""
@@ -414,8 +418,11 @@ def train_policy(
     config.validate()
     if not prompt_rows:
         raise UserError("reinforcement learning: no prompts")
+    if config.sft_steps and not sft_rows:
+        raise UserError("reinforcement learning: sft_steps needs the training pairs, whose winners it learns")
+    sft_rows = list(sft_rows) if config.sft_steps else []
     output_dir = Path(output_dir)
-    run_id = run_fingerprint(config, [large_model_reference, reward_fn.name], prompt_rows)
+    run_id = run_fingerprint(config, [large_model_reference, reward_fn.name], prompt_rows + sft_rows)
     finished = finished_result(output_dir / METRICS_FILE, run_id, "tuned policy")
     if finished is not None:
         return finished
@@ -426,6 +433,7 @@ def train_policy(
     tokenizer = load_tokenizer(base_path)
     encoder = PromptEncoder.for_settings(tokenizer, config)
     prompts = [encoder.encode_prompt(r) for r in prompt_rows]
+    sft_pairs = encode_pairs(sft_rows, encoder)
 
     torch.manual_seed(config.seed)
     model = load_causal_lm(base_path, placement)
@@ -438,20 +446,32 @@ def train_policy(
     policy.model.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=0.0)
-    total_updates = config.train_steps * config.updates_per_step()
+    total_updates = config.sft_steps + config.train_steps * config.updates_per_step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
 
     with TrainingLoop(output_dir, run_id, "policy", config, policy, optimizer, scheduler, stop_requested,
-                      progress_label=f"policy ({config.tuning_method.upper()})", ranks=ranks) as loop:
+                      progress_label=f"policy ({config.tuning_method.upper()})", ranks=ranks,
+                      total_steps=config.sft_steps + config.train_steps) as loop:
         for step in loop.steps():
-            chosen = [i for i in batch_indices(step, config.batch_size, len(prompt_rows), config.seed)
+            if step < config.sft_steps:
+                started = clock(placement.device)
+                chosen = batch_indices(step, config.batch_size, len(sft_pairs), config.seed)
+                loss, tokens = sft_gradients(policy, sft_pairs, chosen, config.micro_batch_size, ranks)
+                require_finite(loss, "reinforcement learning", step, loop.checkpoint_dir)
+                optimizer_step(optimizer, scheduler, [trainable], config.max_grad_norm)
+                record = sft_record(step, loss, tokens, clock(placement.device) - started,
+                                    scheduler.get_last_lr()[0])
+                loop.log(record, items=0, sft_loss=f"{record['sft_loss']:.3f}")
+                continue
+            rl_step = step - config.sft_steps
+            chosen = [i for i in batch_indices(rl_step, config.batch_size, len(prompt_rows), config.seed)
                       for _ in range(config.samples_per_prompt)]
-            experiences, batch_rows, numbers = roll_out(policy, prompt_rows, prompts, chosen, reward_fn, config, step,
-                                                        ranks)
+            experiences, batch_rows, numbers = roll_out(policy, prompt_rows, prompts, chosen, reward_fn, config,
+                                                        rl_step, ranks)
             batch = batch_statistics(experiences, numbers, ranks)
             update_started = clock(placement.device)
-            totals = ppo_update(policy, experiences, numbers, batch["tokens"], optimizer, scheduler, config, step,
+            totals = ppo_update(policy, experiences, numbers, batch["tokens"], optimizer, scheduler, config, rl_step,
                                 loop.checkpoint_dir, ranks)
             record = step_record(step, batch, totals, clock(placement.device) - update_started,
                                  scheduler.get_last_lr()[0], config)
@@ -459,7 +479,7 @@ def train_policy(
                 _warn_the_first_time_ending_does_not_pay(config, record, loop.history)
             loop.log(record, items=len(chosen), reward=f"{record['reward']:.3f}",
                      kl="-" if record["kl"] is None else f"{record['kl']:.3f}")
-            if ranks.main and ((step + 1) % config.sample_every == 0 or step == loop.start_step):
+            if ranks.main and ((step + 1) % config.sample_every == 0 or step == max(loop.start_step, config.sft_steps)):
                 loop.writer.add_text("samples", _samples_markdown(tokenizer, batch_rows[0], experiences[0]), step + 1)
         if loop.interrupted:
             return loop.stopped()
@@ -468,12 +488,15 @@ def train_policy(
 
         save_policy(policy, PolicySpec.of(config, large_model_reference), output_dir, tokenizer,
                     merged=config.export_merged)
+        rl_history = loop.history[config.sft_steps:]
         return loop.finish({
             "tuning_method": config.tuning_method,
-            "final_reward": final_mean(loop.history, "reward"),
-            "final_kl": final_mean(loop.history, "kl") if config.kl_coeff > 0 else None,
-            "initial_reward": loop.history[0]["reward"],
-            "final_ended_share": final_mean(loop.history, "ended_share"),
+            "final_reward": final_mean(rl_history, "reward"),
+            "final_kl": final_mean(rl_history, "kl") if config.kl_coeff > 0 else None,
+            "initial_reward": rl_history[0]["reward"],
+            "final_ended_share": final_mean(rl_history, "ended_share"),
+            "sft_steps": config.sft_steps,
+            "final_sft_loss": loop.history[config.sft_steps - 1]["sft_loss"] if config.sft_steps else None,
             "steps": config.train_steps,
             "episodes_per_second": loop.items_per_second(),
             "prompts": len(prompt_rows),

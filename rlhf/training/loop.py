@@ -88,7 +88,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scheduler, clipped: list[li
 
 
 class TrainingLoop:
-    """The steps of one run in `output_dir`, from its last checkpoint (or step 0) to `config.train_steps`.
+    """The steps of one run in `output_dir`, from its last checkpoint (or step 0) to `total_steps` (by default
+    `config.train_steps`).
 
     `steps()` yields each step still to do; after the trainer's body it saves a checkpoint every
     `config.checkpoint_every` steps, and stops early (checkpoint saved) once `stop_requested()` says so on
@@ -97,10 +98,11 @@ class TrainingLoop:
 
     def __init__(self, output_dir: Path, run_id: str, what: str, config, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler, stop_requested: Callable[[], bool],
-                 progress_label: str | None = None, ranks: Ranks = ALONE):
+                 progress_label: str | None = None, ranks: Ranks = ALONE, total_steps: int | None = None):
         self.output_dir, self.run_id, self.what = Path(output_dir), run_id, what
         self.progress_label = progress_label or what
-        self.total_steps, self.checkpoint_every = config.train_steps, config.checkpoint_every
+        self.total_steps = config.train_steps if total_steps is None else total_steps
+        self.checkpoint_every = config.checkpoint_every
         self.log_every = getattr(config, "log_every", 1)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.stop_requested = stop_requested

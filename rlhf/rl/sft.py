@@ -1,0 +1,43 @@
+"""Supervised warm-up: before the first rollout, `sft_steps` steps of next-token loss on the training pairs'
+winners given their prompts, on the policy's own adapter.
+
+Why: reinforcement learning improves only what the policy samples. The best RLHF pipelines start PPO from a
+supervised model of the task (InstructGPT; the N+ scripts' SFT -> reward model -> PPO; OpenRLHF's and TRL's
+examples), and the preference data's winners are this pipeline's demonstrations of it. Without them a small
+chat model asked to summarise answers the poster with advice, samples a summary the reward model pays for
+about once in a hundred tries, and PPO's steps go into what it does sample (LEARNING.md). The warm-up runs in
+the policy stage, so the pipeline's stages and artifacts stay as they are; the KL penalty and the report's
+KL are to the base model (the adapter switched off), so the warm-up's distance from it is counted.
+
+A step: `batch_size` pairs in a seeded order, in micro-batches of `micro_batch_size`, each winner packed after
+its prompt; the loss is the mean over the batch's winner tokens (EOS included, so the policy learns to end),
+one optimizer step on the run's schedule.
+"""
+
+from __future__ import annotations
+
+from rlhf.reward.packing import pack
+from rlhf.reward.training import EncodedPair
+from rlhf.rl.policy import Policy, completion_log_probs
+from rlhf.training.distributed import Ranks
+
+
+def sft_gradients(policy: Policy, pairs: list[EncodedPair], indices: list[int], micro_batch_size: int,
+                  ranks: Ranks) -> tuple[float, float]:
+    """Gradients of the batch's token-mean winner loss, this rank's share of its micro-batches; returns the
+    batch's summed loss and its winner tokens, over all ranks."""
+    batch_tokens = sum(len(pairs[i].winner) for i in indices)
+    micro_batches = [indices[start:start + micro_batch_size] for start in range(0, len(indices), micro_batch_size)]
+    summed = 0.0
+    for micro in ranks.share(micro_batches):
+        batch = pack([pairs[i].prompt for i in micro], [[pairs[i].winner] for i in micro], policy.pad_id)
+        loss = -completion_log_probs(policy.model, batch.to(policy.device)).sum()
+        (loss / batch_tokens).backward()
+        summed += float(loss.detach())
+    total, = ranks.total([summed])
+    return total, float(batch_tokens)
+
+
+def sft_record(step: int, loss: float, tokens: float, seconds: float, learning_rate: float) -> dict:
+    """What a warm-up step logs: its token-mean loss on the winners (nats per token)."""
+    return {"step": step + 1, "sft_loss": loss / tokens, "learning_rate": learning_rate, "time/update": seconds}
