@@ -20,9 +20,10 @@ from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, ppo_config, 
 REWARD_SETTINGS = dict(train_steps=20, batch_size=8, checkpoint_every=2, micro_batch_tokens=256)
 POLICY_SETTINGS = dict(train_steps=6, batch_size=16, micro_batch_size=4, ppo_minibatch_size=8, ppo_epochs=2,
                        target_sequence_length=6, checkpoint_every=2)
-# RLOO with groups of 4 over micro-batches of 2: every group's baseline needs rollouts of both ranks.
+# RLOO with groups of 4 over micro-batches of 2: every group's baseline needs rollouts of both ranks; after a
+# supervised warm-up of 2 steps of 4 pairs, whose micro-batches of 2 the ranks share too.
 GROUP_SETTINGS = {**POLICY_SETTINGS, "tuning_method": "rloo", "batch_size": 4, "samples_per_prompt": 4,
-                  "micro_batch_size": 2}
+                  "micro_batch_size": 2, "sft_steps": 2, "prompt_sequence_length": 64}
 # DPO with batches of 8 pairs in micro-batches of 2: each rank trains on 4 pairs of every batch.
 DPO_SETTINGS = dict(tuning_method="dpo", train_steps=8, batch_size=8, micro_batch_size=2, beta=0.5,
                     learning_rate_multiplier=30.0, warmup_fraction=0.0, prompt_sequence_length=64,
@@ -68,7 +69,8 @@ def main() -> int:
     else:
         settings = POLICY_SETTINGS if args.stage == "policy" else GROUP_SETTINGS
         result = train_policy(ppo_config(**settings), PROMPTS, TargetTokenShare(), args.model,
-                              Path(args.output), base_model_path=args.model, stop_requested=stop)
+                              Path(args.output), base_model_path=args.model, stop_requested=stop,
+                              sft_rows=marker_pairs(48))
     if join().main:
         print(json.dumps(result))
     return 75 if result.get("interrupted") else 0

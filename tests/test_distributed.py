@@ -61,7 +61,8 @@ def alone_and_parallel(tiny_model_dir, tmp_path_factory):
                                                         "eval_mean_margin", "score_mean", "score_std")),
                                            ("policy", ("final_reward", "final_kl", "initial_reward",
                                                        "final_ended_share")),
-                                           ("group", ("final_reward", "final_kl", "initial_reward")),
+                                           ("group", ("final_reward", "final_kl", "initial_reward",
+                                                      "final_sft_loss")),
                                            ("dpo", ("final_dpo_loss", "final_accuracy", "final_reward_margin",
                                                     "eval_accuracy", "eval_mean_margin"))])
 def test_two_processes_train_the_same_weights_and_metrics_as_one(alone_and_parallel, kind, metrics):

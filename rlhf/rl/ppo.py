@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,11 +66,19 @@ from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
 from rlhf.rl.rewards import RewardFunction
 from rlhf.rl.rollouts import Rollout
-from rlhf.rl.sft import sft_gradients, sft_record
+from rlhf.rl.sft import sft_step
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.distributed import Ranks, join, local_device, seed_of
-from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
+from rlhf.training.loop import (
+    METRICS_FILE,
+    TrainingLoop,
+    clock,
+    final_mean,
+    optimizer_step,
+    require_finite,
+    run_fingerprint,
+)
 
 
 @dataclass
@@ -88,13 +95,6 @@ class Experience:
     kl: torch.Tensor | None  # [batch]: summed per-token log-ratio policy/reference; None when kl_coeff is 0
     reference_log_probs: torch.Tensor | None  # [batch, completion]: the adapter-off model's; None when kl_coeff is 0
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of generation, forward, scoring
-
-
-def clock(device: torch.device) -> float:
-    """Wall time once the device's queued work is done (CUDA kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -455,13 +455,7 @@ def train_policy(
                       total_steps=config.sft_steps + config.train_steps) as loop:
         for step in loop.steps():
             if step < config.sft_steps:
-                started = clock(placement.device)
-                chosen = batch_indices(step, config.batch_size, len(sft_pairs), config.seed)
-                loss, tokens = sft_gradients(policy, sft_pairs, chosen, config.micro_batch_size, ranks)
-                require_finite(loss, "reinforcement learning", step, loop.checkpoint_dir)
-                optimizer_step(optimizer, scheduler, [trainable], config.max_grad_norm)
-                record = sft_record(step, loss, tokens, clock(placement.device) - started,
-                                    scheduler.get_last_lr()[0])
+                record = sft_step(policy, sft_pairs, step, config, optimizer, scheduler, loop.checkpoint_dir, ranks)
                 loop.log(record, items=0, sft_loss=f"{record['sft_loss']:.3f}")
                 continue
             rl_step = step - config.sft_steps

@@ -16,10 +16,15 @@ one optimizer step on the run's schedule.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rlhf.reward.packing import pack
 from rlhf.reward.training import EncodedPair
+from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, completion_log_probs
+from rlhf.training.batching import batch_indices
 from rlhf.training.distributed import Ranks
+from rlhf.training.loop import clock, optimizer_step, require_finite
 
 
 def sft_gradients(policy: Policy, pairs: list[EncodedPair], indices: list[int], micro_batch_size: int,
@@ -38,6 +43,16 @@ def sft_gradients(policy: Policy, pairs: list[EncodedPair], indices: list[int], 
     return total, float(batch_tokens)
 
 
-def sft_record(step: int, loss: float, tokens: float, seconds: float, learning_rate: float) -> dict:
-    """What a warm-up step logs: its token-mean loss on the winners (nats per token)."""
-    return {"step": step + 1, "sft_loss": loss / tokens, "learning_rate": learning_rate, "time/update": seconds}
+def sft_step(policy: Policy, pairs: list[EncodedPair], step: int, config: PPOConfig, optimizer, scheduler,
+             checkpoint_dir: Path, ranks: Ranks) -> dict:
+    """One warm-up step: the step's pairs, their gradients summed over the ranks, one optimizer step; returns
+    what the step logs (the token-mean loss on the winners, in nats)."""
+    started = clock(policy.device)
+    indices = batch_indices(step, config.batch_size, len(pairs), config.seed)
+    loss, tokens = sft_gradients(policy, pairs, indices, config.micro_batch_size, ranks)
+    require_finite(loss, "reinforcement learning", step, checkpoint_dir)
+    adapter = [p for p in policy.model.parameters() if p.requires_grad]  # the value head has no part in it
+    ranks.sum_gradients(adapter)
+    optimizer_step(optimizer, scheduler, [adapter], config.max_grad_norm)
+    return {"step": step + 1, "sft_loss": loss / tokens, "learning_rate": scheduler.get_last_lr()[0],
+            "time/update": clock(policy.device) - started}

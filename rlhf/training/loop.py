@@ -59,6 +59,13 @@ def run_fingerprint(config, identity: list, rows: list[dict]) -> str:
     return digest.hexdigest()[:16]
 
 
+def clock(device: torch.device) -> float:
+    """Wall time once the device's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def final_window(history: list[dict]) -> list[dict]:
     """The steps the final metrics average over: the last fifth of the run, at least 1 step and at most 10,
     so one noisy step does not make the result."""
