@@ -47,7 +47,8 @@ def train_policy(
     metrics: Output[Metrics],
 ):
     """PPO, RLOO or GRPO against the reward model (after `sft_steps` supervised steps on the training pairs'
-    winners), or DPO on the training pairs (`tuning_method`), in one process per accelerator; a retry with the same output location resumes from its checkpoint."""
+    winners), or DPO on the training pairs (`tuning_method`), in one process per accelerator; a retry with the
+    same output location resumes from its checkpoint."""
     inputs = dict(locals())
     from rlhf.components.processes import run_stage
     from rlhf.rl.config import PPOConfig

@@ -777,8 +777,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_pol.add_argument("--preference-dataset", metavar="URI",
                            help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice} (dpo; --sft-steps)")
     train_pol.add_argument("--eval-dataset", metavar="URI",
-                           help="dpo: JSONL preference rows held out for accuracy; --sft-steps: kept out of its winners "
-                                "(default: a split by prompt)")
+                           help="dpo: JSONL preference rows held out for accuracy; --sft-steps: kept out of its "
+                                "winners (default: a split by prompt)")
     _add_data_settings(train_pol, "on_invalid", "eval_fraction")
     _add_model_reference(train_pol, from_artifact="reward model")
     train_pol.add_argument("--output-dir", required=True, metavar="DIR", help="where the policy adapter goes")

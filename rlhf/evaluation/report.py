@@ -190,7 +190,8 @@ def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_
                      "base_reward": entry["base_reward"], "tuned_reward": entry["tuned_reward"],
                      "gain": entry["reward_gain"]} for entry in comparison]
     return _templates().get_template("report.html").render(
-        method=method + warm_up, verdict=verdict(evaluation), rule_verdict=rule_verdict(evaluation), judges=judges_table(evaluation),
+        method=method + warm_up, verdict=verdict(evaluation), rule_verdict=rule_verdict(evaluation),
+        judges=judges_table(evaluation),
         with_rule="rule_pass_rate_tuned" in evaluation, side_by_side=side_by_side,
         reward_charts=[line_chart_geometry(reward_scalars.get(name, []), title)
                        for name, title in (("rank_loss", "Reward model: rank_loss"),

@@ -409,10 +409,10 @@ def train_policy(
     """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict.
 
     `config.sft_steps` supervised steps on the winners of `sft_rows` (the training pairs) come first
-    (rlhf/rl/sft.py). Each step after them is the module's five: (1) `batch_indices` picks the prompts; (2, 3) `roll_out` samples, scores
-    and computes the advantages; (4) `ppo_update` runs the PPO epochs; (5) `step_record` is what the loop
-    logs, and the loop checkpoints. Started by `torch.distributed.run`, each process rolls out and trains on
-    its share of every batch (`rlhf.training.distributed`)."""
+    (rlhf/rl/sft.py). Each step after them is the module's five: (1) `batch_indices` picks the prompts;
+    (2, 3) `roll_out` samples, scores and computes the advantages; (4) `ppo_update` runs the PPO epochs;
+    (5) `step_record` is what the loop logs, and the loop checkpoints. Started by `torch.distributed.run`,
+    each process rolls out and trains on its share of every batch (`rlhf.training.distributed`)."""
     from rlhf.models.reference import resolve_model_reference
 
     config.validate()
