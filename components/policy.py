@@ -46,9 +46,9 @@ def train_policy(
     policy: Output[Model],
     metrics: Output[Metrics],
 ):
-    """PPO, RLOO or GRPO against the reward model (after `sft_steps` supervised steps on the training pairs'
-    winners), or DPO on the training pairs (`tuning_method`), in one process per accelerator; a retry with the
-    same output location resumes from its checkpoint."""
+    """PPO, RLOO or GRPO against the reward model, or DPO on the training pairs (`tuning_method`), each after
+    `sft_steps` supervised steps on the training pairs' winners, in one process per accelerator; a retry with
+    the same output location resumes from its checkpoint."""
     inputs = dict(locals())
     from rlhf.components.processes import run_stage
     from rlhf.rl.config import PPOConfig

@@ -149,6 +149,37 @@ def test_resume_after_interruption_gives_the_same_adapter(tiny_model_dir, tmp_pa
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
+def test_after_a_warm_up_the_reference_is_the_warmed_up_policy(tiny_model_dir, tmp_path):
+    """As in the DPO paper (the reference is the SFT model): the first DPO step's loss is log 2, every margin 0,
+    though the warm-up has moved the policy away from the base."""
+    rows = marker_pairs(48, seed=1)
+    metrics = train_dpo(config(sft_steps=6, train_steps=4, learning_rate_multiplier=100.0), rows[:40], rows[40:],
+                        str(tiny_model_dir), tmp_path)
+    sft_losses, _ = scalars(tmp_path, "sft_loss")
+    losses, events = scalars(tmp_path, "dpo_loss")
+    assert len(sft_losses) == 6 and sft_losses[-1] < sft_losses[0] - 0.5  # the warm-up learned the winners
+    assert [event.step for event in events.Scalars("dpo_loss")] == [7, 8, 9, 10]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-4)
+    assert metrics["sft_steps"] == 6 and metrics["final_sft_loss"] == pytest.approx(sft_losses[-1], rel=1e-5)
+    assert not (tmp_path / CHECKPOINT_DIR).exists()  # the warmed-up adapter went with the checkpoints
+
+
+def test_a_run_resumed_after_the_warm_up_keeps_its_reference(tiny_model_dir, tmp_path):
+    rows = marker_pairs(48, seed=1)
+    settings = dict(sft_steps=3, train_steps=5, checkpoint_every=2, learning_rate_multiplier=100.0)
+    straight = train_dpo(config(**settings), rows[:40], rows[40:], str(tiny_model_dir), tmp_path / "a")
+    calls = []
+    first = train_dpo(config(**settings), rows[:40], rows[40:], str(tiny_model_dir), tmp_path / "b",
+                      stop_requested=lambda: calls.append(1) or len(calls) == 5)
+    assert first == {"interrupted": True, "step": 5}  # two DPO steps after the three of the warm-up
+    resumed = train_dpo(config(**settings), rows[:40], rows[40:], str(tiny_model_dir), tmp_path / "b")
+    assert resumed["final_dpo_loss"] == pytest.approx(straight["final_dpo_loss"], rel=1e-5)
+    assert resumed["eval_mean_margin"] == pytest.approx(straight["eval_mean_margin"], rel=1e-5)
+    a, b = (load_file(tmp_path / side / ADAPTER_DIR / "adapter_model.safetensors") for side in "ab")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("flags,problem", [(["--dpo-beta", "0"], "--dpo-beta 0.0 must be above 0"),
                                            (["--dpo-beta", "-1"], "--dpo-beta -1.0 must be above 0")])
 def test_the_cli_refuses_a_beta_not_above_zero_before_any_model_loads(tmp_path, flags, problem):

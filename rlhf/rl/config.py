@@ -37,7 +37,7 @@ class PPOConfig(StageSettings):
 
     tuning_method: str = "ppo"  # ppo (value head, GAE), rloo (leave-one-out), grpo (group-normalised) or dpo (the pairs)
     samples_per_prompt: int = 1  # completions sampled per prompt in a step; rloo and grpo compare them (at least 2)
-    sft_steps: int = 0  # ppo, rloo, grpo: supervised steps on the training pairs' winners before the first rollout
+    sft_steps: int = 0  # supervised steps on the training pairs' winners first (dpo: then its reference)
     train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates; dpo: one batch of pairs)
     batch_size: int = 64  # prompts per step (each sampled samples_per_prompt times; dpo: preference pairs per step)
     micro_batch_size: int = 8  # rollouts (dpo: pairs) per forward pass with gradients
@@ -112,9 +112,6 @@ class PPOConfig(StageSettings):
                              f"divide the {rollouts} rollouts of a step")
         if self.sft_steps < 0:
             found.append(f"{say('sft_steps')} must not be negative")
-        elif self.sft_steps and self.tuning_method == "dpo":
-            found.append(f"{say('sft_steps')} is a warm-up before sampling (ppo, rloo, grpo); dpo trains on the pairs "
-                         "already: set it to 0")
         if self.kl_coeff < 0:
             found.append(f"{say('kl_coeff')} must not be negative")
         found += self.sampling_problems(say)

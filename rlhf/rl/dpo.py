@@ -13,16 +13,24 @@ as prompt + winner + loser (the reward model's shared-prefix packing: the prompt
 for both candidates), accumulate gradients, step the optimizer and the warm-up/cosine schedule, log, and
 checkpoint. A pair's reference log-probs are computed once, on their own, the first time the pair is drawn. At the end:
 the implicit reward's accuracy on the held-out pairs, and the policy artifact every other method writes.
+
+With `sft_steps`, that many supervised steps on the winners come first (rlhf/rl/sft.py), and the reference is
+then the warmed-up policy, not the base: as in the DPO paper, whose reference is the SFT model. Measured against
+the base, the warm-up would already have widened most pairs' margins and left DPO little loss to learn from.
+The warmed-up adapter is kept in the checkpoint directory, so a run resumed after the warm-up has its reference.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from rlhf.data.prompts import PromptEncoder
 from rlhf.errors import UserError
@@ -39,10 +47,13 @@ from rlhf.reward.packing import PackedBatch, pack
 from rlhf.reward.training import EncodedPair, encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, completion_log_probs, save_policy
+from rlhf.rl.sft import sft_step
 from rlhf.training.batching import batch_indices, warmup_cosine
-from rlhf.training.checkpoints import finished_result
-from rlhf.training.distributed import join, local_device
+from rlhf.training.checkpoints import finished_result, trainable_state
+from rlhf.training.distributed import Ranks, join, local_device
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
+
+WARMED_UP_ADAPTER = "warmed_up_adapter.safetensors"  # in the checkpoint directory: the reference after a warm-up
 
 
 def dpo_loss(policy_log_probs: torch.Tensor, reference_log_probs: torch.Tensor,
@@ -57,8 +68,9 @@ def _packed(pairs: list[EncodedPair], pad_id: int, device: torch.device) -> Pack
 
 
 class ReferenceLogProbs:
-    """Each pair's summed log-probs under the base model (the adapter switched off), computed the first time the
-    pair is asked for and kept: the base never changes, so a pair seen again costs nothing.
+    """Each pair's summed log-probs under the reference: the base model (the adapter switched off), or with
+    `adapter` the policy with those adapter weights (the warmed-up policy). Computed the first time the pair is
+    asked for and kept: the reference never changes, so a pair seen again costs nothing.
 
     A pair is computed alone, never batched with the others missing at that moment: padding to a batch's
     longest pair changes the rounding of the products on some CPUs, and which pairs are missing together
@@ -66,19 +78,57 @@ class ReferenceLogProbs:
     others). Alone, a pair's reference is the same number in every run, so a resumed run ends bit for bit as
     an uninterrupted one. Once per pair, this costs little next to the pair's training passes."""
 
-    def __init__(self, policy: Policy, pad_id: int):
-        self.policy, self.pad_id = policy, pad_id
+    def __init__(self, policy: Policy, pad_id: int, adapter: dict[str, torch.Tensor] | None = None):
+        self.policy, self.pad_id, self.adapter = policy, pad_id, adapter
         self.known: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
     def of(self, indices: list[int], pairs: list[EncodedPair]) -> torch.Tensor:
         missing = [i for i in dict.fromkeys(indices) if i not in self.known]
         if missing:
-            with self.policy.model.disable_adapter():
+            with self._reference_weights():
                 for i in missing:
                     self.known[i] = completion_log_probs(self.policy.model,
                                                          _packed([pairs[i]], self.pad_id, self.policy.device))[0]
         return torch.stack([self.known[i] for i in indices])
+
+    @contextmanager
+    def _reference_weights(self) -> Iterator[None]:
+        model = self.policy.model
+        if self.adapter is None:
+            with model.disable_adapter():
+                yield
+            return
+        parameters = dict(model.named_parameters())
+        trained = {name: parameters[name].detach().clone() for name in self.adapter}
+        _copy_into(parameters, self.adapter)
+        try:
+            yield
+        finally:
+            _copy_into(parameters, trained)
+
+
+@torch.no_grad()
+def _copy_into(parameters: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
+    for name, value in weights.items():
+        parameters[name].copy_(value)
+
+
+def warmed_up_adapter(policy: Policy, step: int, sft_steps: int, checkpoint_dir: Path, ranks: Ranks) -> dict:
+    """The reference after a warm-up: at the step the warm-up ends, the policy's adapter as it is (rank 0 also
+    writes it beside the checkpoints); in a run resumed after that step, the adapter written then."""
+    path = checkpoint_dir / WARMED_UP_ADAPTER
+    if step > sft_steps:
+        if not path.exists():
+            raise UserError(f"{checkpoint_dir}: the checkpoints are past the warm-up, but {WARMED_UP_ADAPTER}, the "
+                            "reference DPO compares with, is missing; write to a new output directory")
+        return load_file(path, device=str(policy.device))
+    adapter = {name: p.detach().clone() for name, p in policy.model.named_parameters() if p.requires_grad}
+    if ranks.main:
+        staged = path.with_name(f".{WARMED_UP_ADAPTER}.partial")
+        save_file(trainable_state(policy.model), staged)
+        os.replace(staged, path)
+    return adapter  # a copy: the policy's own weights move on from here
 
 
 def train_step(policy: Policy, indices: list[int], pairs: list[EncodedPair], reference: ReferenceLogProbs,
@@ -161,14 +211,22 @@ def train_dpo(
     policy.model.train()
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=0.0)
+    total_steps = config.sft_steps + config.train_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(math.ceil(config.warmup_fraction * config.train_steps), config.train_steps))
+        optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_steps), total_steps))
     reference = ReferenceLogProbs(policy, tokenizer.pad_token_id)
 
     with TrainingLoop(output_dir, run_id, "policy", config, policy, optimizer, scheduler, stop_requested,
-                      progress_label="policy (DPO)", ranks=ranks) as loop:
+                      progress_label="policy (DPO)", ranks=ranks, total_steps=total_steps) as loop:
         for step in loop.steps():
-            batch = batch_indices(step, config.batch_size, len(train_pairs), config.seed)
+            if step < config.sft_steps:
+                record = sft_step(policy, train_pairs, step, config, optimizer, scheduler, loop.checkpoint_dir, ranks)
+                loop.log(record, items=0, sft_loss=f"{record['sft_loss']:.3f}")
+                continue
+            if config.sft_steps and reference.adapter is None:
+                reference = ReferenceLogProbs(policy, tokenizer.pad_token_id, warmed_up_adapter(
+                    policy, step, config.sft_steps, loop.checkpoint_dir, ranks))
+            batch = batch_indices(step - config.sft_steps, config.batch_size, len(train_pairs), config.seed)
             summed = train_step(policy, ranks.share(batch), train_pairs, reference, len(batch), config)
             ranks.sum_gradients(trainable)
             loss, accuracy, chosen_reward, rejected_reward = (total / len(batch) for total in ranks.total(summed))
@@ -184,17 +242,21 @@ def train_dpo(
         if not ranks.main:
             return loop.result_of_main()
 
-        evaluation = evaluate_pairs(policy, held_out_pairs, ReferenceLogProbs(policy, tokenizer.pad_token_id), config)
+        evaluation = evaluate_pairs(policy, held_out_pairs,
+                                    ReferenceLogProbs(policy, tokenizer.pad_token_id, reference.adapter), config)
         if "eval_accuracy" in evaluation:
-            loop.writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], config.train_steps)
+            loop.writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], total_steps)
+        dpo_history = loop.history[config.sft_steps:]
         save_policy(policy, PolicySpec.of(config, large_model_reference), output_dir, tokenizer,
                     merged=config.export_merged)
         return loop.finish({
             "tuning_method": "dpo",
             **evaluation,
-            "final_dpo_loss": final_mean(loop.history, "dpo_loss"),
-            "final_accuracy": final_mean(loop.history, "accuracy"),
-            "final_reward_margin": final_mean(loop.history, "reward_margin"),
+            "final_dpo_loss": final_mean(dpo_history, "dpo_loss"),
+            "final_accuracy": final_mean(dpo_history, "accuracy"),
+            "final_reward_margin": final_mean(dpo_history, "reward_margin"),
+            "sft_steps": config.sft_steps,
+            "final_sft_loss": loop.history[config.sft_steps - 1]["sft_loss"] if config.sft_steps else None,
             "steps": config.train_steps,
             "train_pairs": len(train_pairs),
             "pairs_per_second": loop.items_per_second(),

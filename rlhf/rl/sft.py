@@ -1,5 +1,5 @@
-"""Supervised warm-up: before the first rollout, `sft_steps` steps of next-token loss on the training pairs'
-winners given their prompts, on the policy's own adapter.
+"""Supervised warm-up: before the first rollout (DPO: before its first step), `sft_steps` steps of next-token
+loss on the training pairs' winners given their prompts, on the policy's own adapter.
 
 Why: reinforcement learning improves only what the policy samples. The best RLHF pipelines start PPO from a
 supervised model of the task (InstructGPT; the N+ scripts' SFT -> reward model -> PPO; OpenRLHF's and TRL's
