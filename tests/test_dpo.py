@@ -204,6 +204,8 @@ def test_bad_dpo_parameters_are_refused_before_the_pipeline_runs():
 
 
 def test_the_pipeline_runs_dpo_end_to_end_with_the_same_report(tiny_model_dir, tmp_path):
+    from rlhf.pipeline.local_run import LOCAL_DEFAULTS
+
     output = tmp_path / "run"
     settings = ["tuning_method=dpo", "dpo_beta=0.5", "reinforcement_learning_train_epochs=1",
                 "reinforcement_learning_batch_size=16", "reinforcement_learning_micro_batch_size=8",
@@ -214,9 +216,11 @@ def test_the_pipeline_runs_dpo_end_to_end_with_the_same_report(tiny_model_dir, t
     metrics = json.loads((output / "metrics.json").read_text())
     pairs = metrics["reward_model"]["train_pairs"]  # the same split as the reward model's
     steps = -(-pairs // 16)  # epochs count the training pairs for DPO: ceil(pairs / batch) * 1
-    assert f"policy (DPO): {steps}/{steps} steps (100%)" in result.stderr
+    warm_up = LOCAL_DEFAULTS["sft_steps"]  # the local default's warm-up comes first, as before PPO
+    assert warm_up > 0 and f"policy (DPO): {warm_up + steps}/{warm_up + steps} steps (100%)" in result.stderr
     policy = metrics["policy"]
     assert policy["tuning_method"] == "dpo" and policy["steps"] == steps and policy["train_pairs"] == pairs
+    assert policy["sft_steps"] == warm_up and policy["final_sft_loss"] > 0
     assert policy["eval_pairs"] == metrics["reward_model"]["eval_pairs"] and 0 <= policy["eval_accuracy"] <= 1
     assert {"win_rate_vs_base", "kl_to_base", "rule_pass_rate_tuned"} <= set(metrics["evaluation"])
     page = (output / "report.html").read_text()
