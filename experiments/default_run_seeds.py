@@ -6,9 +6,9 @@ the table that says whether each shows learning by both judges.
 Each seed runs `rlhf run --set seed=S` in its own directory, exactly as a user runs the main job; the
 table (`seeds.md`, `seeds.json` beside the runs) gives, per seed, the wall time, the reward model's held-out
 accuracy, the tuned model's win rate under the reward model, the rule judge's pass rates on both sides,
-the KL to base, words, ended shares and repeated n-grams, and whether each target holds:
-tuned wins on at least 70% of the eval prompts, the rule passes at least 30 points more tuned completions
-than base ones, and the KL to base stays at most 10 nats per completion.
+the KL to base, words, ended shares, repeated n-grams and the share copied from the post, and whether each
+target holds: tuned wins on at least 70% of the eval prompts, the rule passes at least 30 points more tuned
+completions than base ones, and the KL to base stays at most 10 nats per completion.
 """
 
 import argparse
@@ -51,6 +51,8 @@ def run_seed(seed: int, output: Path, sets: list[str]) -> dict:
         "tuned_ended": evaluation["tuned_ended_share"],
         "base_repeated_4grams": evaluation["base_repeated_ngram_share"],
         "tuned_repeated_4grams": evaluation["tuned_repeated_ngram_share"],
+        "base_copied_5grams": evaluation["base_copied_ngram_share"],
+        "tuned_copied_5grams": evaluation["tuned_copied_ngram_share"],
     }
     row["targets_met"] = {
         "win_rate": row["win_rate"] >= TARGETS["win_rate"],
@@ -63,8 +65,9 @@ def run_seed(seed: int, output: Path, sets: list[str]) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = ["| seed | wall time | RM held-out acc. | PPO steps | tuned wins (RM) | rule pass base → tuned | "
-             "KL to base | words base / tuned | ended base / tuned | repeated 4-grams base / tuned | targets |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "KL to base | words base / tuned | ended base / tuned | repeated 4-grams base / tuned | "
+             "copied 5-grams base / tuned | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         met = r["targets_met"]
         verdict = "all met" if all(met.values()) else "missed: " + ", ".join(k for k, ok in met.items() if not ok)
@@ -73,7 +76,8 @@ def table(rows: list[dict]) -> str:
             f"{r['win_rate']:.0%} of {r['prompts']} | {r['rule_pass_base']:.0%} → {r['rule_pass_tuned']:.0%} | "
             f"{r['kl_to_base']:.2f} | {r['base_words']:.0f} / {r['tuned_words']:.0f} | "
             f"{r['base_ended']:.0%} / {r['tuned_ended']:.0%} | "
-            f"{r['base_repeated_4grams']:.0%} / {r['tuned_repeated_4grams']:.0%} | {verdict} |")
+            f"{r['base_repeated_4grams']:.0%} / {r['tuned_repeated_4grams']:.0%} | "
+            f"{r['base_copied_5grams']:.0%} / {r['tuned_copied_5grams']:.0%} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

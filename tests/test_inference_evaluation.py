@@ -214,13 +214,25 @@ def test_repeated_ngrams_measure_degenerate_loops():
     assert repeated_ngram_share("too short") == 0.0
 
 
+def test_copied_ngrams_measure_how_much_of_a_completion_repeats_its_prompt():
+    from rlhf.evaluation.compare import copied_ngram_share
+
+    post = "When my grandfather died in the spring, he left me his old gold watch. Should I keep it?"
+    assert copied_ngram_share("When my Grandfather died in the spring he left me his old gold watch", post) == 1.0
+    assert copied_ngram_share("My grandfather left me a watch that my cousin now wants.", post) == 0.0
+    # Three of its seven 5-grams are the post's: "when my ... in", "my ... the", "grandfather ... spring".
+    assert copied_ngram_share("When my grandfather died in the spring, my cousin wanted it.", post) == pytest.approx(
+        3 / 7)
+    assert copied_ngram_share("Keep it.", post) == 0.0
+
+
 def test_the_report_leads_with_both_judges():
     from rlhf.evaluation.report import rule_verdict
 
     judged = {**EVALUATION, "rule": "a summary", "rule_pass_rate_base": 0.125, "rule_pass_rate_tuned": 0.75,
               "rule_checks_base": {"ended": 0.5}, "rule_checks_tuned": {"ended": 1.0},
               "base_ended_share": 0.5, "tuned_ended_share": 1.0, "base_repeated_ngram_share": 0.1,
-              "tuned_repeated_ngram_share": 0.0}
+              "tuned_repeated_ngram_share": 0.0, "base_copied_ngram_share": 0.05, "tuned_copied_ngram_share": 0.8}
     assert rule_verdict(judged) == ("By the rule (a summary), 75% of tuned completions pass against 12% of base "
                                     "completions: 62 points more.")
     assert rule_verdict(EVALUATION).startswith("No rule judge")
@@ -232,3 +244,4 @@ def test_the_report_leads_with_both_judges():
         "<h2>Reward model</h2>")
     assert "fails: no advice" in page and "<td class=\"num\">75%</td>" in page
     assert "| passes the rule | 12% | 75% |" in render_markdown(metrics, comparison)
+    assert "| word 5-grams copied from the prompt | 5% | 80% |" in render_markdown(metrics, comparison)

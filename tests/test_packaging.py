@@ -28,10 +28,13 @@ def test_the_wheel_compiles_and_submits_from_outside_the_checkout(tmp_path):
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
                             "--wheel-dir", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
+    assert "absent from the `packages` configuration" not in built.stderr  # printed at every user's install
     wheel = next((tmp_path / "dist").glob("rlhf_pipeline-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if not name.startswith("rlhf_pipeline-")} == {"rlhf"}
-    assert "rlhf/pipeline/pipeline.yaml" in names and "rlhf/labeling/templates/labeling.html" in names
+    assert {"rlhf/pipeline/pipeline.yaml", "rlhf/labeling/templates/labeling.html",
+            "rlhf/evaluation/templates/report.html", "rlhf/sample_data/preference.jsonl",
+            "rlhf/sample_data/README.md"} <= set(names)
 
     # A fresh environment holding only the wheel; the dependencies come from this one's site-packages by
     # a path entry, which (unlike a site directory) does not run this checkout's editable-install hook.

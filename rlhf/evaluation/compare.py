@@ -1,11 +1,13 @@
 """Base against tuned, side by side, by two judges: the reward model (scores, win rate with a bootstrap
 interval) and, where the instruction defines one, the rule judge (`rlhf.evaluation.rule_judge`), which never sees the
-reward model. Also the KL of the tuned policy to the base, lengths, ended shares and repeated n-grams."""
+reward model. Also the KL of the tuned policy to the base, lengths, ended shares, repeated n-grams, and how
+much of each completion is copied from its prompt."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from rlhf.reward.model import load_reward_model, score_packed
 from rlhf.rl.policy import Policy, PolicySpec
 
 REPEAT_NGRAM = 4  # word n-grams counted for repetition
+COPY_NGRAM = 5  # word n-grams looked up in the prompt: five words in a row are seldom shared by chance
 KL_BATCH = 8  # completions sampled per pass for the KL to base
 
 
@@ -61,6 +64,19 @@ def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
     words = text.lower().split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = re.findall(r"[\w']+", text.lower())
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def copied_ngram_share(text: str, source: str, n: int = COPY_NGRAM) -> float:
+    """Share of a text's word n-grams (case and punctuation aside) found in `source`: near 1 for a completion
+    that copies the post's sentences, near 0 for one in its own words (a summary that rephrases, or advice)."""
+    grams = _word_ngrams(text, n)
+    found = set(_word_ngrams(source, n))
+    return sum(gram in found for gram in grams) / len(grams) if grams else 0.0
 
 
 @torch.no_grad()
@@ -145,6 +161,8 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
         "tuned_ended_share": _mean([float(r.get("ended", True)) for r in tuned_rows]),
         "base_repeated_ngram_share": _mean([repeated_ngram_share(r["prediction"]) for r in base_rows]),
         "tuned_repeated_ngram_share": _mean([repeated_ngram_share(r["prediction"]) for r in tuned_rows]),
+        "base_copied_ngram_share": _mean([copied_ngram_share(r["prediction"], user_input(r)) for r in base_rows]),
+        "tuned_copied_ngram_share": _mean([copied_ngram_share(r["prediction"], user_input(r)) for r in tuned_rows]),
         "judges": ["reward_model"] + (["rule"] if rule else []),
     }
     if rule:

@@ -160,6 +160,9 @@ def judges_table(evaluation: dict) -> list[tuple[str, str, str]]:
     if "base_repeated_ngram_share" in evaluation:
         rows.append(("repeated word 4-grams", _percent(evaluation["base_repeated_ngram_share"]),
                      _percent(evaluation["tuned_repeated_ngram_share"])))
+    if "base_copied_ngram_share" in evaluation:
+        rows.append(("word 5-grams copied from the prompt", _percent(evaluation["base_copied_ngram_share"]),
+                     _percent(evaluation["tuned_copied_ngram_share"])))
     return rows
 
 
