@@ -47,9 +47,9 @@ from rlhf.reward.packing import PackedBatch, pack
 from rlhf.reward.training import EncodedPair, encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, completion_log_probs, save_policy
-from rlhf.rl.sft import sft_step
+from rlhf.rl.sft import final_sft_loss, sft_step
 from rlhf.training.batching import batch_indices, warmup_cosine
-from rlhf.training.checkpoints import finished_result, trainable_state
+from rlhf.training.checkpoints import copy_weights, finished_result, trainable_state
 from rlhf.training.distributed import Ranks, join, local_device
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
 
@@ -101,17 +101,11 @@ class ReferenceLogProbs:
             return
         parameters = dict(model.named_parameters())
         trained = {name: parameters[name].detach().clone() for name in self.adapter}
-        _copy_into(parameters, self.adapter)
+        copy_weights(model, self.adapter)
         try:
             yield
         finally:
-            _copy_into(parameters, trained)
-
-
-@torch.no_grad()
-def _copy_into(parameters: dict[str, torch.nn.Parameter], weights: dict[str, torch.Tensor]) -> None:
-    for name, value in weights.items():
-        parameters[name].copy_(value)
+            copy_weights(model, trained)
 
 
 def warmed_up_adapter(policy: Policy, step: int, sft_steps: int, checkpoint_dir: Path, ranks: Ranks) -> dict:
@@ -256,7 +250,7 @@ def train_dpo(
             "final_accuracy": final_mean(dpo_history, "accuracy"),
             "final_reward_margin": final_mean(dpo_history, "reward_margin"),
             "sft_steps": config.sft_steps,
-            "final_sft_loss": loop.history[config.sft_steps - 1]["sft_loss"] if config.sft_steps else None,
+            "final_sft_loss": final_sft_loss(loop.history, config.sft_steps),
             "steps": config.train_steps,
             "train_pairs": len(train_pairs),
             "pairs_per_second": loop.items_per_second(),

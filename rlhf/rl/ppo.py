@@ -66,7 +66,7 @@ from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
 from rlhf.rl.rewards import RewardFunction
 from rlhf.rl.rollouts import Rollout
-from rlhf.rl.sft import sft_step
+from rlhf.rl.sft import final_sft_loss, sft_step
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.distributed import Ranks, join, local_device, seed_of
@@ -490,7 +490,7 @@ def train_policy(
             "initial_reward": rl_history[0]["reward"],
             "final_ended_share": final_mean(rl_history, "ended_share"),
             "sft_steps": config.sft_steps,
-            "final_sft_loss": loop.history[config.sft_steps - 1]["sft_loss"] if config.sft_steps else None,
+            "final_sft_loss": final_sft_loss(loop.history, config.sft_steps),
             "steps": config.train_steps,
             "episodes_per_second": loop.items_per_second(),
             "prompts": len(prompt_rows),

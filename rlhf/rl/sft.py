@@ -56,3 +56,8 @@ def sft_step(policy: Policy, pairs: list[EncodedPair], step: int, config: PPOCon
     optimizer_step(optimizer, scheduler, [adapter], config.max_grad_norm)
     return {"step": step + 1, "sft_loss": loss / tokens, "learning_rate": scheduler.get_last_lr()[0],
             "time/update": clock(policy.device) - started}
+
+
+def final_sft_loss(history: list[dict], sft_steps: int) -> float | None:
+    """The last warm-up step's loss, from a run's history (None without a warm-up)."""
+    return history[sft_steps - 1]["sft_loss"] if sft_steps else None

@@ -58,6 +58,14 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
+@torch.no_grad()
+def copy_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put `weights` (by parameter name) into the model's parameters, in place."""
+    parameters = dict(model.named_parameters())
+    for name, value in weights.items():
+        parameters[name].copy_(value)
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
@@ -195,10 +203,7 @@ def load_checkpoint(checkpoint: Path, model: torch.nn.Module, optimizer: torch.o
             "command, or write to a new output directory")
     device = next(model.parameters()).device
     weights = load_file(checkpoint / WEIGHTS, device=str(device))
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            parameters[name].copy_(value)
+    copy_weights(model, weights)
     groups = json.loads((checkpoint / OPTIMIZER_GROUPS).read_text())
     tensors = load_file(checkpoint / OPTIMIZER_TENSORS, device=str(device))
     restored: dict = {}
