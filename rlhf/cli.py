@@ -857,7 +857,12 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         _require_local_paths(args)
-        return args.handler(args)
+        status = args.handler(args)
+        if "LOCAL_RANK" in os.environ:  # one of a stage's processes
+            from rlhf.training.distributed import leave
+
+            leave()
+        return status
     except KeyboardInterrupt:
         print(f"rlhf {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ from pathlib import Path
 from rlhf.reward.training import train_reward_model
 from rlhf.rl.dpo import train_dpo
 from rlhf.rl.ppo import train_policy
-from rlhf.training.distributed import join, launch
+from rlhf.training.distributed import join, launch, leave
 from rlhf.training.stopping import StopFlag
 from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, ppo_config, reward_config
 
@@ -73,6 +73,7 @@ def main() -> int:
                               sft_rows=marker_pairs(48))
     if join().main:
         print(json.dumps(result))
+    leave()
     return 75 if result.get("interrupted") else 0
 
 

@@ -102,6 +102,16 @@ def join() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
+def leave() -> None:
+    """Once this process's work is done (on every rank: a finished or stopped stage): wait for the others and
+    close the process group. A process that exits with the group still open leaves gloo's connections to be torn
+    down during interpreter shutdown, which can abort it (status -6) after a run that finished. Not after an
+    error: the other ranks may never reach the barrier."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_device(device: str) -> str:
     """The device of this process: "cuda" becomes the rank's own GPU when several processes share a machine."""
     local_rank = os.environ.get("LOCAL_RANK")
