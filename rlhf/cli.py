@@ -541,6 +541,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _add_device(parser) -> None:
+    """`--device` of the commands whose stage has no settings dataclass (the others take it from theirs): the
+    field every stage's settings share."""
+    from rlhf.settings import PromptSettings
+
+    parser.add_argument("--device", default=PromptSettings.device, help=PromptSettings.field_docs()["device"])
+
+
 def _add_plain_text(parser) -> None:
     """--plain-text, the pipeline's `plain_text`: how every command sets `use_chat_template`."""
     parser.add_argument(_flag(PLAIN_TEXT), action="store_true", help="do not use the tokenizer's chat template")
@@ -735,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "$AIP_STORAGE_URI)")
     serve.add_argument("--host", help="interface (default 127.0.0.1; 0.0.0.0 inside Vertex AI)")
     serve.add_argument("--port", type=_positive_int, help="port (default $AIP_HTTP_PORT, else 8080)")
-    serve.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu")
+    _add_device(serve)
     serve.set_defaults(handler=cmd_serve)
 
     train_rm = commands.add_parser(
@@ -762,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_rm.add_argument("--reward-model", required=True, metavar="DIR", help="a trained reward model directory")
     eval_rm.add_argument("--preference-dataset", required=True, metavar="URI", help="labelled pairs")
     _add_data_settings(eval_rm, "on_invalid")
-    eval_rm.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    _add_device(eval_rm)
     eval_rm.set_defaults(handler=cmd_evaluate_reward_model)
 
     train_pol = commands.add_parser(
@@ -812,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--policy", required=True, metavar="DIR")
     evaluate.add_argument("--output-dir", required=True, metavar="DIR")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
-    evaluate.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    _add_device(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
 
     candidates = commands.add_parser(

@@ -15,7 +15,7 @@ import io
 import re
 import tokenize
 from collections.abc import Callable, Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from types import MappingProxyType
 from typing import ClassVar
 
@@ -45,16 +45,18 @@ class Settings:
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:
-        """Each field's one-line doc: the comment after it in the class body."""
-        source = inspect.getsource(cls)
-        lines = source.splitlines()
+        """Each field's one-line doc: the comment after it in the body of the class that declares it."""
         names = {f.name for f in fields(cls)}
         docs = {}
-        comments = [t for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT]
-        for comment in comments:
-            declared = re.match(r"\s+(\w+):", lines[comment.start[0] - 1])
-            if declared and declared[1] in names:
-                docs[declared[1]] = comment.string.lstrip("#").strip()
+        for declaring in reversed([c for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]):
+            source = inspect.getsource(declaring)
+            lines = source.splitlines()
+            comments = [t for t in tokenize.generate_tokens(io.StringIO(source).readline)
+                        if t.type == tokenize.COMMENT]
+            for comment in comments:
+                declared = re.match(r"\s+(\w+):", lines[comment.start[0] - 1])
+                if declared and declared[1] in names:
+                    docs[declared[1]] = comment.string.lstrip("#").strip()
         return docs
 
     @classmethod
@@ -101,6 +103,18 @@ class Settings:
 
 def _all_positive(value: float | tuple[float, ...]) -> bool:
     return all(v > 0 for v in (value if isinstance(value, tuple) else (value,)))
+
+
+@dataclass
+class PromptSettings(Settings):
+    """The settings of every stage that turns rows into prompts for the model, defined once (a stage's config
+    dataclass takes them from here; their fields come first)."""
+
+    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
+    target_sequence_length: int = 64  # completion tokens: generated at most, or kept of a given completion
+    instruction: str = ""  # put before every input
+    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
 
 class StageSettings(Settings):

@@ -1,13 +1,18 @@
 """The wheel works outside the checkout: `rlhf compile` and `rlhf submit --dry-run` from a fresh virtual
-environment in a temporary folder, with the compiled pipeline shipped as package data."""
+environment in a temporary folder, with the compiled pipeline shipped as package data; and every package the
+code imports is one pyproject declares."""
 
+import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import venv
 import zipfile
+from importlib.metadata import distribution, packages_distributions
 from pathlib import Path
 
 import pytest
@@ -15,9 +20,8 @@ import yaml
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_the_wheel_compiles_and_submits_from_outside_the_checkout(tmp_path):
     # Built from a copy of the sources, so no build folder of the checkout's (or left in it) takes part.
     source = tmp_path / "source"
@@ -68,3 +72,63 @@ def test_the_wheel_compiles_and_submits_from_outside_the_checkout(tmp_path):
     body = json.loads(submitted.stdout)
     assert body["pipelineSpec"] == yaml.safe_load((REPO / "pipeline.yaml").read_text())
     assert body["runtimeConfig"]["parameterValues"]["kl_coeff"] == 0.05
+
+
+def _imported_distributions(folders: list[str]) -> dict[str, set[str]]:
+    """The installed distributions that the modules under `folders` import directly, each with the modules
+    that import it (imports of the standard library and of this repository left out)."""
+    providers = packages_distributions()
+    ours = {"rlhf", "pipeline", "components", "tests", "bench", "experiments"}
+    found: dict[str, set[str]] = {}
+    for folder in folders:
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    modules = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules = [f"{node.module}.{alias.name}" for alias in node.names]  # a name may be a module
+                else:
+                    continue
+                for module in modules:
+                    top = module.split(".")[0]
+                    if top in sys.stdlib_module_names or top in ours:
+                        continue
+                    # A namespace package (google) is provided by many distributions: the module's own
+                    # distribution is the one whose files hold it.
+                    for provider in _providers_of(module, providers.get(top, [top])):
+                        found.setdefault(_normalised(provider), set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def _providers_of(module: str, candidates: list[str]) -> list[str]:
+    """The distributions among `candidates` whose files hold the longest leading part of `module`."""
+    if len(candidates) == 1:
+        return candidates
+    files = {name: [str(file) for file in distribution(name).files or []] for name in candidates}
+    parts = module.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = "/".join(parts[:end])
+        holders = [name for name in candidates
+                   if any(file == f"{prefix}.py" or file.startswith(f"{prefix}/") for file in files[name])]
+        if holders:
+            return holders
+    return candidates
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _declared(*extras: str) -> set[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in extras for r in project["optional-dependencies"][extra]]
+    return {_normalised(re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)) for requirement in requirements}
+
+
+@pytest.mark.parametrize("folders, extras", [(["rlhf", "pipeline", "components"], ()), (["tests"], ("test",))])
+def test_every_imported_distribution_is_declared(folders, extras):
+    """What the package (or the tests) import must be in pyproject's dependencies (or the test extra), not only
+    arrive with another package that happens to need it today."""
+    undeclared = {name: sorted(modules) for name, modules in _imported_distributions(folders).items()
+                  if name not in _declared(*extras)}
+    assert not undeclared, undeclared

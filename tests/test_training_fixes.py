@@ -150,10 +150,10 @@ def test_dropout_is_off_in_training_mode_whatever_the_architecture_calls_it(mode
 
 
 def test_full_fine_tuning_keeps_float32_weights_where_the_device_runs_bfloat16(tiny_model_dir, tmp_path, monkeypatch):
-    import rlhf.reward.training
+    import rlhf.training.stage
 
-    monkeypatch.setattr(rlhf.reward.training, "pick_placement", lambda device: Placement(torch.device("cpu"),
-                                                                                         torch.bfloat16))
+    monkeypatch.setattr(rlhf.training.stage, "pick_placement", lambda device: Placement(torch.device("cpu"),
+                                                                                        torch.bfloat16))
     rows = marker_pairs(24)
     train_reward_model(reward_config(train_steps=2, lora_dim=0, learning_rate_multiplier=0.1), rows[:16], rows[16:],
                        str(tiny_model_dir), tmp_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhf.errors import UserError
+from rlhf.settings import PromptSettings
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,8 @@ class PromptEncoder:
 
     tokenizer: object
     prompt_format: PromptFormat = PromptFormat()
-    prompt_sequence_length: int = 512
-    target_sequence_length: int = 64
+    prompt_sequence_length: int = PromptSettings.prompt_sequence_length
+    target_sequence_length: int = PromptSettings.target_sequence_length
     counts: TruncationCounts = field(default_factory=TruncationCounts)
 
     def __post_init__(self):

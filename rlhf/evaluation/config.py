@@ -5,26 +5,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.settings import SHARED_PARAMETERS, Settings
+from rlhf.settings import SHARED_PARAMETERS, PromptSettings
 
 
 @dataclass
-class InferenceConfig(Settings):
+class InferenceConfig(PromptSettings):
     """Settings of bulk inference."""
 
     stage = "inference"
     parameter_names = {"batch_size": "inference_batch_size", **SHARED_PARAMETERS}
 
-    target_sequence_length: int = 64  # new tokens at most
-    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
     batch_size: int = 8  # prompts per generate call
     sample: bool = False  # sample instead of decoding greedily (Vertex's bulk inferrer is greedy)
     temperature: float = 1.0  # sampling temperature, when sampling
     top_p: float = 1.0  # nucleus sampling, when sampling
     seed: int = 0  # seed of the sampling
-    instruction: str = ""  # put before every input
-    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
     def stage_problems(self, say) -> list[str]:
         return (self.below_one(("target_sequence_length", "prompt_sequence_length", "batch_size"), say)

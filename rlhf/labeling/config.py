@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.settings import SHARED_PARAMETERS, Settings
+from rlhf.settings import SHARED_PARAMETERS, PromptSettings
 
 
 @dataclass
-class CandidateConfig(Settings):
+class CandidateConfig(PromptSettings):
     """Settings of candidate generation."""
 
     stage = "candidate generation"
@@ -17,14 +17,9 @@ class CandidateConfig(Settings):
 
     temperatures: tuple[float, float] = (0.7, 1.0)  # sampling temperature of candidate_0 and of candidate_1
     top_p: float = 0.95  # nucleus sampling, both candidates
-    target_sequence_length: int = 64  # new tokens at most per candidate
-    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
     batch_size: int = 8  # prompts per generate call
     max_attempts: int = 3  # samplings of a pair before its prompt is left out as unusable
     seed: int = 0  # base of every generate call's seed
-    instruction: str = ""  # put before every input
-    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
     def stage_problems(self, say) -> list[str]:
         found = [] if len(self.temperatures) == 2 else [f"{say('temperatures')}: give two temperatures"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.settings import SHARED_PARAMETERS, StageSettings
+from rlhf.settings import SHARED_PARAMETERS, PromptSettings, StageSettings
 
 BASE_LEARNING_RATE = 1e-4  # Vertex's reward-model rate; the multiplier scales it
 
 
 @dataclass
-class RewardTrainingConfig(StageSettings):
+class RewardTrainingConfig(StageSettings, PromptSettings):
     """Hyperparameters of the reward-model stage."""
 
     stage = "reward model"
@@ -32,17 +32,12 @@ class RewardTrainingConfig(StageSettings):
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 1.0  # gradient clipping
     lora_dim: int = 4  # LoRA rank; 0 fine-tunes the whole backbone
-    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
-    target_sequence_length: int = 64  # completion tokens kept
-    instruction: str = ""  # put before every input
-    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
     seed: int = 0  # data order and head initialisation
     checkpoint_every: int = 50  # steps between checkpoints
     log_every: int = 1  # steps between TensorBoard points
     normalization_pairs: int = 512  # training pairs (a seeded sample) scored after training for the reward mean and std
     balance_lengths: bool = False  # train on a seeded subset where the longer candidate wins half the pairs
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier

@@ -30,8 +30,6 @@ from rlhf.models.loading import (
     Placement,
     add_lora,
     load_backbone,
-    load_tokenizer,
-    pick_placement,
     recompute_activations,
 )
 from rlhf.reward.config import RewardTrainingConfig
@@ -39,8 +37,8 @@ from rlhf.reward.model import RewardModel, RewardModelSpec, require_exact_packin
 from rlhf.reward.packing import pack, packed_length
 from rlhf.training.batching import batch_indices, micro_batches, warmup_cosine
 from rlhf.training.checkpoints import finished_result
-from rlhf.training.distributed import join, local_device
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
+from rlhf.training.stage import start_stage
 
 
 @dataclass
@@ -125,8 +123,6 @@ def train_reward_model(
     with `"interrupted": True` (a preempted job's SIGTERM goes through it). Started by
     `torch.distributed.run`, each process trains on its share of every batch (`rlhf.training.distributed`).
     """
-    from rlhf.models.reference import resolve_model_reference
-
     config.validate()
     if not train_rows:
         raise UserError("reward model: no training pairs")
@@ -138,18 +134,13 @@ def train_reward_model(
     if finished is not None:
         return finished
 
-    ranks = join()
-    placement: Placement = pick_placement(local_device(config.device))
+    ranks, placement, base_path, tokenizer, encoder = start_stage(config, large_model_reference, base_model_path)
     if config.lora_dim == 0 and placement.dtype != torch.float32:
         # Updated in bfloat16, most weights would never move (an update below a weight's rounding step is lost):
         # full fine-tuning keeps the weights in float32.
         print(f"Full fine-tuning keeps float32 weights (not {placement.dtype}); LoRA (lora_dim > 0) trains in "
               f"{placement.dtype}", file=sys.stderr)
         placement = Placement(placement.device, torch.float32)
-    base_path = base_model_path or resolve_model_reference(large_model_reference)
-
-    tokenizer = load_tokenizer(base_path)
-    encoder = PromptEncoder.for_settings(tokenizer, config)
     train_pairs = encode_pairs(train_rows, encoder)
     held_out_pairs = encode_pairs(held_out_rows, encoder)
     pad_id = tokenizer.pad_token_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.settings import SHARED_PARAMETERS, StageSettings
+from rlhf.settings import SHARED_PARAMETERS, PromptSettings, StageSettings
 
 BASE_LEARNING_RATE = 1e-4  # the RL rate for LoRA; reinforcement_learning_rate_multiplier scales it
 TUNING_METHODS = ("ppo", "rloo", "grpo", "dpo")  # ppo, rloo, grpo: rlhf/rl/ppo.py; dpo: rlhf/rl/dpo.py
@@ -13,7 +13,7 @@ ONLINE_METHODS = ("ppo", "rloo", "grpo")  # sample from the policy and score wit
 
 
 @dataclass
-class PPOConfig(StageSettings):
+class PPOConfig(StageSettings, PromptSettings):
     """Hyperparameters of the reinforcement-learning stage."""
 
     stage = "reinforcement learning"
@@ -58,17 +58,12 @@ class PPOConfig(StageSettings):
     max_grad_norm: float = 1.0  # gradient clipping
     penalize_unfinished: bool = True  # score completions without EOS with unfinished_reward, not the reward model
     unfinished_reward: float = -2.0  # what a completion without EOS scores instead, in normalised units (2 std down)
-    prompt_sequence_length: int = 512  # prompt tokens kept (cut inside the input)
-    target_sequence_length: int = 64  # new tokens generated at most
-    instruction: str = ""  # put before every input
-    use_chat_template: bool | None = None  # None: the tokenizer's chat template when it has one
     seed: int = 0  # data order and sampling
     checkpoint_every: int = 20  # steps between checkpoints
     sample_every: int = 10  # steps between sample completions logged as text
     export_merged: bool = False  # also write base + adapter merged into a plain model directory
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
     beta: float = 0.1  # dpo: scale of the implicit reward, beta * log(policy / base); lower lets the policy move further
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
 
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier

@@ -32,13 +32,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from rlhf.data.prompts import PromptEncoder
 from rlhf.errors import UserError
 from rlhf.models.loading import (
     add_lora,
     load_causal_lm,
-    load_tokenizer,
-    pick_placement,
     recompute_activations,
     stop_token_ids,
 )
@@ -50,8 +47,9 @@ from rlhf.rl.policy import Policy, PolicySpec, completion_log_probs, save_policy
 from rlhf.rl.sft import final_sft_loss, sft_step
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import copy_weights, finished_result, trainable_state
-from rlhf.training.distributed import Ranks, join, local_device
+from rlhf.training.distributed import Ranks
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
+from rlhf.training.stage import start_stage
 
 WARMED_UP_ADAPTER = "warmed_up_adapter.safetensors"  # in the checkpoint directory: the reference after a warm-up
 
@@ -177,8 +175,6 @@ def train_dpo(
 
     `stop_requested` is polled after each step; when it says so, a checkpoint is saved and the run returns with
     `"interrupted": True`. Started by `torch.distributed.run`, each process trains on its share of every batch."""
-    from rlhf.models.reference import resolve_model_reference
-
     config.validate()
     if not train_rows:
         raise UserError("dpo: no training pairs")
@@ -188,11 +184,7 @@ def train_dpo(
     if finished is not None:
         return finished
 
-    ranks = join()
-    placement = pick_placement(local_device(config.device))
-    base_path = base_model_path or resolve_model_reference(large_model_reference)
-    tokenizer = load_tokenizer(base_path)
-    encoder = PromptEncoder.for_settings(tokenizer, config)
+    ranks, placement, base_path, tokenizer, encoder = start_stage(config, large_model_reference, base_model_path)
     train_pairs = encode_pairs(train_rows, encoder)
     held_out_pairs = encode_pairs(held_out_rows, encoder)
 

@@ -57,10 +57,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf.data.prompts import PromptEncoder
 from rlhf.data.validation import user_input
 from rlhf.errors import UserError
-from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, recompute_activations, stop_token_ids
+from rlhf.models.loading import load_causal_lm, recompute_activations, stop_token_ids
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
@@ -69,7 +68,7 @@ from rlhf.rl.rollouts import Rollout
 from rlhf.rl.sft import final_sft_loss, sft_step
 from rlhf.training.batching import batch_indices, warmup_cosine
 from rlhf.training.checkpoints import finished_result
-from rlhf.training.distributed import Ranks, join, local_device, seed_of
+from rlhf.training.distributed import Ranks, seed_of
 from rlhf.training.loop import (
     METRICS_FILE,
     TrainingLoop,
@@ -79,6 +78,7 @@ from rlhf.training.loop import (
     require_finite,
     run_fingerprint,
 )
+from rlhf.training.stage import start_stage
 
 
 @dataclass
@@ -413,8 +413,6 @@ def train_policy(
     (2, 3) `roll_out` samples, scores and computes the advantages; (4) `ppo_update` runs the PPO epochs;
     (5) `step_record` is what the loop logs, and the loop checkpoints. Started by `torch.distributed.run`,
     each process rolls out and trains on its share of every batch (`rlhf.training.distributed`)."""
-    from rlhf.models.reference import resolve_model_reference
-
     config.validate()
     if not prompt_rows:
         raise UserError("reinforcement learning: no prompts")
@@ -427,11 +425,7 @@ def train_policy(
     if finished is not None:
         return finished
 
-    ranks = join()
-    placement = pick_placement(local_device(config.device))
-    base_path = base_model_path or resolve_model_reference(large_model_reference)
-    tokenizer = load_tokenizer(base_path)
-    encoder = PromptEncoder.for_settings(tokenizer, config)
+    ranks, placement, base_path, tokenizer, encoder = start_stage(config, large_model_reference, base_model_path)
     prompts = [encoder.encode_prompt(r) for r in prompt_rows]
     sft_pairs = encode_pairs(sft_rows, encoder)
 
