@@ -22,6 +22,8 @@ def train_policy(
     ppo_epochs: int,
     learning_rate_multiplier: float,
     kl_coeff: float,
+    kl_target: float,
+    kl_horizon: int,
     lora_dim: int,
     temperature: float,
     top_p: float,

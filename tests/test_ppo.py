@@ -5,7 +5,7 @@ import torch
 
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
 from rlhf.rl.policy import Policy, read_policy_spec
-from rlhf.rl.ppo import collect, gae, micro_batches, train_policy
+from rlhf.rl.ppo import collect, gae, kl_coefficient, micro_batches, train_policy
 from rlhf.rl.rollouts import completion_mask
 from rlhf.training.checkpoints import CheckpointMismatch
 from rlhf.training.loop import CHECKPOINT_DIR
@@ -38,6 +38,32 @@ def test_mean_reward_rises_within_a_few_dozen_steps(runs, kl_coeff):
 
 def test_a_higher_kl_coeff_stays_closer_to_the_base_model(runs):
     assert runs[2.0][1]["final_kl"] < runs[0.01][1]["final_kl"]
+
+
+def test_the_adaptive_kl_weight_moves_by_the_clipped_relative_error_of_each_step():
+    history = [{"kl": 10.0}, {"kl": 5.0}, {"kl": 4.5}, {"kl": 0.0}]
+    assert kl_coefficient(config(kl_coeff=0.2), history) == 0.2
+    # 64 rollouts a step over a horizon of 64: each step's factor is 1 + its error, clipped to [-0.2, 0.2].
+    adaptive = config(kl_coeff=0.2, kl_target=5.0, kl_horizon=64, batch_size=64)
+    assert kl_coefficient(adaptive, []) == 0.2
+    assert kl_coefficient(adaptive, history) == pytest.approx(0.2 * 1.2 * 1.0 * 0.9 * 0.8)
+    slower = config(kl_coeff=0.2, kl_target=5.0, kl_horizon=640, batch_size=64)
+    assert kl_coefficient(slower, history[:1]) == pytest.approx(0.2 * 1.02)
+
+
+def test_an_adaptive_kl_weight_holds_the_policy_nearer_the_base_than_its_fixed_start(runs, tiny_model_dir, tmp_path):
+    """From the fixed run's weight, a target well below the KL that run reached: the weight rises step by step,
+    as the controller says from each step's logged KL, and the KL ends lower."""
+    _, fixed = runs[0.01]
+    adaptive = train_policy(config(kl_coeff=0.01, kl_target=0.5, kl_horizon=64), PROMPTS, TargetTokenShare(),
+                            str(tiny_model_dir), tmp_path)
+    assert fixed["final_kl"] > 1.0 and adaptive["final_kl"] < fixed["final_kl"] / 2
+    kls, _ = scalars(tmp_path, "kl")
+    weights, _ = scalars(tmp_path, "kl_coeff")
+    replayed = [kl_coefficient(config(kl_coeff=0.01, kl_target=0.5, kl_horizon=64), [{"kl": kl} for kl in kls[:step]])
+                for step in range(len(kls))]
+    assert weights == pytest.approx(replayed, rel=1e-5) and weights[-1] > 0.1
+    assert adaptive["final_kl_coeff"] == pytest.approx(weights[-1], rel=1e-6)
 
 
 def test_tensorboard_has_the_vertex_names_and_sample_text(runs):

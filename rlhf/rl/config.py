@@ -32,7 +32,7 @@ class PPOConfig(StageSettings, PromptSettings):
         "penalize_unfinished": "penalize_unfinished", "unfinished_reward": "unfinished_reward",
         "export_merged": "export_merged_model",
         "gradient_checkpointing": "reinforcement_learning_gradient_checkpointing", "beta": "dpo_beta",
-        "sft_steps": "sft_steps",
+        "sft_steps": "sft_steps", "kl_target": "kl_target", "kl_horizon": "kl_horizon",
         **SHARED_PARAMETERS}
 
     tuning_method: str = "ppo"  # ppo (value head, GAE), rloo (leave-one-out), grpo (group-normalised) or dpo (the pairs)
@@ -47,6 +47,8 @@ class PPOConfig(StageSettings, PromptSettings):
     learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
     warmup_fraction: float = 0.1  # share of steps with a linear warm-up, then cosine decay to 0
     kl_coeff: float = 0.1  # weight of the KL(policy || base) penalty: in the reward (ppo, rloo), in the loss (grpo)
+    kl_target: float = 0.0  # adaptive KL: nats per completion kl_coeff is steered toward after each step; 0: kl_coeff fixed
+    kl_horizon: int = 10000  # adaptive KL: rollouts over which kl_coeff moves by the KL's relative error (clipped at 20%)
     lora_dim: int = 8  # LoRA rank of the policy
     temperature: float = 1.0  # sampling temperature of rollouts
     top_p: float = 1.0  # nucleus sampling of rollouts
@@ -109,6 +111,13 @@ class PPOConfig(StageSettings, PromptSettings):
             found.append(f"{say('sft_steps')} must not be negative")
         if self.kl_coeff < 0:
             found.append(f"{say('kl_coeff')} must not be negative")
+        if self.kl_target < 0:
+            found.append(f"{say('kl_target')} must not be negative (0 keeps kl_coeff fixed)")
+        elif self.kl_target > 0 and self.kl_coeff == 0:
+            found.append(f"{say('kl_target')} needs a {say('kl_coeff')} above 0 to start from (the controller "
+                         "multiplies it)")
+        if self.kl_horizon < 1:
+            found.append(f"{say('kl_horizon')} must be at least 1")
         found += self.sampling_problems(say)
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:

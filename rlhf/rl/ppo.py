@@ -8,7 +8,8 @@ Read `train_policy` top to bottom. Each step:
    kl_coeff is 0) and the reward of each completion (a completion that never emits EOS gets
    `unfinished_reward` instead of its score, unless that is turned off);
 3. per-token rewards: `-kl_coeff * (log p_policy - log p_reference)` on every token, plus the score on the
-   last one; advantages with GAE(gamma, lambda), whitened over the batch;
+   last one; advantages with GAE(gamma, lambda), whitened over the batch (with `kl_target`, the step's
+   kl_coeff comes from the adaptive controller, `kl_coefficient`);
 4. `ppo_epochs` passes over the rollouts in minibatches (`micro_batch_size` rollouts to a forward and
    backward pass): the clipped policy objective plus
    `value_loss_coeff` times the clipped value loss, one optimizer step per minibatch;
@@ -52,7 +53,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -144,6 +145,20 @@ def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_f
         advantages, returns = torch.zeros_like(mask), torch.zeros_like(mask)
     return Experience(rollout, log_probs, values * mask, advantages, returns, scores, raw_scores, kl,
                       reference_log_probs, seconds)
+
+
+def kl_coefficient(config: PPOConfig, rl_history: list[dict]) -> float:
+    """The KL weight of the next step: `kl_coeff`, or with `kl_target` the adaptive controller of Ziegler et al.
+    (2019), as TRL's AdaptiveKLController: after each step the weight is multiplied by 1 + e * rollouts /
+    `kl_horizon`, where e is the step's mean KL per completion relative to the target, minus 1, clipped to
+    [-0.2, 0.2]. Replayed from the KL each step logged, so a resumed run goes on with the weight an
+    uninterrupted one has."""
+    coefficient = config.kl_coeff
+    if config.kl_target > 0:
+        for record in rl_history:
+            error = min(max(record["kl"] / config.kl_target - 1, -0.2), 0.2)
+            coefficient *= 1 + error * config.rollouts_per_step() / config.kl_horizon
+    return coefficient
 
 
 def group_baseline(rewards: torch.Tensor, method: str) -> torch.Tensor:
@@ -349,6 +364,7 @@ def step_record(step: int, batch: dict, totals: dict[str, float], update_seconds
         "reward": float(scores.mean()),
         "kl": kl,
         "kl_loss": config.kl_coeff * kl if kl is not None else None,
+        "kl_coeff": config.kl_coeff,
         "rl_loss": totals["policy_loss"],
         "value_loss": totals["value_loss"],
         "entropy": totals["entropy"],
@@ -453,16 +469,17 @@ def train_policy(
                 loop.log(record, items=0, sft_loss=f"{record['sft_loss']:.3f}")
                 continue
             rl_step = step - config.sft_steps
+            step_config = replace(config, kl_coeff=kl_coefficient(config, loop.history[config.sft_steps:]))
             chosen = [i for i in batch_indices(rl_step, config.batch_size, len(prompt_rows), config.seed)
                       for _ in range(config.samples_per_prompt)]
-            experiences, batch_rows, numbers = roll_out(policy, prompt_rows, prompts, chosen, reward_fn, config,
-                                                        rl_step, ranks)
+            experiences, batch_rows, numbers = roll_out(policy, prompt_rows, prompts, chosen, reward_fn,
+                                                        step_config, rl_step, ranks)
             batch = batch_statistics(experiences, numbers, ranks)
             update_started = clock(placement.device)
-            totals = ppo_update(policy, experiences, numbers, batch["tokens"], optimizer, scheduler, config, rl_step,
-                                loop.checkpoint_dir, ranks)
+            totals = ppo_update(policy, experiences, numbers, batch["tokens"], optimizer, scheduler, step_config,
+                                rl_step, loop.checkpoint_dir, ranks)
             record = step_record(step, batch, totals, clock(placement.device) - update_started,
-                                 scheduler.get_last_lr()[0], config)
+                                 scheduler.get_last_lr()[0], step_config)
             if ranks.main:
                 _warn_the_first_time_ending_does_not_pay(config, record, loop.history)
             loop.log(record, items=len(chosen), reward=f"{record['reward']:.3f}",
@@ -481,6 +498,7 @@ def train_policy(
             "tuning_method": config.tuning_method,
             "final_reward": final_mean(rl_history, "reward"),
             "final_kl": final_mean(rl_history, "kl") if config.kl_coeff > 0 else None,
+            "final_kl_coeff": rl_history[-1]["kl_coeff"],
             "initial_reward": rl_history[0]["reward"],
             "final_ended_share": final_mean(rl_history, "ended_share"),
             "sft_steps": config.sft_steps,
