@@ -578,8 +578,9 @@ def _add_settings(parser, settings, from_artifact: Mapping[str, str] = MappingPr
             continue
         default = None if field.name in from_artifact else field.default
         shown = from_artifact.get(field.name, repr(field.default) if field.default == "" else field.default)
-        group.add_argument(_flag(names[field.name]), dest=field.name, default=default,
-                           help=f"{docs[field.name]} (default {shown})", **_flag_kind(hints[field.name]))
+        help_text = f"{docs[field.name]} (default {shown})".replace("%", "%%")  # argparse formats help with %
+        group.add_argument(_flag(names[field.name]), dest=field.name, default=default, help=help_text,
+                           **_flag_kind(hints[field.name]))
 
 
 def _flag_kind(kind) -> dict:

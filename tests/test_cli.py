@@ -16,6 +16,17 @@ def test_help_lists_the_commands():
         assert command in result.stdout
 
 
+def test_every_command_prints_its_help():
+    """Each command's help renders (a setting's doc holding a % once broke argparse's formatting of it)."""
+    from rlhf.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert len(commands) > 10
+    for name, command in commands.items():
+        assert command.format_help().startswith("usage: "), name
+
+
 def test_steps_prints_the_count():
     assert rlhf("steps", "--rows", "3000", "--epochs", "30").stdout.strip() == "1410"
     assert rlhf("steps", "--rows", "2000", "--epochs", "10", "--batch-size", "64").stdout.strip() == "320"
