@@ -112,7 +112,7 @@ def test_the_cli_flags_take_the_dataclass_defaults_and_docs(command, settings, _
         if field.name in ("train_steps", "use_chat_template") or actions[field.name].default is None:
             continue  # steps or epochs; --plain-text; a default from the input artifact (the instruction)
         assert actions[field.name].default == field.default, field.name
-        assert actions[field.name].help.startswith(docs[field.name]), field.name
+        assert actions[field.name].help.replace("%%", "%").startswith(docs[field.name]), field.name  # as printed
     assert len(docs) == len(dataclasses.fields(settings))
 
 
