@@ -14,7 +14,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from rlhf.errors import RunFailure, UserError
-from rlhf.settings import PLAIN_TEXT, chat_template_choice
+from rlhf.settings import PLAIN_TEXT, PromptSettings, chat_template_choice
 
 MAX_PROBLEM_LINES = 200
 
@@ -544,8 +544,6 @@ def _flag(name: str) -> str:
 def _add_device(parser) -> None:
     """`--device` of the commands whose stage has no settings dataclass (the others take it from theirs): the
     field every stage's settings share."""
-    from rlhf.settings import PromptSettings
-
     parser.add_argument("--device", default=PromptSettings.device, help=PromptSettings.field_docs()["device"])
 
 
