@@ -12,6 +12,7 @@ from its checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -90,14 +91,12 @@ def _input_digests(parameters: dict) -> dict[str, str]:
 
 
 def resumes(parameters: dict, output_dir: Path) -> bool:
-    """True when `output_dir` holds an earlier run with these settings and inputs (the run resumes it), False
-    when it is new or empty; a UserError when it holds anything else, which is never overwritten."""
-    output_dir = Path(output_dir)
-    if not output_dir.exists() or (output_dir.is_dir() and not any(output_dir.iterdir())):
-        return False
-    record = output_dir / RUN_RECORD
+    """True when `output_dir` holds the record of an earlier run with these settings and inputs (the run
+    resumes it), False when it holds none (the CLI's one overwrite check has refused a directory that holds
+    anything else); a UserError when the recorded run's settings or inputs differ."""
+    record = Path(output_dir) / RUN_RECORD
     if not record.is_file():
-        raise UserError(f"--output-dir {output_dir} is not empty and holds no earlier run; choose a new directory")
+        return False
     earlier = json.loads(record.read_text())
     names = set(earlier["parameters"]) | set(parameters)
     differ = sorted(n for n in names if earlier["parameters"].get(n) != parameters.get(n))
@@ -111,17 +110,22 @@ def resumes(parameters: dict, output_dir: Path) -> bool:
     return True
 
 
-def _child_pids() -> list[int]:
-    """This process's children (Linux /proc): the stage the KFP local runner is running."""
-    children = []
+def _stage_pids() -> list[int]:
+    """Every process below this one (Linux /proc): the running stage, which the KFP local runner starts under
+    a shell (`sh -c ... python3 -m kfp.dsl.executor_main`), and its ranks when it has several. The signal must
+    reach the Python processes themselves: the shell dies of a SIGTERM without passing it on."""
+    parents = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):
             continue
-        if parent == os.getpid():
-            children.append(int(stat.parent.name))
-    return children
+    below, frontier = [], [os.getpid()]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        below += children
+        frontier = children
+    return below
 
 
 class _StopOnSignal:
@@ -149,9 +153,10 @@ class _StopOnSignal:
                 raise KeyboardInterrupt
             return
         self.requested = True
-        stages = _child_pids()
+        stages = _stage_pids()
         for pid in stages:
-            os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended since
+                os.kill(pid, signal.SIGTERM)
         if not stages:
             raise KeyboardInterrupt
 

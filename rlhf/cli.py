@@ -94,7 +94,8 @@ def cmd_validate(args) -> int:
 def _refuse_to_overwrite(flag: str, target: str, inputs: list[str | None] = (), resumable: tuple[str, ...] = ()):
     """The one check before a command writes: nothing the user has is overwritten. A file (`--output`,
     `--export`) must not exist yet; a directory (`--output-dir`) must be new or empty, or hold an earlier run
-    of the same stage to resume (`resumable` names the files that mark one), and must not hold an input."""
+    of the same command to resume (`resumable` names the files that mark one; whether its settings match is
+    the trainer's or the run's to check), and must not hold an input."""
     if flag != "--output-dir":
         if _uri_exists(target):
             raise UsageError(f"{flag} {target} exists; choose a new file (nothing is overwritten)")
@@ -105,7 +106,7 @@ def _refuse_to_overwrite(flag: str, target: str, inputs: list[str | None] = (), 
             raise UsageError(f"{flag} {target} contains the input {uri}; choose another directory")
     earlier_run = any((out / marker).exists() for marker in resumable)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not earlier_run:
-        held = " and holds no earlier run of this stage" if resumable else ""
+        held = " and holds no earlier run to resume" if resumable else ""
         raise UsageError(f"{flag} {target} is not empty{held}; choose a new directory")
 
 
@@ -613,11 +614,21 @@ def _field_value(value):
 def cmd_run(args) -> int:
     import time
 
-    from rlhf.pipeline.local_run import LOCAL_DEFAULTS, RunError, RunStopped, resumes, run_local
+    from rlhf.pipeline.local_run import (
+        DATASET_PARAMETERS,
+        LOCAL_DEFAULTS,
+        RUN_RECORD,
+        RunError,
+        RunStopped,
+        resumes,
+        run_local,
+    )
     from rlhf.pipeline.parameters import resolve_parameters
 
     parameters = resolve_parameters(Path(args.params) if args.params else None, args.set or [], LOCAL_DEFAULTS)
     output_dir = Path(args.output_dir or f"runs/run-{time.strftime('%Y%m%d-%H%M%S')}")
+    _refuse_to_overwrite("--output-dir", str(output_dir), [parameters.get(n) for n in DATASET_PARAMETERS],
+                         resumable=(RUN_RECORD,))
     resuming = resumes(parameters, output_dir)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     say(f"Resuming the run in {output_dir}" if resuming else f"Running the pipeline locally into {output_dir}")

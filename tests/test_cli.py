@@ -76,6 +76,23 @@ def test_output_dir_never_holds_the_inputs(tmp_path):
     assert data.read_text().startswith('{"input_text"')
 
 
+def test_run_goes_through_the_same_overwrite_check_before_anything_loads(tmp_path):
+    """`rlhf run` refuses, with the stages' one check, a directory that holds anything but an earlier run, and
+    one that holds its inputs; the files there are left as they were."""
+    kept = tmp_path / "notes" / "notes.txt"
+    kept.parent.mkdir()
+    kept.write_text("mine")
+    result = rlhf("run", "--output-dir", str(kept.parent))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (f"rlhf run: error: --output-dir {kept.parent} is not empty and holds no "
+                                     "earlier run to resume; choose a new directory")
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"input_text": "p", "candidate_0": "x", "candidate_1": "y", "choice": 0}\n')
+    inside = rlhf("run", "--output-dir", str(tmp_path), "--set", f"preference_dataset={data}")
+    assert inside.returncode == 2 and f"--output-dir {tmp_path} contains the input {data}" in inside.stderr
+    assert kept.read_text() == "mine" and sorted(p.name for p in kept.parent.iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("reference", ["text-bison@001", "./missing-model"])
 def test_prepare_model_refuses_unknown_references_clearly(reference, tmp_path):
     result = rlhf("prepare-model", "--large-model-reference", reference, "--cache-dir", str(tmp_path))

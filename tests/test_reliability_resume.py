@@ -525,7 +525,7 @@ def test_an_output_directory_of_another_run_is_refused_and_inputs_are_never_over
         "same-run": reward_model_command(tiny_model_dir, runs.preference, finished),
     })
     assert results["into-its-inputs"].returncode == 2
-    assert "is not empty and holds no earlier run of this stage" in results["into-its-inputs"].stderr
+    assert "is not empty and holds no earlier run to resume" in results["into-its-inputs"].stderr
     for refused in ("other-seed", "other-stage"):
         assert results[refused].returncode == 1, results[refused].stderr[-3000:]
         assert f"{finished} holds the result of another run" in results[refused].stderr
