@@ -11,6 +11,8 @@ training and bulk inference run one process per accelerator of their `*_accelera
 there too.
 """
 
+import inspect
+
 from kfp import dsl
 
 from rlhf.components.evaluate import evaluate
@@ -35,12 +37,13 @@ def _on_machine(task, accelerator_type, accelerator_count, cpu_limit, memory_lim
     return task.set_retry(num_retries=retries, backoff_duration=RETRY_BACKOFF) if retries else task
 
 
-def _settings(component, settings, parameters: dict) -> dict:
-    """The stage's settings its component takes, each from the pipeline parameter that names it (the config
-    dataclass's `parameter_names`, the one mapping); the steps come from `resolve steps`."""
-    inputs = component.component_spec.inputs
-    return {field: parameters[name] for field, name in settings.parameter_names.items()
-            if field in inputs and field != "train_steps"}
+def _from_parameters(component, parameters: dict, settings=None) -> dict:
+    """The component's inputs that come straight from pipeline parameters: a field of the stage's config
+    dataclass from the parameter its `parameter_names` names (the one mapping), any other input from the
+    parameter of the same name. The steps come from `resolve steps`."""
+    names = settings.parameter_names if settings else {}
+    return {field: parameters[names.get(field, field)] for field in component.component_spec.inputs
+            if field != "train_steps" and names.get(field, field) in parameters}
 
 
 def build_pipeline(retries: int = RETRIES):
@@ -128,30 +131,22 @@ def build_pipeline(retries: int = RETRIES):
         deploy_accelerator_type: str = "NVIDIA_L4",
         deploy_accelerator_count: int = 1,
     ):
-        parameters = dict(locals())  # by name, for the stages' settings
+        given = dict(locals())  # the parameters, and `retries` (a free variable here)
+        parameters = {name: given[name] for name in inspect.signature(rlhf_pipeline).parameters}  # by name
         validated = validate_datasets(
-            preference_dataset=preference_dataset, prompt_dataset=prompt_dataset, eval_dataset=eval_dataset,
-            **_settings(validate_datasets, DataConfig, parameters),
+            **_from_parameters(validate_datasets, parameters, DataConfig),
         ).set_display_name("validate")
         steps = resolve_steps(
             train_pair_count=validated.outputs["train_pair_count"],
             prompt_count=validated.outputs["prompt_count"],
-            reward_model_train_steps=reward_model_train_steps,
-            reward_model_train_epochs=reward_model_train_epochs,
-            reward_model_batch_size=reward_model_batch_size,
-            reinforcement_learning_train_steps=reinforcement_learning_train_steps,
-            reinforcement_learning_train_epochs=reinforcement_learning_train_epochs,
-            reinforcement_learning_batch_size=reinforcement_learning_batch_size,
-            tuning_method=tuning_method,
+            **_from_parameters(resolve_steps, parameters),
         ).set_display_name("resolve steps")
         reward_model = train_reward_model(
             train_pairs=validated.outputs["train_pairs"],
             held_out_pairs=validated.outputs["held_out_pairs"],
-            large_model_reference=large_model_reference,
             train_steps=steps.outputs["reward_model_steps"],
-            plain_text=plain_text,
             processes=reward_model_accelerator_count,
-            **_settings(train_reward_model, RewardTrainingConfig, parameters),
+            **_from_parameters(train_reward_model, parameters, RewardTrainingConfig),
         ).set_display_name("train reward model")
         _on_machine(reward_model, reward_model_accelerator_type, reward_model_accelerator_count, reward_model_cpu_limit,
                     reward_model_memory_limit, retries)
@@ -160,11 +155,9 @@ def build_pipeline(retries: int = RETRIES):
             reward_model=reward_model.outputs["reward_model"],
             train_pairs=validated.outputs["train_pairs"],
             held_out_pairs=validated.outputs["held_out_pairs"],
-            large_model_reference=large_model_reference,
             train_steps=steps.outputs["reinforcement_learning_steps"],
-            plain_text=plain_text,
             processes=reinforcement_learning_accelerator_count,
-            **_settings(train_policy, PPOConfig, parameters),
+            **_from_parameters(train_policy, parameters, PPOConfig),
         ).set_display_name("train policy")
         _on_machine(policy, reinforcement_learning_accelerator_type, reinforcement_learning_accelerator_count,
                     reinforcement_learning_cpu_limit, reinforcement_learning_memory_limit, retries)
@@ -175,7 +168,7 @@ def build_pipeline(retries: int = RETRIES):
                 policy=policy.outputs["policy"],
                 use_tuned_adapter=tuned,
                 processes=inference_accelerator_count,
-                **_settings(bulk_inference, InferenceConfig, parameters),
+                **_from_parameters(bulk_inference, parameters, InferenceConfig),
             ).set_display_name(f"bulk inference ({side})")
             _on_machine(predictions[side], inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
                         inference_memory_limit, retries)
@@ -184,41 +177,21 @@ def build_pipeline(retries: int = RETRIES):
             tuned_predictions=predictions["tuned"].outputs["predictions"],
             reward_model=reward_model.outputs["reward_model"],
             policy=policy.outputs["policy"],
-            preference_dataset=preference_dataset,
-            prompt_dataset=prompt_dataset,
-            eval_dataset=eval_dataset,
-            large_model_reference=large_model_reference,
-            reward_model_train_steps=steps.outputs["reward_model_steps"],
-            reinforcement_learning_train_steps=steps.outputs["reinforcement_learning_steps"],
-            reward_model_learning_rate_multiplier=reward_model_learning_rate_multiplier,
-            reinforcement_learning_rate_multiplier=reinforcement_learning_rate_multiplier,
-            kl_coeff=kl_coeff,
-            instruction=instruction,
-            target_sequence_length=target_sequence_length,
+            run_parameters={**parameters,
+                            "reward_model_train_steps": steps.outputs["reward_model_steps"],
+                            "reinforcement_learning_train_steps": steps.outputs["reinforcement_learning_steps"]},
             seed=seed,
         ).set_display_name("evaluate")
         _on_machine(evaluation, inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
                     inference_memory_limit, retries)
         with dsl.If(model_display_name != "", name="upload-requested"):
             upload_model(
-                policy=policy.outputs["policy"],
-                model_display_name=model_display_name,
-                deploy_model=deploy_model,
-                project=project,
-                location=location,
-                encryption_spec_key_name=encryption_spec_key_name,
-                serving_container_image=serving_container_image,
-                deploy_machine_type=deploy_machine_type,
-                deploy_accelerator_type=deploy_accelerator_type,
-                deploy_accelerator_count=deploy_accelerator_count,
+                policy=policy.outputs["policy"], **_from_parameters(upload_model, parameters),
             ).after(evaluation).set_display_name("upload model")
         with dsl.If(tensorboard_resource_id != "", name="tensorboard-requested"):
             upload_tensorboard(
-                reward_model=reward_model.outputs["reward_model"],
-                policy=policy.outputs["policy"],
-                tensorboard_resource_id=tensorboard_resource_id,
-                project=project,
-                location=location,
+                reward_model=reward_model.outputs["reward_model"], policy=policy.outputs["policy"],
+                **_from_parameters(upload_tensorboard, parameters),
             ).set_display_name("upload TensorBoard logs")
 
     return dsl.pipeline(name="rlhf-pipeline", description="Tune a language model from human preferences.")(

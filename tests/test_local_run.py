@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from rlhf.pipeline.definition import rlhf_pipeline
 from rlhf.pipeline.local_run import LOCAL_DEFAULTS
 from rlhf.pipeline.parameters import resolve_parameters
 from rlhf.training.checkpoints import latest_checkpoint
@@ -101,6 +102,12 @@ def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_p
     page = (output / "report.html").read_text()
     assert page.count("<svg") == 6 and page.count('<td class="prompt">') == 16
     assert "Policy tuning (PPO, after 2 supervised steps on the winners)" in page
+    # The report lists every pipeline parameter of the run once, typed, with the steps as resolved.
+    listed = dict(re.findall(r"<tr><td>(\w+)</td><td>([^<]*)</td></tr>", page.split("Run parameters")[1]))
+    assert set(listed) == set(rlhf_pipeline.component_spec.inputs)
+    assert listed["reinforcement_learning_train_steps"] == "2" and listed["kl_coeff"] == "0.2"
+    assert listed["reward_model_train_steps"] == str(metrics["reward_model"]["steps"])
+    assert listed["plain_text"] == "false" and listed["large_model_reference"] == f"&#34;{tiny_model_dir}&#34;"
     other = rlhf("run", "--output-dir", str(output))  # the local defaults: other settings than this run's
     assert other.returncode == 2 and "holds a run with other settings (" in other.stderr
     assert "reinforcement_learning_train_steps" in other.stderr and (output / "report.html").read_text() == page
@@ -136,7 +143,8 @@ def wait_for_checkpoint(process: subprocess.Popen, checkpoints: Path, at_least: 
 
 
 def test_a_stopped_run_resumes_each_stage_from_its_checkpoint(tiny_model_dir, tmp_path):
-    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during the reward model, and again
+    """Stopped three ways: Ctrl-C (SIGINT to the whole process group, as a terminal sends it) and a closed
+    terminal (SIGHUP to the group) during the reward model, then `kill` (SIGTERM to the rlhf process alone)
     during PPO; each time the same command resumes from the stage's checkpoint, and the last one finishes."""
     settings = [s for s in TINY_RUN if not s.startswith(("reward_model_train_epochs", "reinforcement_learning_train"))]
     settings += ["reward_model_train_steps=200", "reinforcement_learning_train_steps=40",
@@ -147,17 +155,21 @@ def test_a_stopped_run_resumes_each_stage_from_its_checkpoint(tiny_model_dir, tm
 
     output = tmp_path / "stopped"
     stages = output / "pipeline_root" / "rlhf-pipeline"
+    reward_model, policy = stages / "train-reward-model" / "reward_model", stages / "train-policy" / "policy"
     command = [sys.executable, "-m", "rlhf.cli", "run", "--output-dir", str(output), *sets]
-    for stage, checkpoints, at_least in (("train-reward-model", stages / "train-reward-model" / "reward_model", 50),
-                                         ("train-policy", stages / "train-policy" / "policy", 20)):
+    for stage, checkpoints, at_least, stop in (
+            ("train-reward-model", reward_model, 50, lambda pid: os.killpg(pid, signal.SIGINT)),
+            ("train-reward-model", reward_model, 120, lambda pid: os.killpg(pid, signal.SIGHUP)),
+            ("train-policy", policy, 20, lambda pid: os.kill(pid, signal.SIGTERM))):
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    start_new_session=True)
         wait_for_checkpoint(process, checkpoints / "checkpoints", at_least)
-        os.killpg(process.pid, signal.SIGINT)
+        stop(process.pid)
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 130, stderr[-3000:]
         assert f"rlhf run: stopped during {stage}; run the same command, with --output-dir {output}, to resume" in stderr
         assert "Traceback" not in stderr and not (output / "report.html").exists()
+        assert latest_checkpoint(checkpoints / "checkpoints") is not None
 
     resumed = rlhf("run", "--output-dir", str(output), *sets)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -167,8 +179,8 @@ def test_a_stopped_run_resumes_each_stage_from_its_checkpoint(tiny_model_dir, tm
 
     # The reward model is the uninterrupted run's, and so are its metrics.
     for weights in ("head.safetensors", "adapter/adapter_model.safetensors"):
-        expected = tmp_path / "straight" / stages.relative_to(output) / "train-reward-model" / "reward_model" / weights
-        assert (stages / "train-reward-model" / "reward_model" / weights).read_bytes() == expected.read_bytes()
+        expected = tmp_path / "straight" / reward_model.relative_to(output) / weights
+        assert (reward_model / weights).read_bytes() == expected.read_bytes()
     metrics, straight = (json.loads((d / "metrics.json").read_text()) for d in (output, tmp_path / "straight"))
     assert {k: v for k, v in metrics["reward_model"].items() if "second" not in k} == {
         k: v for k, v in straight["reward_model"].items() if "second" not in k}
@@ -177,7 +189,7 @@ def test_a_stopped_run_resumes_each_stage_from_its_checkpoint(tiny_model_dir, tm
     # matched the uninterrupted one bit for bit, another did not); test_reliability_resume compares a resumed
     # policy with tolerances over 8 steps.
     assert metrics["policy"]["steps"] == straight["policy"]["steps"] == 40
-    rewards, _ = scalars(stages / "train-policy" / "policy", "reward")
+    rewards, _ = scalars(policy, "reward")
     assert len(rewards) == 40
     resumed_at = int(re.search(r"Resuming the policy from \S+step-(\d+) ", (output / "logs" / "train-policy.log")
                                .read_text()).group(1))
