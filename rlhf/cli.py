@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import sys
@@ -57,6 +58,7 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_steps(args) -> int:
+    """Print ceil(rows / batch_size) * epochs."""
     from rlhf.training.steps import steps_from_epochs
 
     print(steps_from_epochs(args.rows, args.epochs, args.batch_size))
@@ -64,6 +66,9 @@ def cmd_steps(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    """Validate preference, prompt and eval datasets (local paths, gs:// URIs, globs). Exits 0 and prints a JSON
+    summary, or exits 1 with one 'FILE:LINE: problem' line per problem (line 0: the whole file). With no
+    dataset, checks the bundled sample."""
     from rlhf.data.config import DataConfig
     from rlhf.data.datasets import DatasetError, prepare_datasets, sample_dataset, write_prepared
 
@@ -111,6 +116,8 @@ def _refuse_to_overwrite(flag: str, target: str, inputs: list[str | None] = (), 
 
 
 def cmd_prepare_model(args) -> int:
+    """Resolve large_model_reference and print the directory or hub id it loads from. The default model is
+    converted once from its GGUF file into safetensors."""
     from rlhf.models.reference import resolve_model_reference
 
     def progress(message: str) -> None:
@@ -122,6 +129,7 @@ def cmd_prepare_model(args) -> int:
 
 
 def cmd_compile(args) -> int:
+    """Compile rlhf_pipeline to YAML (what `python compile.py` does)."""
     from rlhf.pipeline.compiler import compile_pipeline
 
     print(f"Wrote {compile_pipeline(Path(args.output))}")
@@ -179,6 +187,10 @@ def _vertex_job(args, schedule=None):
 
 
 def cmd_submit(args) -> int:
+    """Submit the compiled pipeline to Vertex AI Pipelines. Parameters as for `rlhf run` (--params, --set), with
+    the pipeline's own defaults; checked before anything is sent. Credentials come from the environment
+    (Application Default Credentials) and are never printed. --dry-run prints the exact request body and touches
+    no network."""
     from rlhf.pipeline.vertex import as_json, submit
 
     settings, body, job_id = _vertex_job(args)
@@ -192,6 +204,10 @@ def cmd_submit(args) -> int:
 
 
 def cmd_schedule(args) -> int:
+    """Schedule the compiled pipeline on Vertex AI Pipelines (cron). Parameters as for `rlhf run` (--params,
+    --set), with the pipeline's own defaults; checked before anything is sent. Credentials come from the
+    environment (Application Default Credentials) and are never printed. --dry-run prints the exact request body
+    and touches no network."""
     from rlhf.pipeline.vertex import ScheduleSettings, as_json, create_schedule, schedule_body
 
     schedule = ScheduleSettings(cron=args.cron, display_name=args.schedule_name, start_time=args.start_time or "",
@@ -209,6 +225,8 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    """Answer Vertex AI prediction requests {"instances": [...], "parameters": {...}} with completions of the
+    tuned policy. Port and routes follow AIP_HTTP_PORT, AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE when set."""
     from rlhf.serving import create_app, load_predictor, vertex_routes
 
     port, health_route, predict_route = vertex_routes()
@@ -262,6 +280,9 @@ def _prepare_or_exit(args):
 
 
 def cmd_train_reward_model(args) -> int:
+    """Train {prompt, completion} -> score on preference pairs with -log sigmoid(r_winner - r_loser). Running
+    the same command again resumes from the last checkpoint. The settings' flags are the pipeline's parameters
+    of the same names."""
     from rlhf.reward.config import RewardTrainingConfig
     from rlhf.reward.training import train_reward_model
     from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
@@ -288,6 +309,8 @@ def cmd_train_reward_model(args) -> int:
 
 
 def cmd_evaluate_reward_model(args) -> int:
+    """Print JSON: accuracy, pairs, mean margin, and on the same pairs how often 'the longer candidate wins'
+    agrees with the labels, so one sees whether the model learned more than length."""
     from rlhf.reward.evaluation import evaluate_reward_model
 
     rows = _read_rows_or_exit(args.preference_dataset, "preference", args.on_invalid)
@@ -296,6 +319,10 @@ def cmd_evaluate_reward_model(args) -> int:
 
 
 def cmd_train_policy(args) -> int:
+    """A LoRA adapter over the base model. PPO, RLOO, GRPO: rollouts on the prompt dataset, rewards from the
+    reward model, a kl_coeff * KL(policy || base) penalty. DPO (--tuning-method dpo): the preference pairs
+    directly, no reward model. Running the same command again resumes from the last checkpoint. The settings'
+    flags are the pipeline's parameters of the same names."""
     from rlhf.rl.config import PPOConfig
     from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
     from rlhf.training.steps import resolve_steps
@@ -370,6 +397,8 @@ def _read_rows_or_exit(uri: str, kind: str, on_invalid: str) -> list[dict]:
 
 
 def cmd_infer(args) -> int:
+    """Generate one completion per prompt (greedy by default, as Vertex's bulk inferrer), batched by length.
+    Writes JSONL rows {input_text, prediction, inputs: {inputs_pretokenized}}."""
     from rlhf.data.datasets import write_jsonl
     from rlhf.evaluation.config import InferenceConfig
     from rlhf.evaluation.inference import bulk_infer
@@ -408,6 +437,8 @@ def cmd_infer(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    """Score base and tuned predictions with the reward model; win rate with a bootstrap interval, KL of tuned
+    to base on the tuned completions, lengths; writes metrics.json, comparison.jsonl, report.html and report.md."""
     from rlhf.data.datasets import DatasetError, read_jsonl
     from rlhf.evaluation.compare import REPORT_HTML, evaluate_run
 
@@ -441,6 +472,10 @@ def _uri_exists(uri: str) -> bool:
 
 
 def cmd_generate_candidates(args) -> int:
+    """Sample two completions per prompt, with different seeds and temperatures, batched by length. Writes one
+    JSONL row per prompt {pair_id, input_text|messages, candidate_0, candidate_1, source, generation}; a pair
+    that comes out identical or empty is sampled again, up to --max-attempts times, then its prompt is left out
+    and reported."""
     from rlhf.data.storage import write_bytes
     from rlhf.labeling.candidates import generate_candidates
     from rlhf.labeling.config import CandidateConfig
@@ -474,6 +509,10 @@ def _read_labels_or_exit(path: Path) -> list:
 
 
 def cmd_label(args) -> int:
+    """Serve a labelling page on 127.0.0.1: the text and two candidates side by side (in an order shuffled per
+    pair), chosen by click or the keys 1 / 2, S skips. Every decision is appended to the labels file at once;
+    starting again resumes at the first undecided pair. With --export or --stats, serve nothing: write the
+    preference dataset and/or print progress and agreement."""
     import getpass
 
     from rlhf.data.pairs import PairsError, read_pairs
@@ -612,6 +651,9 @@ def _field_value(value):
 
 
 def cmd_run(args) -> int:
+    """Run rlhf_pipeline on the Kubeflow Pipelines local runner (no container, no network). With nothing given
+    it tunes the default model on the bundled sample, sized for a laptop CPU. Leaves report.html, metrics.json
+    and one log per stage in the output directory."""
     import time
 
     from rlhf.pipeline.local_run import (
@@ -645,6 +687,13 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _command(commands, name: str, handler, summary: str) -> argparse.ArgumentParser:
+    """A subcommand: `summary` in `rlhf --help`, its handler's docstring as its own --help description."""
+    command = commands.add_parser(name, help=summary, description=inspect.cleandoc(handler.__doc__))
+    command.set_defaults(handler=handler)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     from rlhf.evaluation.config import InferenceConfig
     from rlhf.labeling.config import CandidateConfig
@@ -657,18 +706,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tune a language model from human preferences (reward model + PPO), locally or on Vertex AI.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    steps = commands.add_parser("steps", help="print the training steps for a number of rows and epochs",
-                                description="Print ceil(rows / batch_size) * epochs.")
+    steps = _command(commands, "steps", cmd_steps, "print the training steps for a number of rows and epochs")
     steps.add_argument("--rows", type=_positive_int, required=True, help="rows in the dataset")
     steps.add_argument("--epochs", type=_positive_int, required=True, help="passes over the dataset")
     steps.add_argument("--batch-size", type=_positive_int, default=64, help="rows per step (default 64)")
-    steps.set_defaults(handler=cmd_steps)
 
-    validate = commands.add_parser(
-        "validate", help="check datasets; one FILE:LINE line per problem",
-        description="Validate preference, prompt and eval datasets (local paths, gs:// URIs, globs). "
-                    "Exits 0 and prints a JSON summary, or exits 1 with one 'FILE:LINE: problem' line "
-                    "per problem (line 0: the whole file). With no dataset, checks the bundled sample.")
+    validate = _command(commands, "validate", cmd_validate, "check datasets; one FILE:LINE line per problem")
     validate.add_argument("--preference-dataset", metavar="URI",
                           help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice}")
     validate.add_argument("--prompt-dataset", metavar="URI", help="JSONL rows {input_text|messages}")
@@ -676,42 +719,26 @@ def build_parser() -> argparse.ArgumentParser:
                           help="JSONL prompt rows, or preference rows to hold out for reward-model accuracy")
     _add_data_settings(validate)
     validate.add_argument("--output-dir", metavar="DIR", help="write the normalised datasets and summary.json here")
-    validate.set_defaults(handler=cmd_validate)
 
-    prepare = commands.add_parser(
-        "prepare-model", help="resolve a model reference, converting or copying it into the cache once",
-        description="Resolve large_model_reference and print the directory or hub id it loads from. The "
-                    "default model is converted once from its GGUF file into safetensors.")
+    prepare = _command(commands, "prepare-model", cmd_prepare_model,
+                       "resolve a model reference, converting or copying it into the cache once")
     prepare.add_argument("--large-model-reference", default=DEFAULT_MODEL, metavar="REF",
                          help=f"default {DEFAULT_MODEL}; also a local or gs:// model directory, or a hub id")
     prepare.add_argument("--cache-dir", metavar="DIR", help="model cache (default $RLHF_CACHE_DIR or ~/.cache/rlhf)")
-    prepare.set_defaults(handler=cmd_prepare_model)
 
-    run = commands.add_parser(
-        "run", help="run the whole pipeline locally on the KFP local runner",
-        description="Run rlhf_pipeline on the Kubeflow Pipelines local runner (no container, no network). With "
-                    "nothing given it tunes the default model on the bundled sample, sized for a laptop CPU. "
-                    "Leaves report.html, metrics.json and one log per stage in the output directory.")
+    run = _command(commands, "run", cmd_run, "run the whole pipeline locally on the KFP local runner")
     run.add_argument("--params", metavar="FILE.yaml", help="pipeline parameters as a YAML mapping")
     run.add_argument("--set", action="append", metavar="NAME=VALUE",
                      help="one pipeline parameter (repeatable; wins over --params)")
     run.add_argument("--output-dir", metavar="DIR", help="where the run goes (default runs/run-DATE-TIME)")
-    run.set_defaults(handler=cmd_run)
 
-    compile_ = commands.add_parser("compile", help="write the compiled Kubeflow pipeline YAML",
-                                   description="Compile rlhf_pipeline to YAML (what `python compile.py` does).")
+    compile_ = _command(commands, "compile", cmd_compile, "write the compiled Kubeflow pipeline YAML")
     compile_.add_argument("--output", metavar="FILE", default="pipeline.yaml",
                           help="where to write it (default: pipeline.yaml in the current directory)")
-    compile_.set_defaults(handler=cmd_compile)
 
     for name, summary in (("submit", "submit the compiled pipeline to Vertex AI Pipelines"),
                           ("schedule", "schedule the compiled pipeline on Vertex AI Pipelines (cron)")):
-        vertex = commands.add_parser(
-            name, help=summary,
-            description=f"{summary[0].upper()}{summary[1:]}. Parameters as for `rlhf run` (--params, --set), with "
-                        "the pipeline's own defaults; checked before anything is sent. Credentials come from the "
-                        "environment (Application Default Credentials) and are never printed. --dry-run prints "
-                        "the exact request body and touches no network.")
+        vertex = _command(commands, name, cmd_submit if name == "submit" else cmd_schedule, summary)
         vertex.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"),
                             help="Google Cloud project (default $GOOGLE_CLOUD_PROJECT)")
         vertex.add_argument("--location", default=os.environ.get("GOOGLE_CLOUD_REGION", "us-central1"),
@@ -742,25 +769,16 @@ def build_parser() -> argparse.ArgumentParser:
             vertex.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (0: no limit)")
             vertex.add_argument("--allow-queueing", action="store_true",
                                 help="queue runs beyond --max-concurrent-runs instead of skipping them")
-        vertex.set_defaults(handler=cmd_submit if name == "submit" else cmd_schedule)
 
-    serve = commands.add_parser(
-        "serve", help="serve a tuned policy over HTTP (the Model Registry's serving container runs this)",
-        description="Answer Vertex AI prediction requests {\"instances\": [...], \"parameters\": {...}} with "
-                    "completions of the tuned policy. Port and routes follow AIP_HTTP_PORT, AIP_HEALTH_ROUTE and "
-                    "AIP_PREDICT_ROUTE when set.")
+    serve = _command(commands, "serve", cmd_serve,
+                     "serve a tuned policy over HTTP (the Model Registry's serving container runs this)")
     serve.add_argument("--policy", metavar="DIR|gs://URI", help="a policy from `rlhf train-policy` (default "
                                                                 "$AIP_STORAGE_URI)")
     serve.add_argument("--host", help="interface (default 127.0.0.1; 0.0.0.0 inside Vertex AI)")
     serve.add_argument("--port", type=_positive_int, help="port (default $AIP_HTTP_PORT, else 8080)")
     _add_device(serve)
-    serve.set_defaults(handler=cmd_serve)
 
-    train_rm = commands.add_parser(
-        "train-reward-model", help="train the pairwise LoRA reward model",
-        description="Train {prompt, completion} -> score on preference pairs with -log sigmoid(r_winner - "
-                    "r_loser). Running the same command again resumes from the last checkpoint. The settings' "
-                    "flags are the pipeline's parameters of the same names.")
+    train_rm = _command(commands, "train-reward-model", cmd_train_reward_model, "train the pairwise LoRA reward model")
     train_rm.add_argument("--preference-dataset", required=True, metavar="URI",
                           help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice}")
     train_rm.add_argument("--eval-dataset", metavar="URI",
@@ -771,24 +789,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_steps_or_epochs(train_rm, "reward_model", "pairs")
     _add_processes(train_rm)
     _add_settings(train_rm, RewardTrainingConfig)
-    train_rm.set_defaults(handler=cmd_train_reward_model)
 
-    eval_rm = commands.add_parser(
-        "evaluate-reward-model", help="accuracy of a reward model on labelled pairs, against the length baseline",
-        description="Print JSON: accuracy, pairs, mean margin, and on the same pairs how often 'the longer "
-                    "candidate wins' agrees with the labels, so one sees whether the model learned more than length.")
+    eval_rm = _command(commands, "evaluate-reward-model", cmd_evaluate_reward_model,
+                       "accuracy of a reward model on labelled pairs, against the length baseline")
     eval_rm.add_argument("--reward-model", required=True, metavar="DIR", help="a trained reward model directory")
     eval_rm.add_argument("--preference-dataset", required=True, metavar="URI", help="labelled pairs")
     _add_data_settings(eval_rm, "on_invalid")
     _add_device(eval_rm)
-    eval_rm.set_defaults(handler=cmd_evaluate_reward_model)
 
-    train_pol = commands.add_parser(
-        "train-policy", help="tune the policy: PPO, RLOO or GRPO against a reward model, or DPO on the pairs",
-        description="A LoRA adapter over the base model. PPO, RLOO, GRPO: rollouts on the prompt dataset, rewards "
-                    "from the reward model, a kl_coeff * KL(policy || base) penalty. DPO (--tuning-method dpo): the "
-                    "preference pairs directly, no reward model. Running the same command again resumes from the "
-                    "last checkpoint. The settings' flags are the pipeline's parameters of the same names.")
+    train_pol = _command(commands, "train-policy", cmd_train_policy,
+                         "tune the policy: PPO, RLOO or GRPO against a reward model, or DPO on the pairs")
     train_pol.add_argument("--prompt-dataset", metavar="URI",
                            help="JSONL rows {input_text|messages} (ppo, rloo, grpo)")
     train_pol.add_argument("--reward-model", metavar="DIR", help="from `rlhf train-reward-model` (ppo, rloo, grpo)")
@@ -803,12 +813,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_steps_or_epochs(train_pol, "reinforcement_learning", "prompts")
     _add_settings(train_pol, PPOConfig, from_artifact={"instruction": "the reward model's"})
     _add_processes(train_pol)
-    train_pol.set_defaults(handler=cmd_train_policy)
 
-    infer = commands.add_parser(
-        "infer", help="bulk inference: a completion for every prompt, in order, Vertex-shaped JSONL",
-        description="Generate one completion per prompt (greedy by default, as Vertex's bulk inferrer), batched "
-                    "by length. Writes JSONL rows {input_text, prediction, inputs: {inputs_pretokenized}}.")
+    infer = _command(commands, "infer", cmd_infer,
+                     "bulk inference: a completion for every prompt, in order, Vertex-shaped JSONL")
     infer.add_argument("--eval-dataset", required=True, metavar="URI", help="JSONL prompt rows")
     infer.add_argument("--output", required=True, metavar="FILE", help="JSONL file to write (must not exist)")
     infer.add_argument("--policy", metavar="DIR", help="a tuned policy from `rlhf train-policy` (base model + adapter)")
@@ -817,13 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_reference(infer)
     _add_settings(infer, InferenceConfig, from_artifact={"instruction": "the --policy's, else none"})
     _add_processes(infer)
-    infer.set_defaults(handler=cmd_infer)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="base vs tuned: rewards, win rate, KL, lengths, report.html and metrics.json",
-        description="Score base and tuned predictions with the reward model; win rate with a bootstrap interval, "
-                    "KL of tuned to base on the tuned completions, lengths; writes metrics.json, "
-                    "comparison.jsonl, report.html and report.md.")
+    evaluate = _command(commands, "evaluate", cmd_evaluate,
+                        "base vs tuned: rewards, win rate, KL, lengths, report.html and metrics.json")
     evaluate.add_argument("--base-outputs", required=True, metavar="FILE", help="`rlhf infer` output of the base model")
     evaluate.add_argument("--tuned-outputs", required=True, metavar="FILE", help="`rlhf infer --policy` output")
     evaluate.add_argument("--reward-model", required=True, metavar="DIR")
@@ -831,27 +834,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output-dir", required=True, metavar="DIR")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     _add_device(evaluate)
-    evaluate.set_defaults(handler=cmd_evaluate)
 
-    candidates = commands.add_parser(
-        "generate-candidates", help="two candidate completions per prompt, ready for people to label",
-        description="Sample two completions per prompt, with different seeds and temperatures, batched by length. "
-                    "Writes one JSONL row per prompt {pair_id, input_text|messages, candidate_0, candidate_1, "
-                    "source, generation}; a pair that comes out identical or empty is sampled again, up to "
-                    "--max-attempts times, then its prompt is left out and reported.")
+    candidates = _command(commands, "generate-candidates", cmd_generate_candidates,
+                          "two candidate completions per prompt, ready for people to label")
     candidates.add_argument("--prompt-dataset", required=True, metavar="URI", help="JSONL rows {input_text|messages}")
     candidates.add_argument("--output", required=True, metavar="URI", help="pairs file to write (must not exist)")
     _add_data_settings(candidates, "on_invalid")
     _add_model_reference(candidates)
     _add_settings(candidates, CandidateConfig)
-    candidates.set_defaults(handler=cmd_generate_candidates)
 
-    label = commands.add_parser(
-        "label", help="a local page where a person picks the better candidate of each pair; export the choices",
-        description="Serve a labelling page on 127.0.0.1: the text and two candidates side by side (in an order "
-                    "shuffled per pair), chosen by click or the keys 1 / 2, S skips. Every decision is appended to "
-                    "the labels file at once; starting again resumes at the first undecided pair. With --export "
-                    "or --stats, serve nothing: write the preference dataset and/or print progress and agreement.")
+    label = _command(commands, "label", cmd_label,
+                     "a local page where a person picks the better candidate of each pair; export the choices")
     label.add_argument("--pairs", required=True, metavar="URI", help="pairs file from `rlhf generate-candidates`")
     label.add_argument("--output", required=True, action="append", metavar="FILE",
                        help="labels file (JSONL, appended to); with --export/--stats repeat it to merge annotators")
@@ -863,7 +856,6 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--export", metavar="URI",
                        help="write the labels as a preference dataset (majority per pair; ties left out)")
     label.add_argument("--stats", action="store_true", help="print progress per annotator and agreement")
-    label.set_defaults(handler=cmd_label)
     return parser
 
 
