@@ -6,11 +6,12 @@ as TRL runs them: the benchmark's measure of what the shared-prefix packing save
 """
 
 import json
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from pair_result import write_pair_result
 
 import rlhf.rl.dpo as dpo
 from rlhf.reward.packing import pack
@@ -52,11 +53,7 @@ def main() -> None:
 
     metrics = dpo.train_dpo(config, spec["train_rows"], spec["held_out_rows"], spec["model_dir"], output,
                             base_model_path=spec["model_dir"], stop_requested=step_finished)
-    result = {"step_seconds": [b - a for a, b in zip(step_ends, step_ends[1:])],
-              "step_cpu_seconds": [b - a for a, b in zip(step_cpu_ends, step_cpu_ends[1:])],
-              "held_out_accuracy": metrics["eval_accuracy"], "held_out_pairs": metrics["eval_pairs"],
-              "self_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
-    Path(sys.argv[2]).write_text(json.dumps(result))
+    write_pair_result(sys.argv[2], step_ends, step_cpu_ends, metrics["eval_accuracy"], metrics["eval_pairs"])
 
 
 if __name__ == "__main__":

@@ -4,13 +4,11 @@ same pairs, timing every optimizer step, then the implicit reward's held-out acc
 Runs in bench/.venv-trl-1.16.0: python dpo_trl.py SPEC.json RESULT.json
 """
 
-import json
-import resource
 import sys
-from pathlib import Path
 
 import torch
 from datasets import Dataset
+from pair_result import write_pair_result
 from peft import LoraConfig
 from step_clock import StepClock
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,11 +46,7 @@ def main() -> None:
                          peft_config=lora, callbacks=[clock])
     trainer.train()
     accuracy = trainer.evaluate()["eval_rewards/accuracies"]
-    result = {"step_seconds": [b - a for a, b in zip(clock.step_ends, clock.step_ends[1:])],
-              "step_cpu_seconds": [b - a for a, b in zip(clock.step_cpu_ends, clock.step_cpu_ends[1:])],
-              "held_out_accuracy": accuracy, "held_out_pairs": len(spec["held_out_rows"]),
-              "self_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
-    Path(sys.argv[2]).write_text(json.dumps(result))
+    write_pair_result(sys.argv[2], clock.step_ends, clock.step_cpu_ends, accuracy, len(spec["held_out_rows"]))
 
 
 if __name__ == "__main__":

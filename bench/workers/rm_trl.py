@@ -4,13 +4,11 @@ every optimizer step, then held-out accuracy.
 Runs in bench/.venv-trl: python rm_trl.py SPEC.json RESULT.json
 """
 
-import json
-import resource
 import sys
-from pathlib import Path
 
 import torch
 from datasets import Dataset
+from pair_result import write_pair_result
 from peft import LoraConfig
 from step_clock import StepClock
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -59,11 +57,7 @@ def main() -> None:
     trainer.train()
     accuracy = held_out_accuracy(trainer.model, spec["held_out_rows"], tokenizer.pad_token_id,
                                  settings["trl_pairs_per_forward"])
-    result = {"step_seconds": [b - a for a, b in zip(clock.step_ends, clock.step_ends[1:])],
-              "step_cpu_seconds": [b - a for a, b in zip(clock.step_cpu_ends, clock.step_cpu_ends[1:])],
-              "held_out_accuracy": accuracy, "held_out_pairs": len(spec["held_out_rows"]),
-              "self_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
-    Path(sys.argv[2]).write_text(json.dumps(result))
+    write_pair_result(sys.argv[2], clock.step_ends, clock.step_cpu_ends, accuracy, len(spec["held_out_rows"]))
 
 
 if __name__ == "__main__":
