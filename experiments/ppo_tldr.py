@@ -1,8 +1,9 @@
-"""PPO on the course's TL;DR prompts with the default model against a reward model trained on TL;DR
-pairs (experiments/reward_model_tldr.py), then base vs tuned on the held-out eval prompts: mean reward,
-KL, mean length, and a few side-by-side completions.
+"""The local run's policy stage on the course's TL;DR data: the default model, the local defaults' PPO
+settings (`rlhf run`'s: a warm-up on the winners of the TL;DR pairs whose posts are not eval prompts, then
+PPO on the TL;DR prompts), against a reward model trained on TL;DR pairs (experiments/reward_model_tldr.py);
+then base vs tuned on the course's 14 eval prompts, by the reward model and the rule judge.
 
-    python experiments/ppo_tldr.py --reward-model /tmp/rm-tldr --output-dir /tmp/ppo-tldr [--steps 8]
+    python experiments/ppo_tldr.py --reward-model /tmp/rm-tldr --output-dir /tmp/ppo-tldr [--steps 20]
 """
 
 import argparse
@@ -15,6 +16,7 @@ from rlhf.evaluation.config import InferenceConfig
 from rlhf.evaluation.inference import bulk_infer
 from rlhf.models.loading import pick_placement
 from rlhf.models.reference import DEFAULT_MODEL, resolve_model_reference
+from rlhf.pipeline.local_run import LOCAL_DEFAULTS
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import read_policy_spec
 from rlhf.rl.ppo import train_policy
@@ -28,30 +30,28 @@ def main() -> None:
     parser.add_argument("--reward-model", type=Path, required=True)
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--data-dir", type=Path, default=DATA)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--learning-rate-multiplier", type=float, default=5.0)
-    parser.add_argument("--kl-coeff", type=float, default=0.1)
-    parser.add_argument("--target-sequence-length", type=int, default=64)
-    parser.add_argument("--instruction", default="Summarize in less than 50 words.")
+    parser.add_argument("--steps", type=int, default=LOCAL_DEFAULTS["reinforcement_learning_train_steps"])
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     base = resolve_model_reference(DEFAULT_MODEL)
     prompts = [{"input_text": r["input_text"]} for r in read_jsonl(args.data_dir / "prompts.jsonl")]
     eval_prompts = [{"input_text": r["input_text"]} for r in read_jsonl(args.data_dir / "eval_prompts.jsonl")]
-    config = PPOConfig(train_steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.batch_size,
-                       ppo_minibatch_size=args.batch_size, learning_rate_multiplier=args.learning_rate_multiplier,
-                       kl_coeff=args.kl_coeff, target_sequence_length=args.target_sequence_length,
-                       instruction=args.instruction, checkpoint_every=4)
+    held_out = {r["input_text"] for r in eval_prompts}
+    winners = [r for r in read_jsonl(args.data_dir / "preference.jsonl") if r["input_text"] not in held_out]
+    local = {field: LOCAL_DEFAULTS[name] for field, name in PPOConfig.parameter_names.items() if name in LOCAL_DEFAULTS}
+    config = PPOConfig.from_values({**local, "train_steps": args.steps, "seed": args.seed, "checkpoint_every": 4})
     reward = RewardModelReward(args.reward_model, pick_placement("auto"), base)
-    training = train_policy(config, prompts, reward, DEFAULT_MODEL, args.output_dir / "policy", base)
+    training = train_policy(config, prompts, reward, DEFAULT_MODEL, args.output_dir / "policy", base,
+                            sft_rows=winners if config.sft_steps else [])
 
-    inference = InferenceConfig(target_sequence_length=args.target_sequence_length, instruction=args.instruction)
+    inference = InferenceConfig(target_sequence_length=config.target_sequence_length, instruction=config.instruction,
+                                use_chat_template=config.use_chat_template)
     base_rows = bulk_infer(eval_prompts, base, inference)
     tuned_rows = bulk_infer(eval_prompts, base, inference, args.output_dir / "policy" / "adapter")
     evaluation, comparison = evaluate_outputs(base_rows, tuned_rows, args.reward_model, base,
                                               args.output_dir / "policy" / "adapter",
-                                              read_policy_spec(args.output_dir / "policy"))
+                                              read_policy_spec(args.output_dir / "policy"), seed=args.seed)
     result = {"training": training, "evaluation": evaluation,
               "side_by_side": [{k: c[k] for k in ("base", "tuned", "base_reward", "tuned_reward")}
                                for c in comparison[:3]]}
