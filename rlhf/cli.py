@@ -689,7 +689,7 @@ def cmd_run(args) -> int:
 
 def _command(commands, name: str, handler, summary: str) -> argparse.ArgumentParser:
     """A subcommand: `summary` in `rlhf --help`, its handler's docstring as its own --help description."""
-    command = commands.add_parser(name, help=summary, description=inspect.cleandoc(handler.__doc__))
+    command = commands.add_parser(name, help=summary, description=inspect.getdoc(handler))
     command.set_defaults(handler=handler)
     return command
 
