@@ -187,10 +187,7 @@ def _vertex_job(args, schedule=None):
 
 
 def cmd_submit(args) -> int:
-    """Submit the compiled pipeline to Vertex AI Pipelines. Parameters as for `rlhf run` (--params, --set), with
-    the pipeline's own defaults; checked before anything is sent. Credentials come from the environment
-    (Application Default Credentials) and are never printed. --dry-run prints the exact request body and touches
-    no network."""
+    """Submit the compiled pipeline to Vertex AI Pipelines."""
     from rlhf.pipeline.vertex import as_json, submit
 
     settings, body, job_id = _vertex_job(args)
@@ -204,10 +201,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    """Schedule the compiled pipeline on Vertex AI Pipelines (cron). Parameters as for `rlhf run` (--params,
-    --set), with the pipeline's own defaults; checked before anything is sent. Credentials come from the
-    environment (Application Default Credentials) and are never printed. --dry-run prints the exact request body
-    and touches no network."""
+    """Schedule the compiled pipeline on Vertex AI Pipelines (cron)."""
     from rlhf.pipeline.vertex import ScheduleSettings, as_json, create_schedule, schedule_body
 
     schedule = ScheduleSettings(cron=args.cron, display_name=args.schedule_name, start_time=args.start_time or "",
@@ -687,6 +681,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+VERTEX_JOB_NOTES = ("Parameters as for `rlhf run` (--params, --set), with the pipeline's own defaults; checked "
+                    "before anything is sent. Credentials come from the environment (Application Default "
+                    "Credentials) and are never printed. --dry-run prints the exact request body and touches no "
+                    "network.")
+
+
 def _command(commands, name: str, handler, summary: str) -> argparse.ArgumentParser:
     """A subcommand: `summary` in `rlhf --help`, its handler's docstring as its own --help description."""
     command = commands.add_parser(name, help=summary, description=inspect.getdoc(handler))
@@ -739,6 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, summary in (("submit", "submit the compiled pipeline to Vertex AI Pipelines"),
                           ("schedule", "schedule the compiled pipeline on Vertex AI Pipelines (cron)")):
         vertex = _command(commands, name, cmd_submit if name == "submit" else cmd_schedule, summary)
+        vertex.description += " " + VERTEX_JOB_NOTES
         vertex.add_argument("--project", default=os.environ.get("GOOGLE_CLOUD_PROJECT"),
                             help="Google Cloud project (default $GOOGLE_CLOUD_PROJECT)")
         vertex.add_argument("--location", default=os.environ.get("GOOGLE_CLOUD_REGION", "us-central1"),
