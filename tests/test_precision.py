@@ -1,13 +1,17 @@
 """bfloat16, the precision a GPU stage runs in, checked on the CPU: PPO's first ratio is 1 and its KL to the
 reference 0, the language-model head computes in float32, a LoRA update is never rounded away by merging,
-and the reward model's packing refuses the attention kernels for which it would not be exact."""
+the reward model's packing refuses the attention kernels for which it would not be exact; and in float32
+on a CPU, passes without gradients run the linear layers through oneDNN, those with gradients through
+torch's usual kernel."""
+
+import copy
 
 import pytest
 import torch
 from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
 from rlhf.data.prompts import PromptEncoder, PromptFormat
-from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
+from rlhf.models.loading import OneDNNLinear, load_backbone, load_causal_lm, load_tokenizer, pick_placement
 from rlhf.reward.packing import packing_problem
 from rlhf.rl.decoding import adapter_merged
 from rlhf.rl.policy import Policy
@@ -97,3 +101,45 @@ def test_packing_refuses_attention_for_which_it_is_not_exact(config, longest, pr
         config._attn_implementation = "sdpa"
     found = packing_problem(config, longest)
     assert (found is None) if problem is None else (problem in found)
+
+
+def _kernels_called(run) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as recorded:
+        run()
+    return {event.key for event in recorded.key_averages()}
+
+
+def test_float32_linears_on_a_cpu_run_without_gradients_through_onednn_and_with_them_as_before(tiny_model_dir):
+    policy, tokenizer = _policy(tiny_model_dir, pick_placement("cpu"), lora_b_std=0.5)
+    linears = [(name, m) for name, m in policy.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    # Every plain linear of the model, the head and the adapted layers' base layers included; the adapter's
+    # own layers are added after loading and keep torch's kernel.
+    assert {name for name, m in linears if type(m) is OneDNNLinear} == {name for name, _ in linears if "lora_" not in name}
+    assert type(load_backbone(str(tiny_model_dir), pick_placement("cpu")).layers[0].mlp.up_proj) is OneDNNLinear
+    ids = torch.tensor([tokenizer("a post about the cat and the dog")["input_ids"]])
+
+    def logits():
+        return policy.model(input_ids=ids).logits
+
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in _kernels_called(logits)
+        fast = logits()
+    assert "mkldnn::_linear_pointwise" not in _kernels_called(logits)
+    trained = logits()
+    assert trained.requires_grad
+    torch.testing.assert_close(fast, trained.detach(), atol=1e-5, rtol=1e-5)
+    # A copy keeps the class, and runs its own weights.
+    twin = copy.deepcopy(policy.model)
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.zero_()
+        assert type(twin.get_output_embeddings()) is OneDNNLinear
+        assert twin(input_ids=ids).logits.abs().max() == 0
+        torch.testing.assert_close(logits(), fast, atol=0, rtol=0)
+
+
+def test_linears_in_bfloat16_keep_torchs_own_kernel(tiny_model_dir):
+    model = load_causal_lm(str(tiny_model_dir), BF16)
+    assert not any(type(m) is OneDNNLinear for m in model.modules())

@@ -1,0 +1,132 @@
+"""Which kernel runs the linear layers of passes without gradients: torch's default on a CPU (MKL's sgemm)
+against oneDNN's (`rlhf.models.loading.OneDNNLinear`), alternated in one process on the default model.
+
+    .venv/bin/python bench/linear_kernels.py [--repeats 3]
+
+Measures, for each kernel: a decode step at 4, 8 and 16 rows (the policy with its adapter merged, as PPO
+samples; 48 new tokens after the bundled prompts, no stop token honoured), the prefill of 8 prompts, and a
+reference pass (8 rows of prompt and 64 completion tokens, no gradients, logits for the completion only). A
+decode step reads every weight once, so the machine's read bandwidth (a sum over 400 MB, measured in the
+same run) bounds it from below: the table gives each step's share of that bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import load_average, machine, model_dir, our_versions, summary, write_results
+
+NAME = "linear_kernels"
+ROWS = (4, 8, 16)
+NEW_TOKENS = 48
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second of summing a 400 MB float32 tensor (its pages touched first), the median of `repeats`."""
+    import torch
+
+    data = torch.randn(100_000_000)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - started)
+    return data.numel() * 4 / summary(times)["median"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each kernel, after one warm-up")
+    args = parser.parse_args()
+
+    import torch
+
+    from rlhf.data.datasets import read_jsonl, sample_dataset
+    from rlhf.data.prompts import PromptEncoder, PromptFormat
+    from rlhf.models.loading import OneDNNLinear, load_causal_lm, load_tokenizer, pick_placement
+    from rlhf.rl.decoding import adapter_merged, decode
+    from rlhf.rl.policy import Policy
+    from rlhf.rl.rollouts import Rollout
+
+    load_at_start = load_average()
+    base = model_dir()
+    tokenizer = load_tokenizer(base)
+    rows = read_jsonl(Path(sample_dataset("prompts.jsonl")))[:16]
+    encoder = PromptEncoder(tokenizer, PromptFormat("Summarize in less than 50 words.", None), 512, 64)
+    prompts = [encoder.encode_prompt(r) for r in rows]
+    torch.manual_seed(0)
+    policy = Policy.create(load_causal_lm(base, pick_placement("cpu")), 8, [-1], tokenizer.pad_token_id)
+    linears = [m for m in policy.model.modules() if isinstance(m, torch.nn.Linear)]
+    kernels = {"mkl": torch.nn.Linear, "onednn": OneDNNLinear}
+    # The weights a decode step reads: every linear layer's (the adapter merged in) and the head's.
+    weight_bytes = sum(m.weight.numel() * 4 for name, m in policy.model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and "lora_" not in name)
+
+    reference = Rollout(*_rollout_tensors(torch, prompts[:8], tokenizer.pad_token_id, 64))
+
+    def measure() -> dict:
+        seconds = {}
+        with adapter_merged(policy.model):
+            for count in ROWS:
+                started = time.perf_counter()
+                decode(policy.model, prompts[:count], 1, [-1], tokenizer.pad_token_id)
+                prefill = time.perf_counter() - started
+                started = time.perf_counter()
+                decode(policy.model, prompts[:count], NEW_TOKENS, [-1], tokenizer.pad_token_id)
+                seconds[f"decode step, {count} rows"] = (time.perf_counter() - started - prefill) / (NEW_TOKENS - 1)
+                if count == 8:
+                    seconds["prefill, 8 prompts"] = prefill
+        with torch.no_grad():
+            started = time.perf_counter()
+            policy.evaluate(reference, 1.0, with_values=False, use_adapter=False)
+            seconds["reference pass, 8 rows"] = time.perf_counter() - started
+        return seconds
+
+    bandwidth = [read_bandwidth()]
+    results = {kernel: {} for kernel in kernels}
+    for round_ in range(args.repeats + 1):
+        for kernel, cls in kernels.items():
+            for module in linears:
+                module.__class__ = cls
+            seconds = measure()
+            if round_ == 0:
+                continue  # warm-up
+            for name, value in seconds.items():
+                results[kernel].setdefault(name, []).append(value)
+    bandwidth.append(read_bandwidth())
+    results = {kernel: {name: summary(values) for name, values in timings.items()} for kernel, timings in results.items()}
+    median_bandwidth = summary(bandwidth)["median"]
+    bound = weight_bytes / median_bandwidth
+
+    lines = [f"Median of {args.repeats} rounds after a warm-up, the kernels alternated in one process; "
+             f"read bandwidth {median_bandwidth / 1e9:.1f} GB/s (before and after: "
+             f"{', '.join(f'{b / 1e9:.1f}' for b in bandwidth)}), so a decode step, which reads "
+             f"{weight_bytes / 1e6:.0f} MB of weights, takes at least {bound * 1e3:.1f} ms.", "",
+             "| pass | MKL (torch's default), ms | oneDNN, ms | speed-up | decode step's share of the bandwidth bound, MKL / oneDNN |",
+             "|---|---|---|---|---|"]
+    for name in results["mkl"]:
+        mkl, onednn = results["mkl"][name]["median"], results["onednn"][name]["median"]
+        share = f"{bound / mkl:.0%} / {bound / onednn:.0%}" if name.startswith("decode") else "–"
+        lines.append(f"| {name} | {mkl * 1e3:.1f} | {onednn * 1e3:.1f} | {mkl / onednn:.2f}x | {share} |")
+    lines += ["", f"Load average start {load_at_start}, end {load_average()}."]
+    write_results(NAME, {"machine": machine(), "versions": our_versions(), "read_bandwidth": bandwidth,
+                         "weight_bytes": weight_bytes, "seconds": results, "repeats": args.repeats},
+                  "\n".join(lines))
+
+
+def _rollout_tensors(torch, prompts: list[list[int]], pad_id: int, completion: int):
+    """Left-padded prompts followed by `completion` tokens of each prompt's own ids, all counted as real."""
+    from rlhf.rl.rollouts import left_pad
+
+    ids, mask = left_pad(prompts, pad_id)
+    tokens = torch.stack([torch.tensor((p * completion)[:completion]) for p in prompts])
+    keep = torch.ones_like(tokens)
+    return (torch.cat([ids, tokens], dim=1), torch.cat([mask, keep], dim=1), keep,
+            torch.ones(len(prompts), dtype=torch.bool))
+
+
+if __name__ == "__main__":
+    main()
