@@ -5,7 +5,7 @@ against oneDNN's (`rlhf.models.loading.OneDNNLinear`), alternated in one process
 
 Measures, for each kernel: a decode step at 4, 8 and 16 rows (the policy with its adapter merged, as PPO
 samples; 48 new tokens after the bundled prompts, no stop token honoured), the prefill of 8 prompts, and a
-reference pass (8 rows of prompt and 64 completion tokens, no gradients, logits for the completion only). A
+reference pass (8 prompts and 64 tokens sampled after each, no gradients, logits for the completion only). A
 decode step reads every weight once, so the machine's read bandwidth (a sum over 400 MB, measured in the
 same run) bounds it from below: the table gives each step's share of that bound.
 """
@@ -49,7 +49,6 @@ def main() -> None:
     from rlhf.models.loading import OneDNNLinear, load_causal_lm, load_tokenizer, pick_placement
     from rlhf.rl.decoding import adapter_merged, decode
     from rlhf.rl.policy import Policy
-    from rlhf.rl.rollouts import Rollout
 
     load_at_start = load_average()
     base = model_dir()
@@ -59,13 +58,13 @@ def main() -> None:
     prompts = [encoder.encode_prompt(r) for r in rows]
     torch.manual_seed(0)
     policy = Policy.create(load_causal_lm(base, pick_placement("cpu")), 8, [-1], tokenizer.pad_token_id)
-    linears = [m for m in policy.model.modules() if isinstance(m, torch.nn.Linear)]
+    # The layers loading makes OneDNNLinear (the adapter's own are added later, and idle while it is merged).
+    linears = [m for name, m in policy.model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name]
     kernels = {"mkl": torch.nn.Linear, "onednn": OneDNNLinear}
     # The weights a decode step reads: every linear layer's (the adapter merged in) and the head's.
-    weight_bytes = sum(m.weight.numel() * 4 for name, m in policy.model.named_modules()
-                       if isinstance(m, torch.nn.Linear) and "lora_" not in name)
-
-    reference = Rollout(*_rollout_tensors(torch, prompts[:8], tokenizer.pad_token_id, 64))
+    weight_bytes = sum(m.weight.numel() * 4 for m in linears)
+    with adapter_merged(policy.model):
+        reference = decode(policy.model, prompts[:8], 64, [-1], tokenizer.pad_token_id).rollout
 
     def measure() -> dict:
         seconds = {}
@@ -115,17 +114,6 @@ def main() -> None:
     write_results(NAME, {"machine": machine(), "versions": our_versions(), "read_bandwidth": bandwidth,
                          "weight_bytes": weight_bytes, "seconds": results, "repeats": args.repeats},
                   "\n".join(lines))
-
-
-def _rollout_tensors(torch, prompts: list[list[int]], pad_id: int, completion: int):
-    """Left-padded prompts followed by `completion` tokens of each prompt's own ids, all counted as real."""
-    from rlhf.rl.rollouts import left_pad
-
-    ids, mask = left_pad(prompts, pad_id)
-    tokens = torch.stack([torch.tensor((p * completion)[:completion]) for p in prompts])
-    keep = torch.ones_like(tokens)
-    return (torch.cat([ids, tokens], dim=1), torch.cat([mask, keep], dim=1), keep,
-            torch.ones(len(prompts), dtype=torch.bool))
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ class OneDNNLinear(torch.nn.Linear):
     """A float32 linear layer on a CPU whose products without gradients run through oneDNN's kernel
     (`torch.ops.mkldnn._linear_pointwise`, the one inductor compiles CPU linears to); with gradients, torch's
     usual one (MKL). MKL is fast for the training passes' tall products but slow for decoding's skinny ones,
-    a few rows times every weight: a decode step of the default model at 4 rows runs 1.54x faster through
-    oneDNN, at 8 rows 1.36x (`bench/linear_kernels.py`). The two kernels sum in different orders, so their
+    a few rows times every weight: a decode step of the default model at 4 rows runs about 1.5x faster
+    through oneDNN, at 8 rows 1.2-1.4x (`bench/linear_kernels.py`). The two kernels sum in different orders, so their
     results differ by float32 rounding. The class swap (not a patched `forward`) survives
     `copy.deepcopy` and `peft`'s wrapping, which check `isinstance(module, nn.Linear)`."""
 
