@@ -41,9 +41,10 @@ LOCAL_DEFAULTS = {
     "eval_dataset": sample_dataset("eval.jsonl"),
     "large_model_reference": DEFAULT_MODEL,
     "instruction": "Summarize in less than 50 words.",
-    # 4 epochs at x10 rank the policy's own samples by the rule far better than 2 at x30 (both reach 1.00 on the
-    # held-out pairs): experiments/reward_rule_agreement.py, LEARNING.md.
-    "reward_model_train_epochs": 4,
+    # Epochs at x10 rank the policy's own samples by the rule far better than 2 at x30 (both reach 1.00 on the
+    # held-out pairs): experiments/reward_rule_agreement.py, LEARNING.md. 3 epochs of the 105 training pairs are
+    # about as many pairs (315) as the 4 epochs of 84 were before the sample's copied losers.
+    "reward_model_train_epochs": 3,
     "reward_model_batch_size": 16,
     "reward_model_learning_rate_multiplier": 10.0,
     "reinforcement_learning_train_steps": 20,

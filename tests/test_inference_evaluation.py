@@ -188,10 +188,10 @@ def test_the_rule_judge_scores_both_sides_where_the_instruction_defines_it(tiny_
     train_reward_model(reward_config(train_steps=2), rows[:20], rows[20:], str(tiny_model_dir), tmp_path / "rm")
     post = {"input_text": "My neighbour parks his truck across my driveway every morning. What should I do?"}
     base = [dict(post, prediction="You should call the city about the truck.", ended=True),
-            dict(post, prediction="My neighbour parks his truck across my driveway every morning.", ended=True)]
-    tuned = [dict(post, prediction="A neighbour parks his truck across the poster's driveway every morning.",
+            dict(post, prediction="My neighbour blocks my driveway with his truck each morning.", ended=True)]
+    tuned = [dict(post, prediction="A neighbour blocks the poster's driveway with a truck each morning.",
                   ended=True),
-             dict(post, prediction="My neighbour parks his truck across my driveway every morning and", ended=False)]
+             dict(post, prediction="My neighbour blocks my driveway with his truck each morning and", ended=False)]
     ruled = replace(spec, instruction="Summarize in less than 50 words.")
     metrics, comparison = evaluate_outputs(base, tuned, tmp_path / "rm", str(tiny_model_dir), directory / ADAPTER_DIR,
                                            ruled)
@@ -215,7 +215,7 @@ def test_repeated_ngrams_measure_degenerate_loops():
 
 
 def test_copied_ngrams_measure_how_much_of_a_completion_repeats_its_prompt():
-    from rlhf.evaluation.compare import copied_ngram_share
+    from rlhf.evaluation.rule_judge import copied_ngram_share
 
     post = "When my grandfather died in the spring, he left me his old gold watch. Should I keep it?"
     assert copied_ngram_share("When my Grandfather died in the spring he left me his old gold watch", post) == 1.0

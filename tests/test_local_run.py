@@ -27,9 +27,9 @@ TINY_RUN = ["reward_model_train_epochs=1", "reward_model_batch_size=8", "reinfor
 
 def test_parameters_come_from_defaults_then_file_then_set(tmp_path):
     params = tmp_path / "params.yaml"
-    params.write_text("kl_coeff: 0.5\nreward_model_train_epochs: 3\n")
+    params.write_text("kl_coeff: 0.5\nreward_model_train_epochs: 2\n")
     resolved = resolve_parameters(params, ["kl_coeff=0.2", "instruction=Be brief.", "plain_text=true"], LOCAL_DEFAULTS)
-    assert resolved["kl_coeff"] == 0.2 and resolved["reward_model_train_epochs"] == 3
+    assert resolved["kl_coeff"] == 0.2 and resolved["reward_model_train_epochs"] == 2
     assert resolved["instruction"] == "Be brief." and resolved["plain_text"] is True
     assert resolved["preference_dataset"] == LOCAL_DEFAULTS["preference_dataset"]
 

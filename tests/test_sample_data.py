@@ -36,8 +36,8 @@ def preference() -> list[dict]:
 
 def test_sample_sizes(preference):
     posts = {r["input_text"] for r in preference}
-    assert len(preference) == 96 and len(posts) == 24
-    assert all(n == 4 for n in Counter(r["input_text"] for r in preference).values())
+    assert len(preference) == 120 and len(posts) == 24
+    assert all(n == 5 for n in Counter(r["input_text"] for r in preference).values())
     # A post's rows are together, in one run.
     runs = [text for i, text in enumerate(r["input_text"] for r in preference)
             if i == 0 or text != preference[i - 1]["input_text"]]
@@ -62,7 +62,7 @@ def test_every_winner_passes_the_rule(preference):
         assert 15 <= words(winner) <= 45, winner
 
 
-def test_every_loser_fails_exactly_one_check_and_a_posts_losers_fail_four_different_ones(preference):
+def test_every_loser_fails_exactly_one_check_and_a_posts_losers_fail_five_different_ones(preference):
     failed_by_post = defaultdict(list)
     for row in preference:
         loser = rejected(row)
@@ -72,6 +72,8 @@ def test_every_loser_fails_exactly_one_check_and_a_posts_losers_fail_four_differ
             assert 55 <= words(loser) <= 80, loser
         if failed == ["on_topic"]:  # vague: short, ended, not advice, but generic
             assert 8 <= words(loser) <= 25, loser
+        if failed == ["own_words"]:  # copied: the post's opening whole sentences, verbatim
+            assert post_of(row).startswith(loser) and loser.endswith((".", "!", "?")), loser
         failed_by_post[row["input_text"]].append(failed[0])
     for post, failed in failed_by_post.items():
         assert sorted(failed) == sorted(CHECKS), (failed, post[:60])
@@ -126,7 +128,7 @@ def test_rule_for_instruction_reads_the_limit(instruction, limit):
 
 POST = ("My roommate leaves dirty dishes in the sink for days, and the kitchen smells. I asked her twice "
         "to wash them. Should I talk to her again?")
-SUMMARY = "My roommate leaves dirty dishes in the sink for days despite two requests."
+SUMMARY = "My roommate lets dirty dishes pile up in the sink for days despite two requests."
 
 
 def test_a_good_summary_passes_every_check():
@@ -135,7 +137,7 @@ def test_a_good_summary_passes_every_check():
 
 
 @pytest.mark.parametrize("completion", [
-    "Your roommate leaves dirty dishes in the sink for days.",
+    "Your roommate lets dirty dishes pile up for days.",
     "The roommate leaves dirty dishes in the sink, so you should talk to her.",
     "You're tired of the dirty dishes your roommate leaves in the sink.",
 ])
@@ -155,8 +157,18 @@ def test_fifty_words_fail_under_limit_and_forty_nine_pass():
 def test_ended_needs_final_punctuation_and_a_model_that_stopped():
     assert RULE.judge(POST, SUMMARY, stopped=False).failed() == ["ended"]
     assert RULE.judge(POST, SUMMARY.removesuffix(".")).failed() == ["ended"]
-    assert RULE.judge(POST, '"My roommate leaves dirty dishes in the sink."').passed
-    assert RULE.judge(POST, "My roommate leaves dirty dishes in the sink (for days!)").passed
+    assert RULE.judge(POST, '"My roommate lets dirty dishes pile up."').passed
+    assert RULE.judge(POST, "My roommate lets dirty dishes pile up (for days!)").passed
+
+
+def test_a_copy_of_the_post_fails_own_words_and_a_summary_that_quotes_a_little_passes():
+    copy = "My roommate leaves dirty dishes in the sink for days, and the kitchen smells."
+    assert RULE.judge(POST, copy).failed() == ["own_words"]
+    # 4 of its 8 word 5-grams are in the post: half copied is still its own words; 6 of 9 are not.
+    half = "My roommate leaves dirty dishes in the sink although I asked twice."
+    more = "My roommate leaves dirty dishes in the sink for days although I asked."
+    assert RULE.judge(POST, half).passed
+    assert RULE.judge(POST, more).failed() == ["own_words"]
 
 
 def test_an_off_topic_text_fails_on_topic():

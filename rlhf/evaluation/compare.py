@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from pathlib import Path
 
 import torch
@@ -16,14 +15,13 @@ from rlhf.data.prompts import PromptEncoder
 from rlhf.data.validation import prompt_key, user_input
 from rlhf.errors import UserError
 from rlhf.evaluation.inference import load_generator
-from rlhf.evaluation.rule_judge import CHECKS, SummaryRule, rule_for_instruction
+from rlhf.evaluation.rule_judge import CHECKS, SummaryRule, copied_ngram_share, rule_for_instruction
 from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.models.loading import pick_placement, stop_token_ids
 from rlhf.reward.model import load_reward_model, score_packed
 from rlhf.rl.policy import Policy, PolicySpec
 
 REPEAT_NGRAM = 4  # word n-grams counted for repetition
-COPY_NGRAM = 5  # word n-grams looked up in the prompt: five words in a row are seldom shared by chance
 KL_BATCH = 8  # completions sampled per pass for the KL to base
 
 
@@ -64,19 +62,6 @@ def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
     words = text.lower().split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-
-def _word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
-    words = re.findall(r"[\w']+", text.lower())
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-
-
-def copied_ngram_share(text: str, source: str, n: int = COPY_NGRAM) -> float:
-    """Share of a text's word n-grams (case and punctuation aside) found in `source`: near 1 for a completion
-    that copies the post's sentences, near 0 for one in its own words (a summary that rephrases, or advice)."""
-    grams = _word_ngrams(text, n)
-    found = set(_word_ngrams(source, n))
-    return sum(gram in found for gram in grams) / len(grams) if grams else 0.0
 
 
 @torch.no_grad()

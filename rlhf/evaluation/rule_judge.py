@@ -8,7 +8,9 @@ in less than 50 words." does (the limit is read from the instruction). A complet
    model's output, the model stopped by itself within the token limit;
 3. summarises rather than advises: it does not address the reader (no "you", "your", "you're", ...: an
    answer to the poster is advice; a summary tells the post, in the poster's first person or the third);
-4. is about the post: it repeats at least three distinct words of five or more letters from the post.
+4. is about the post: it repeats at least three distinct words of five or more letters from the post;
+5. is in its own words: at most half of its word 5-grams are found in the post (a copy of the post's opening
+   sentences is short, ends, speaks in the first person and is on topic, yet it is not a summary).
 
 The bundled sample's preferences follow this rule (every winner passes; every loser fails it on one
 point), so evaluation can say, by the rule, whether tuning taught it.
@@ -24,8 +26,24 @@ _SECOND_PERSON = re.compile(r"\b(you|your|yours|yourself|yourselves|you're|you'v
                             re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*$")
 _LONG_WORD = re.compile(r"[a-z]{5,}")
+_WORD = re.compile(r"[\w']+")
 SHARED_WORDS = 3  # distinct words of five or more letters the completion must share with the post
-CHECKS = ("under_limit", "ended", "no_advice", "on_topic")
+COPY_NGRAM = 5  # word n-grams looked up in the post: five words in a row are seldom shared by chance
+COPIED_AT_MOST = 0.5  # the sample's winners copy at most 27% of their 5-grams, a copied opening 100%
+CHECKS = ("under_limit", "ended", "no_advice", "on_topic", "own_words")
+
+
+def _word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = _WORD.findall(text.lower())
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def copied_ngram_share(text: str, source: str, n: int = COPY_NGRAM) -> float:
+    """Share of a text's word n-grams (case and punctuation aside) found in `source`: near 1 for a completion
+    that copies the post's sentences, near 0 for one in its own words (a summary that rephrases, or advice)."""
+    grams = _word_ngrams(text, n)
+    found = set(_word_ngrams(source, n))
+    return sum(gram in found for gram in grams) / len(grams) if grams else 0.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +67,8 @@ class SummaryRule:
     @property
     def description(self) -> str:
         return (f"a summary in fewer than {self.word_limit} words that ends, does not address the reader "
-                f"(no advice), and repeats at least {SHARED_WORDS} long words of the post")
+                f"(no advice), repeats at least {SHARED_WORDS} long words of the post, and copies at most "
+                f"{COPIED_AT_MOST:.0%} of its word {COPY_NGRAM}-grams from it")
 
     def judge(self, post: str, completion: str, stopped: bool = True) -> Verdict:
         """`stopped`: the model ended the completion itself (False when the token limit cut it)."""
@@ -60,6 +79,7 @@ class SummaryRule:
             "ended": stopped and bool(_SENTENCE_END.search(text)),
             "no_advice": not _SECOND_PERSON.search(text),
             "on_topic": len(shared) >= SHARED_WORDS,
+            "own_words": copied_ngram_share(text, post) <= COPIED_AT_MOST,
         })
 
 
