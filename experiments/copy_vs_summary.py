@@ -5,8 +5,9 @@ sentences, copied (as many whole sentences as stay under the word limit), and th
     python experiments/copy_vs_summary.py --reward-model RUN/pipeline_root/rlhf-pipeline/train-reward-model/reward_model
 
 The reward model trained on pairs of these posts (winners included), so the comparison leans towards the
-winners; since the sample has copied losers (December 5) it also trained on these very copies as losers. Prints the share of posts where the copy scores higher, both mean
-scores, and the rule's pass rate of each.
+winners; since the sample has copied losers (December 5) it also trained on copied openings of these posts
+as losers. Prints the share of posts where the copy scores higher, both mean scores, and the rule's pass
+rate of each.
 """
 
 import argparse
