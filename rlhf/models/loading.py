@@ -93,8 +93,8 @@ class OneDNNLinear(torch.nn.Linear):
     (`torch.ops.mkldnn._linear_pointwise`, the one inductor compiles CPU linears to); with gradients, torch's
     usual one (MKL). MKL is fast for the training passes' tall products but slow for decoding's skinny ones,
     a few rows times every weight: a decode step of the default model at 4 rows runs about 1.5x faster
-    through oneDNN, at 8 rows 1.2-1.4x (`bench/linear_kernels.py`). The two kernels sum in different orders, so their
-    results differ by float32 rounding. The class swap (not a patched `forward`) survives
+    through oneDNN, at 8 rows 1.2-1.4x (`bench/linear_kernels.py`). The two kernels sum in different orders,
+    so their results differ by float32 rounding. The class swap (not a patched `forward`) survives
     `copy.deepcopy` and `peft`'s wrapping, which check `isinstance(module, nn.Linear)`."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
