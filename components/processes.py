@@ -84,11 +84,12 @@ def run_stage(stage: str, processes: int, **arguments) -> dict:
 
 
 def main(stage: str, arguments: Path, result: Path) -> int:
-    from rlhf.training.distributed import join
+    from rlhf.training.distributed import join, leave
 
     returned = STAGES[stage](**json.loads(arguments.read_text()))
     if join().main:
         result.write_text(json.dumps(returned))
+    leave()
     return 75 if returned.get("interrupted") else 0
 
 

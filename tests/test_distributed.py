@@ -193,3 +193,42 @@ def test_the_bulk_inference_component_given_two_accelerators_writes_what_one_pro
         assert json.loads(result.stdout.strip().splitlines()[-1]) == {"rows": len(PROMPTS)}
         outputs[processes] = read_jsonl(Path(arguments["output"]))
     assert outputs[2] == outputs[1] and len(outputs[2]) == len(PROMPTS)
+
+
+# A process of a stage that exits with its process group open leaves gloo's connections to interpreter shutdown,
+# which can abort it (status -6) after finished work: CI saw it from the component's two-process bulk inference.
+CLOSES_ITS_GROUP = """
+import json, os, sys
+import torch.distributed as dist
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
+os.environ["LOCAL_RANK"] = "0"
+if sys.argv[2] == "component":
+    from rlhf.components.processes import main
+    status = main("bulk_inference", *map(__import__("pathlib").Path, sys.argv[3:5]))
+else:
+    from rlhf.cli import main
+    status = main(json.loads(sys.argv[3]))
+print(json.dumps({"status": status, "group_open": dist.is_initialized()}))
+"""
+
+
+@pytest.mark.parametrize("entry_point", ["component", "cli"])
+def test_a_stage_process_closes_its_process_group_when_its_work_is_done(tiny_model_dir, tmp_path, entry_point):
+    from rlhf.data.datasets import read_jsonl, write_jsonl
+
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:4])
+    output = tmp_path / "out.jsonl"
+    if entry_point == "component":
+        arguments = tmp_path / "arguments.json"
+        arguments.write_text(json.dumps({"settings": {"target_sequence_length": 4, "batch_size": 4}, "prompts":
+                                         str(tmp_path / "prompts.jsonl"), "model": str(tiny_model_dir),
+                                         "adapter": None, "output": str(output)}))
+        given = [str(arguments), str(tmp_path / "result.json")]
+    else:
+        given = [json.dumps(["infer", "--eval-dataset", str(tmp_path / "prompts.jsonl"), "--large-model-reference",
+                             str(tiny_model_dir), "--output", str(output), "--target-sequence-length", "4"])]
+    result = subprocess.run([sys.executable, "-c", CLOSES_ITS_GROUP, str(free_port()), entry_point, *given],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"status": 0, "group_open": False}
+    assert len(read_jsonl(output)) == 4
