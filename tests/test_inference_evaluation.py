@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from rlhf.evaluation.compare import bootstrap_interval, evaluate_outputs, win_rate
+from rlhf.evaluation.compare import KL_SAMPLES_PER_PROMPT, bootstrap_interval, evaluate_outputs, win_rate
 from rlhf.evaluation.config import InferenceConfig
 from rlhf.evaluation.inference import bulk_infer
 from rlhf.evaluation.report import histogram, line_chart, render_html, render_markdown, verdict
@@ -84,6 +84,9 @@ def test_verdict_is_plain_language():
     assert verdict(EVALUATION) == ("The tuned model beats the base model on 67% of 3 prompts (95% interval 33%–100%): "
                                    "mean reward +0.40 against -0.20, KL to base 3.20 nats per completion. Tuned "
                                    "completions average 28 words, base 35.")
+    sampled = {**EVALUATION, "kl_to_base_sampling": {"temperature": 1.0, "top_p": 1.0, "completions": 12,
+                                                     "standard_error": 0.41}}
+    assert "KL to base 3.20 nats per completion (standard error 0.41, 12 sampled completions)." in verdict(sampled)
 
 
 def test_verdict_says_when_wins_and_mean_reward_disagree_or_tuning_lost():
@@ -149,7 +152,8 @@ def test_kl_to_base_is_measured_on_completions_sampled_at_the_training_temperatu
     encoder = PromptEncoder(tokenizer, spec.prompt_format(), spec.prompt_sequence_length, spec.target_sequence_length)
     prompts = [encoder.encode_prompt(r) for r in ROWS]
     model = load_generator(str(tiny_model_dir), directory / ADAPTER_DIR, pick_placement("cpu"))
-    measured = kl_to_base(model, tokenizer, prompts, spec, seed=3)
+    measured, _, completions = kl_to_base(model, tokenizer, prompts, spec, seed=3, samples_per_prompt=1)
+    assert completions == len(prompts)
 
     # The same draws by hand: tuned and base log-softmax at temperature 0.5 on the sampled ids.
     torch.manual_seed(3)
@@ -167,12 +171,15 @@ def test_kl_to_base_is_measured_on_completions_sampled_at_the_training_temperatu
     expected = float(((per_token[0] - per_token[1]) * rollout.completion_mask).sum(1).mean())
     assert measured == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert measured > 0.01
+    # Several completions per prompt: each prompt drawn that many times in a row, the error of their mean reported.
+    several, error, completions = kl_to_base(model, tokenizer, prompts, spec, seed=3, samples_per_prompt=3)
+    assert completions == 3 * len(prompts) and 0 < error < several
     # A policy equal to its base (a fresh adapter) is at KL 0.
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.zero_()
-    assert kl_to_base(model, tokenizer, prompts, spec, seed=3) == pytest.approx(0.0, abs=1e-6)
+    assert kl_to_base(model, tokenizer, prompts, spec, seed=3)[0] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_the_rule_judge_scores_both_sides_where_the_instruction_defines_it(tiny_model_dir, tmp_path,
@@ -200,7 +207,10 @@ def test_the_rule_judge_scores_both_sides_where_the_instruction_defines_it(tiny_
     assert metrics["rule_checks_base"]["no_advice"] == 0.5 and metrics["rule_checks_tuned"]["ended"] == 0.5
     judged = {entry["tuned"]: entry["tuned_rule"] for entry in comparison}
     assert judged[tuned[1]["prediction"]] == {"passed": False, "failed": ["ended"]}
-    assert metrics["kl_to_base_sampling"] == {"temperature": 0.5, "top_p": 1.0, "completions": 2}
+    sampling = metrics["kl_to_base_sampling"]
+    assert {key: sampling[key] for key in ("temperature", "top_p", "completions")} == {
+        "temperature": 0.5, "top_p": 1.0, "completions": 2 * KL_SAMPLES_PER_PROMPT}
+    assert sampling["standard_error"] > 0
     plain, _ = evaluate_outputs(base, tuned, tmp_path / "rm", str(tiny_model_dir), directory / ADAPTER_DIR, spec)
     assert plain["judges"] == ["reward_model"] and "rule_pass_rate_tuned" not in plain
 

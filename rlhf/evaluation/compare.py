@@ -20,9 +20,14 @@ from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.models.loading import pick_placement, stop_token_ids
 from rlhf.reward.model import load_reward_model, score_packed
 from rlhf.rl.policy import Policy, PolicySpec
+from rlhf.training.progress import Progress
 
 REPEAT_NGRAM = 4  # word n-grams counted for repetition
-KL_BATCH = 8  # completions sampled per pass for the KL to base
+KL_BATCH = 8  # completions sampled per pass for the KL to base (32 a pass took as long per completion here)
+# Completions sampled per eval prompt for the KL to base. One per prompt left a standard error of 1.1-1.3
+# nats on 16 prompts (sd 4-5 nats per completion), as wide as the distance of the default run's seeds from the
+# 10-nat target; four halve it (LEARNING.md, "Where the KL lies").
+KL_SAMPLES_PER_PROMPT = 4
 
 
 def completion_ids(tokenizer, text: str, ended: bool, limit: int) -> list[int]:
@@ -65,20 +70,27 @@ def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
 
 
 @torch.no_grad()
-def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, seed: int) -> float:
-    """KL(tuned || base) in nats per completion: the mean, over one completion per prompt sampled from the
-    tuned policy at the training temperature (and nucleus), of the summed per-token log-ratio of the tuned and
-    the base (adapter off) distributions at that temperature, on the generated token ids themselves."""
+def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, seed: int,
+               samples_per_prompt: int = KL_SAMPLES_PER_PROMPT) -> tuple[float, float, int]:
+    """KL(tuned || base) in nats per completion: the mean, over `samples_per_prompt` completions per prompt
+    sampled from the tuned policy at the training temperature (and nucleus), of the summed per-token log-ratio
+    of the tuned and the base (adapter off) distributions at that temperature, on the generated token ids
+    themselves. Returns the mean, its standard error and the number of completions."""
     policy = Policy(model, None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     torch.manual_seed(seed)
+    drawn = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    progress = Progress(len(drawn), "KL to base", unit="completion")
     sums = []
-    for first in range(0, len(prompts), KL_BATCH):
-        rollout = policy.generate(prompts[first:first + KL_BATCH], spec.target_sequence_length, spec.temperature,
+    for first in range(0, len(drawn), KL_BATCH):
+        rollout = policy.generate(drawn[first:first + KL_BATCH], spec.target_sequence_length, spec.temperature,
                                   spec.top_p)
         tuned, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False)
         base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, use_adapter=False)
         sums.extend(((tuned - base) * rollout.completion_mask).sum(dim=1).tolist())
-    return _mean(sums)
+        progress.update(len(rollout.completion_mask))
+    progress.close()
+    spread = torch.tensor(sums, dtype=torch.float64).std().item() if len(sums) > 1 else 0.0
+    return _mean(sums), spread / len(sums) ** 0.5, len(sums)
 
 
 def rule_verdicts(rule: SummaryRule, rows: list[dict]) -> list[dict]:
@@ -112,11 +124,11 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
     scores = reward.normalise(scores)
     base_scores, tuned_scores = scores[:, 0].tolist(), scores[:, 1].tolist()
 
-    kl = None
+    kl = kl_error = kl_completions = None
     if adapter_dir is not None and spec is not None:
         policy_encoder = PromptEncoder(tokenizer, spec.prompt_format(), spec.prompt_sequence_length,
                                        spec.target_sequence_length)
-        kl = kl_to_base(load_generator(base_model_path, adapter_dir, placement), tokenizer,
+        kl, kl_error, kl_completions = kl_to_base(load_generator(base_model_path, adapter_dir, placement), tokenizer,
                         [policy_encoder.encode_prompt(r) for r in base_rows], spec, seed)
 
     rule = rule_for_instruction(spec.instruction if spec is not None else reward.spec.instruction)
@@ -139,7 +151,8 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
         "win_rate_ci95": bootstrap_interval(base_scores, tuned_scores, seed),
         "kl_to_base": kl,
         "kl_to_base_sampling": None if kl is None else {"temperature": spec.temperature, "top_p": spec.top_p,
-                                                        "completions": len(base_rows)},
+                                                        "completions": kl_completions,
+                                                        "standard_error": kl_error},
         "base_mean_words": _mean([_words(r["prediction"]) for r in base_rows]),
         "tuned_mean_words": _mean([_words(r["prediction"]) for r in tuned_rows]),
         "base_ended_share": _mean([float(r.get("ended", True)) for r in base_rows]),

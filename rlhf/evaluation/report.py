@@ -123,6 +123,9 @@ def verdict(evaluation: dict) -> str:
     text = f"{opening}: mean reward {tuned:+.2f} against {base:+.2f}"
     if evaluation.get("kl_to_base") is not None:
         text += f", KL to base {evaluation['kl_to_base']:.2f} nats per completion"
+        sampling = evaluation.get("kl_to_base_sampling") or {}
+        if sampling.get("standard_error") is not None:
+            text += f" (standard error {sampling['standard_error']:.2f}, {sampling['completions']} sampled completions)"
     return (text + f". Tuned completions average {evaluation['tuned_mean_words']:.0f} words, base "
             f"{evaluation['base_mean_words']:.0f}.")
 
