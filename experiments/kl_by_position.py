@@ -6,9 +6,9 @@ a summary, which the base model rarely starts) or spread over all of them (the w
 
 Samples `--samples` completions per eval prompt from the tuned policy at its training temperature (and
 nucleus), and sums the per-token log-ratio of the tuned and base (adapter off) distributions at each position,
-as the evaluation's `kl_to_base` does for one completion per prompt. Prints the mean KL per completion and its
-standard deviation, the nats at each of the first twelve positions, and the split between the first three
-positions and the rest.
+as the evaluation's `kl_to_base` does (`sampled_log_ratios`; here the prompts are drawn in turn, there each
+prompt's samples come together). Prints the mean KL per completion and its standard deviation, the nats at
+each of the first twelve positions, and the split between the first three positions and the rest.
 """
 
 import argparse
@@ -18,7 +18,7 @@ import torch
 
 from rlhf.data.datasets import read_jsonl
 from rlhf.data.prompts import PromptEncoder
-from rlhf.evaluation.compare import KL_BATCH
+from rlhf.evaluation.compare import sampled_log_ratios
 from rlhf.evaluation.inference import load_generator
 from rlhf.models.loading import load_tokenizer, pick_placement, stop_token_ids
 from rlhf.models.reference import resolve_model_reference
@@ -46,16 +46,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     by_position = torch.zeros(spec.target_sequence_length, dtype=torch.float64)
     tokens, per_completion = 0.0, []
-    with torch.no_grad():
-        for first in range(0, len(prompts), KL_BATCH):
-            rollout = policy.generate(prompts[first:first + KL_BATCH], spec.target_sequence_length,
-                                      spec.temperature, spec.top_p)
-            tuned, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False)
-            base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, use_adapter=False)
-            ratio = (tuned - base) * rollout.completion_mask
-            by_position[:ratio.shape[1]] += ratio.sum(dim=0).double()
-            per_completion += ratio.sum(dim=1).tolist()
-            tokens += rollout.completion_mask.sum().item()
+    for ratios, mask in sampled_log_ratios(policy, prompts, spec):
+        by_position[:ratios.shape[1]] += ratios.sum(dim=0).double()
+        per_completion += ratios.sum(dim=1).tolist()
+        tokens += mask.sum().item()
 
     count = len(per_completion)
     nats = by_position / count

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -70,24 +71,33 @@ def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
 
 
 @torch.no_grad()
+def sampled_log_ratios(policy: Policy, prompts: list[list[int]],
+                       spec: PolicySpec) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each pass of `KL_BATCH` prompts: completions sampled from the tuned policy at the training
+    temperature (and nucleus), the per-token log-ratio of the tuned and the base (adapter off) distributions
+    at that temperature on the generated ids themselves [rows, positions], 0 past a completion's end, and the
+    completion mask. Draws from torch's global generator: seed it first."""
+    for first in range(0, len(prompts), KL_BATCH):
+        rollout = policy.generate(prompts[first:first + KL_BATCH], spec.target_sequence_length, spec.temperature,
+                                  spec.top_p)
+        tuned, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False)
+        base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, use_adapter=False)
+        yield (tuned - base) * rollout.completion_mask, rollout.completion_mask
+
+
 def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, seed: int,
                samples_per_prompt: int = KL_SAMPLES_PER_PROMPT) -> tuple[float, float, int]:
-    """KL(tuned || base) in nats per completion: the mean, over `samples_per_prompt` completions per prompt
-    sampled from the tuned policy at the training temperature (and nucleus), of the summed per-token log-ratio
-    of the tuned and the base (adapter off) distributions at that temperature, on the generated token ids
-    themselves. Returns the mean, its standard error and the number of completions."""
+    """KL(tuned || base) in nats per completion: the mean, over `samples_per_prompt` completions per prompt,
+    of the summed per-token log-ratio (`sampled_log_ratios`). Returns the mean, its standard error and the
+    number of completions."""
     policy = Policy(model, None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     torch.manual_seed(seed)
     drawn = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
     progress = Progress(len(drawn), "KL to base", unit="completion")
     sums = []
-    for first in range(0, len(drawn), KL_BATCH):
-        rollout = policy.generate(drawn[first:first + KL_BATCH], spec.target_sequence_length, spec.temperature,
-                                  spec.top_p)
-        tuned, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False)
-        base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, use_adapter=False)
-        sums.extend(((tuned - base) * rollout.completion_mask).sum(dim=1).tolist())
-        progress.update(len(rollout.completion_mask))
+    for ratios, _ in sampled_log_ratios(policy, drawn, spec):
+        sums.extend(ratios.sum(dim=1).tolist())
+        progress.update(len(ratios))
     progress.close()
     spread = torch.tensor(sums, dtype=torch.float64).std().item() if len(sums) > 1 else 0.0
     return _mean(sums), spread / len(sums) ** 0.5, len(sums)
@@ -128,8 +138,9 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
     if adapter_dir is not None and spec is not None:
         policy_encoder = PromptEncoder(tokenizer, spec.prompt_format(), spec.prompt_sequence_length,
                                        spec.target_sequence_length)
-        kl, kl_error, kl_completions = kl_to_base(load_generator(base_model_path, adapter_dir, placement), tokenizer,
-                        [policy_encoder.encode_prompt(r) for r in base_rows], spec, seed)
+        kl, kl_error, kl_completions = kl_to_base(
+            load_generator(base_model_path, adapter_dir, placement), tokenizer,
+            [policy_encoder.encode_prompt(r) for r in base_rows], spec, seed)
 
     rule = rule_for_instruction(spec.instruction if spec is not None else reward.spec.instruction)
     judged = {side: rule_verdicts(rule, rows) if rule else None for side, rows in (("base", base_rows),
