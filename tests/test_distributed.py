@@ -199,12 +199,13 @@ def test_the_bulk_inference_component_given_two_accelerators_writes_what_one_pro
 # which can abort it (status -6) after finished work: CI saw it from the component's two-process bulk inference.
 CLOSES_ITS_GROUP = """
 import json, os, sys
+from pathlib import Path
 import torch.distributed as dist
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[1]}", rank=0, world_size=1)
 os.environ["LOCAL_RANK"] = "0"
 if sys.argv[2] == "component":
     from rlhf.components.processes import main
-    status = main("bulk_inference", *map(__import__("pathlib").Path, sys.argv[3:5]))
+    status = main("bulk_inference", Path(sys.argv[3]), Path(sys.argv[4]))
 else:
     from rlhf.cli import main
     status = main(json.loads(sys.argv[3]))
