@@ -129,6 +129,20 @@ def run_child(python: Path, worker: str, spec: dict, name: str, with_repo_on_pat
     return ChildRun(json.loads(result_path.read_text()), usage.ru_maxrss / 2 ** 20, wall)  # ru_maxrss is in KiB
 
 
+INSTRUCTION = "Summarize in less than 50 words."  # the local run's
+
+
+def bundled_prompts(tokenizer, new_tokens: int, count: int | None = None) -> tuple[list[dict], list[list[int]]]:
+    """The bundled sample's prompt rows (the first `count`) and their ids as the local run encodes them: the
+    course's instruction, prompts of up to 512 tokens."""
+    from rlhf.data.datasets import read_jsonl, sample_dataset
+    from rlhf.data.prompts import PromptEncoder, PromptFormat
+
+    rows = read_jsonl(Path(sample_dataset("prompts.jsonl")))[:count]
+    encoder = PromptEncoder(tokenizer, PromptFormat(INSTRUCTION, None), 512, new_tokens)
+    return rows, [encoder.encode_prompt(r) for r in rows]
+
+
 def summary(values: list[float]) -> dict:
     """Median and spread of repeated timings."""
     ordered = sorted(values)

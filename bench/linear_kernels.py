@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from common import load_average, machine, model_dir, our_versions, summary, write_results
+from common import bundled_prompts, load_average, machine, model_dir, our_versions, summary, write_results
 
 NAME = "linear_kernels"
 ROWS = (4, 8, 16)
@@ -44,8 +43,6 @@ def main() -> None:
 
     import torch
 
-    from rlhf.data.datasets import read_jsonl, sample_dataset
-    from rlhf.data.prompts import PromptEncoder, PromptFormat
     from rlhf.models.loading import OneDNNLinear, load_causal_lm, load_tokenizer, pick_placement
     from rlhf.rl.decoding import adapter_merged, decode
     from rlhf.rl.policy import Policy
@@ -53,9 +50,7 @@ def main() -> None:
     load_at_start = load_average()
     base = model_dir()
     tokenizer = load_tokenizer(base)
-    rows = read_jsonl(Path(sample_dataset("prompts.jsonl")))[:16]
-    encoder = PromptEncoder(tokenizer, PromptFormat("Summarize in less than 50 words.", None), 512, 64)
-    prompts = [encoder.encode_prompt(r) for r in rows]
+    _, prompts = bundled_prompts(tokenizer, 64, 16)
     torch.manual_seed(0)
     policy = Policy.create(load_causal_lm(base, pick_placement("cpu")), 8, [-1], tokenizer.pad_token_id)
     # The layers loading makes OneDNNLinear (the adapter's own are added later, and idle while it is merged).

@@ -11,9 +11,18 @@ model's backbone with a seeded head (its scores do not matter here).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from common import SCRATCH, load_average, machine, model_dir, our_versions, summary, write_results
+from common import (
+    INSTRUCTION,
+    SCRATCH,
+    bundled_prompts,
+    load_average,
+    machine,
+    model_dir,
+    our_versions,
+    summary,
+    write_results,
+)
 from ppo import make_reward_model
 
 NAME = "rollout_pass"
@@ -29,8 +38,6 @@ def main() -> None:
 
     import torch
 
-    from rlhf.data.datasets import read_jsonl, sample_dataset
-    from rlhf.data.prompts import PromptEncoder, PromptFormat
     from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
     from rlhf.rl.config import PPOConfig
     from rlhf.rl.policy import Policy
@@ -44,14 +51,11 @@ def main() -> None:
     make_reward_model(base, settings, reward_dir)
     placement = pick_placement("cpu")
     tokenizer = load_tokenizer(base)
-    instruction = "Summarize in less than 50 words."
-    rows = read_jsonl(Path(sample_dataset("prompts.jsonl")))[:16]
-    encoder = PromptEncoder(tokenizer, PromptFormat(instruction, None), 512, args.new_tokens)
-    prompts = [encoder.encode_prompt(r) for r in rows]
+    rows, prompts = bundled_prompts(tokenizer, args.new_tokens, 16)
     torch.manual_seed(0)
     policy = Policy.create(load_causal_lm(base, placement), 8, [-1], tokenizer.pad_token_id)  # never stops
     reward_fn = RewardModelReward(reward_dir, placement, base)
-    config = PPOConfig(target_sequence_length=args.new_tokens, kl_coeff=0.05, instruction=instruction)
+    config = PPOConfig(target_sequence_length=args.new_tokens, kl_coeff=0.05, instruction=INSTRUCTION)
 
     seconds = {size: {phase: [] for phase in (*PHASES, "total")} for size in SIZES}
     for round_ in range(args.repeats + 1):

@@ -89,6 +89,21 @@ def marker_pairs(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def adapted_policy(tiny_model_dir, eos: int):
+    """A policy on the tiny model whose adapter moves it (random LoRA B), so the reference (adapter off)
+    differs from the policy."""
+    from rlhf.models.loading import load_causal_lm, pick_placement
+    from rlhf.rl.policy import Policy
+
+    torch.manual_seed(0)
+    policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4, [eos], eos)
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)
+    return policy
+
+
 def reward_config(**changes) -> RewardTrainingConfig:
     settings = dict(train_steps=30, batch_size=16, learning_rate_multiplier=30.0, checkpoint_every=1000,
                     target_sequence_length=32, prompt_sequence_length=64)

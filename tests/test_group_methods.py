@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rlhf.models.loading import load_backbone, load_causal_lm, pick_placement
+from rlhf.models.loading import load_backbone, pick_placement
 from rlhf.reward.model import RewardModel, RewardModelSpec, save_reward_model
 from rlhf.rl.policy import Policy
 from rlhf.rl.ppo import Experience, group_advantages, group_baseline, train_policy
@@ -13,7 +13,7 @@ from rlhf.rl.rewards import RewardModelReward
 from rlhf.rl.rollouts import Rollout, make_rollout
 from rlhf.training.distributed import ALONE
 from rlhf.training.loop import CHECKPOINT_DIR
-from tests.conftest import PROMPTS, TargetTokenShare, assert_reward_rose, scalars
+from tests.conftest import PROMPTS, TargetTokenShare, adapted_policy, assert_reward_rose, scalars
 from tests.conftest import ppo_config as config
 
 pytestmark = pytest.mark.slow
@@ -115,13 +115,7 @@ EOS = 2
 
 
 def _policy(tiny_model_dir) -> Policy:
-    torch.manual_seed(0)
-    policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4, [EOS], EOS)
-    with torch.no_grad():
-        for name, parameter in policy.model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.5)  # a non-trivial adapter
-    return policy
+    return adapted_policy(tiny_model_dir, EOS)
 
 
 def _passes(policy: Policy, rollout, use_adapter: bool):

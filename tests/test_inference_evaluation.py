@@ -137,13 +137,36 @@ def perturbed_policy(tiny_model_dir, tmp_path_factory):
     return directory, spec, policy, tokenizer
 
 
-def test_kl_to_base_is_measured_on_completions_sampled_at_the_training_temperature(perturbed_policy,
-                                                                                   tiny_model_dir):
+def _kl_by_hand(policy, prompts: list[list[int]], per_pass: int, temperature: float, seed: int) -> float:
+    """The evaluation's draws by hand, `per_pass` prompts a pass: tuned and base log-softmax at the temperature,
+    each from a full forward pass of the whole rollout (nothing packed, nothing from the sampling pass)."""
     import torch
     import torch.nn.functional as F
 
+    torch.manual_seed(seed)
+    sums = []
+    for first in range(0, len(prompts), per_pass):
+        rollout = policy.generate(prompts[first:first + per_pass], 6, temperature, 1.0)
+        length = rollout.completion_mask.shape[1]
+        inputs = {"input_ids": rollout.sequences, "attention_mask": rollout.attention_mask,
+                  "position_ids": (rollout.attention_mask.cumsum(1) - 1).clamp(min=0)}
+        with torch.no_grad():
+            tuned_logits = policy.model(**inputs).logits
+            with policy.model.disable_adapter():
+                base_logits = policy.model(**inputs).logits
+        targets = rollout.sequences[:, -length:, None]
+        per_token = [F.log_softmax(logits[:, -length - 1:-1] / temperature, -1).gather(-1, targets).squeeze(-1)
+                     for logits in (tuned_logits, base_logits)]
+        sums += ((per_token[0] - per_token[1]) * rollout.completion_mask).sum(1).tolist()
+    return sum(sums) / len(sums)
+
+
+def test_kl_to_base_is_measured_on_completions_sampled_at_the_training_temperature(perturbed_policy,
+                                                                                   tiny_model_dir):
+    import torch
+
     from rlhf.data.prompts import PromptEncoder
-    from rlhf.evaluation.compare import kl_to_base
+    from rlhf.evaluation.compare import KL_BATCH, kl_to_base
     from rlhf.evaluation.inference import load_generator
     from rlhf.models.loading import pick_placement
     from rlhf.rl.policy import ADAPTER_DIR
@@ -154,26 +177,14 @@ def test_kl_to_base_is_measured_on_completions_sampled_at_the_training_temperatu
     model = load_generator(str(tiny_model_dir), directory / ADAPTER_DIR, pick_placement("cpu"))
     measured, _, completions = kl_to_base(model, tokenizer, prompts, spec, seed=3, samples_per_prompt=1)
     assert completions == len(prompts)
-
-    # The same draws by hand: tuned and base log-softmax at temperature 0.5 on the sampled ids.
-    torch.manual_seed(3)
-    rollout = policy.generate(prompts, spec.target_sequence_length, 0.5, 1.0)
-    length = rollout.completion_mask.shape[1]
-    with torch.no_grad():
-        tuned_logits = policy.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
-                                    position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
-        with policy.model.disable_adapter():
-            base_logits = policy.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
-                                       position_ids=(rollout.attention_mask.cumsum(1) - 1).clamp(min=0)).logits
-    targets = rollout.sequences[:, -length:, None]
-    per_token = [F.log_softmax(logits[:, -length - 1:-1] / 0.5, -1).gather(-1, targets).squeeze(-1)
-                 for logits in (tuned_logits, base_logits)]
-    expected = float(((per_token[0] - per_token[1]) * rollout.completion_mask).sum(1).mean())
-    assert measured == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert measured == pytest.approx(_kl_by_hand(policy, prompts, KL_BATCH, 0.5, seed=3), rel=1e-4, abs=1e-5)
     assert measured > 0.01
-    # Several completions per prompt: each prompt drawn that many times in a row, the error of their mean reported.
+    # Several completions per prompt: each prompt drawn that many times in a row, in passes of whole groups whose
+    # base pass packs the prompt once; the same value as full passes of each completion, and its error reported.
     several, error, completions = kl_to_base(model, tokenizer, prompts, spec, seed=3, samples_per_prompt=3)
     assert completions == 3 * len(prompts) and 0 < error < several
+    drawn = [prompt for prompt in prompts for _ in range(3)]
+    assert several == pytest.approx(_kl_by_hand(policy, drawn, KL_BATCH // 3 * 3, 0.5, seed=3), rel=1e-4, abs=1e-5)
     # A policy equal to its base (a fresh adapter) is at KL 0.
     with torch.no_grad():
         for name, parameter in model.named_parameters():

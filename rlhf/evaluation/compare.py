@@ -73,14 +73,17 @@ def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
 @torch.no_grad()
 def sampled_log_ratios(policy: Policy, prompts: list[list[int]],
                        spec: PolicySpec) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """For each pass of `KL_BATCH` prompts: completions sampled from the tuned policy at the training
-    temperature (and nucleus), the per-token log-ratio of the tuned and the base (adapter off) distributions
-    at that temperature on the generated ids themselves [rows, positions], 0 past a completion's end, and the
-    completion mask. Draws from torch's global generator: seed it first."""
-    for first in range(0, len(prompts), KL_BATCH):
-        rollout = policy.generate(prompts[first:first + KL_BATCH], spec.target_sequence_length, spec.temperature,
-                                  spec.top_p)
-        tuned, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False)
+    """For each pass of about `KL_BATCH` prompts (whole groups when the policy packs groups of one prompt's
+    completions): completions sampled from the tuned policy at the training temperature (and nucleus), the
+    per-token log-ratio of the tuned and the base (adapter off) distributions at that temperature on the
+    generated ids themselves [rows, positions], 0 past a completion's end, and the completion mask. The tuned
+    log-probs come from the sampling pass itself (`Policy.roll_out`), so only the base takes a second pass.
+    Draws from torch's global generator: seed it first."""
+    group = policy.prompt_group
+    per_pass = max(group, KL_BATCH // group * group)
+    for first in range(0, len(prompts), per_pass):
+        rollout, tuned, _ = policy.roll_out(prompts[first:first + per_pass], spec.target_sequence_length,
+                                            spec.temperature, spec.top_p)
         base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, use_adapter=False)
         yield (tuned - base) * rollout.completion_mask, rollout.completion_mask
 
@@ -89,8 +92,10 @@ def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, see
                samples_per_prompt: int = KL_SAMPLES_PER_PROMPT) -> tuple[float, float, int]:
     """KL(tuned || base) in nats per completion: the mean, over `samples_per_prompt` completions per prompt,
     of the summed per-token log-ratio (`sampled_log_ratios`). Returns the mean, its standard error and the
-    number of completions."""
+    number of completions. A prompt's completions are drawn in a row, and the base pass packs them after one
+    copy of their prompt where that is exact for the model (`Policy.pack_prompt_groups`)."""
     policy = Policy(model, None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    policy.pack_prompt_groups(samples_per_prompt, spec.target_sequence_length, max(len(p) for p in prompts))
     torch.manual_seed(seed)
     drawn = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
     progress = Progress(len(drawn), "KL to base", unit="completion")

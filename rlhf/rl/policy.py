@@ -25,6 +25,7 @@ from rlhf.models.artifacts import ModelSpec, read_spec_file, save_weights, write
 from rlhf.models.loading import in_float32
 from rlhf.reward.packing import PROMPT_SEGMENT, PackedBatch, pack, packing_problem
 from rlhf.rl.decoding import adapter_merged, decode
+from rlhf.rl.prefix_cache import PrefixCache, exact_for
 from rlhf.rl.rollouts import Rollout, positions
 
 SPEC_FILE = "policy.json"
@@ -56,6 +57,7 @@ class Policy(torch.nn.Module):
         self.stop_ids = list(stop_ids)
         self.pad_id = pad_id
         self.prompt_group = 1  # consecutive rollouts that share a prompt, packed together when above 1
+        self.reference_prefixes: PrefixCache | None = None  # the reference's kept prompts, once asked for
 
     def pack_prompt_groups(self, group: int, longest_completion: int, longest_prompt: int) -> bool:
         """Pack groups of `group` consecutive rollouts from now on, if packing is exact for this backbone;
@@ -63,6 +65,15 @@ class Policy(torch.nn.Module):
         longest = longest_prompt + group * longest_completion
         self.prompt_group = group if group > 1 and packing_problem(self.model.config, longest) is None else 1
         return self.prompt_group > 1
+
+    def keep_reference_prompts(self, longest: int) -> bool:
+        """From now on the reference pass (adapter off, no values) keeps each prompt's keys and values and runs
+        only the completion over them (rlhf/rl/prefix_cache.py), if that is exact for this backbone at
+        sequences of up to `longest` tokens; returns whether it is."""
+        causal_lm = self.model.get_base_model()
+        if exact_for(causal_lm.config, longest):
+            self.reference_prefixes = PrefixCache(causal_lm.get_decoder())
+        return self.reference_prefixes is not None
 
     @classmethod
     def create(cls, causal_lm, lora_dim: int, stop_ids: Sequence[int], pad_id: int) -> Policy:
@@ -84,20 +95,21 @@ class Policy(torch.nn.Module):
     def roll_out(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                  top_p: float) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
         """Sampled completions with each token's log-prob [batch, completion] as `evaluate` gives it, and the
-        value of the state before it [batch, completion].
+        value of the state before it [batch, completion] (None for a policy without a value head).
 
         In float32 both come from the sampling pass itself (equal to a full pass within 1e-5). In a lower
         precision a one-token pass over the KV cache rounds differently from the training pass, so PPO's
         first ratio would not be 1 nor the KL to the reference 0; there they come from a second pass, the
         training pass without gradients, as OpenRLHF and verl recompute them after vLLM samples."""
         exact = in_float32(self.model)
+        with_values = self.value_head is not None
         with adapter_merged(self.model):
             decoded = decode(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id, temperature, top_p,
-                             keep_hidden=exact)
+                             keep_hidden=exact and with_values)
         if not exact:
-            log_probs, _, values = self.evaluate(decoded.rollout, temperature)
+            log_probs, _, values = self.evaluate(decoded.rollout, temperature, with_values=with_values)
             return decoded.rollout, log_probs, values
-        values = self.value_head(decoded.hidden.float()).squeeze(-1)
+        values = self.value_head(decoded.hidden.float()).squeeze(-1) if with_values else None
         return decoded.rollout, decoded.log_probs, values
 
     def evaluate(self, rollout: Rollout, temperature: float, with_values: bool = True, use_adapter: bool = True,
@@ -105,6 +117,8 @@ class Policy(torch.nn.Module):
         """Per-token log-probs [batch, completion] of the rollout's completion tokens, the entropy of each
         step's distribution (None unless asked; a statistic, without gradient), and the value of the state
         before each token (None without values). Zero where the completion mask is."""
+        if not use_adapter and not with_values and not with_entropy and self.reference_prefixes is not None:
+            return self._reference_from_prefixes(rollout, temperature), None, None
         if self.prompt_group > 1 and not with_values:
             with nullcontext() if use_adapter else self.model.disable_adapter():
                 return self._evaluate_packed(rollout, temperature, with_entropy)
@@ -130,6 +144,23 @@ class Policy(torch.nn.Module):
             hidden = output.hidden_states[-1][:, -length - 1:-1].detach()
             values = self.value_head(hidden.float()).squeeze(-1)
         return token_log_probs, entropy, values
+
+    @torch.no_grad()
+    def _reference_from_prefixes(self, rollout: Rollout, temperature: float) -> torch.Tensor:
+        """The reference's log-probs of the rollout's completion tokens [batch, completion], zero past each
+        completion's end, from its kept prompts and one pass over the completions."""
+        prompt_columns = rollout.prompt_length
+        prompts = [row[mask.bool()].tolist() for row, mask in
+                   zip(rollout.sequences[:, :prompt_columns], rollout.attention_mask[:, :prompt_columns])]
+        completions = rollout.sequences[:, prompt_columns:]
+        with self.model.disable_adapter():
+            hidden = self.reference_prefixes.hidden_states(prompts, completions, rollout.completion_mask)
+            # The prompt's last state predicts the first completion token, each completion token the next.
+            logits = head_logits(self.model.get_base_model(), hidden[:, :-1])
+        if temperature != 1.0:
+            logits = logits / temperature
+        token_log_probs = logits.gather(-1, completions[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        return token_log_probs * rollout.completion_mask
 
     def _evaluate_packed(self, rollout: Rollout, temperature: float, with_entropy: bool):
         """`evaluate` without values, each group of `prompt_group` rollouts packed as one sequence."""
@@ -174,7 +205,7 @@ def packed_completion_logits(model, batch: PackedBatch) -> tuple[torch.Tensor, t
     A completion's first token is predicted from the prompt's last position, every later one from the token
     before it in the same completion; the vocabulary projection runs at those positions only."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()
+    decoder = causal_lm.get_decoder()
     dtype = next(decoder.parameters()).dtype
     hidden = decoder(input_ids=batch.input_ids, position_ids=batch.position_ids,
                      attention_mask=batch.attention_mask(dtype), use_cache=False).last_hidden_state
@@ -185,11 +216,16 @@ def packed_completion_logits(model, batch: PackedBatch) -> tuple[torch.Tensor, t
     positions_in_row = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
     predicted_from = torch.where(first_token, prompt_end, positions_in_row - 1)
     rows, columns = in_completion.nonzero(as_tuple=True)
-    logits = head(hidden[rows, predicted_from[rows, columns]]).float()
+    return head_logits(causal_lm, hidden[rows, predicted_from[rows, columns]]), rows, columns
+
+
+def head_logits(causal_lm, hidden: torch.Tensor) -> torch.Tensor:
+    """Float32 logits of a causal LM's head (with its final soft cap, where it has one) on hidden states."""
+    logits = causal_lm.get_output_embeddings()(hidden).float()
     softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return logits, rows, columns
+    return logits
 
 
 def completion_log_probs(model, batch: PackedBatch) -> torch.Tensor:

@@ -6,7 +6,9 @@ Read `train_policy` top to bottom. Each step:
    policy's log-prob of each sampled token and the value of the state before it from that same pass; with
    no gradient, the reference log-probs (the same model with the adapter switched off; skipped when
    kl_coeff is 0) and the reward of each completion (a completion that never emits EOS gets
-   `unfinished_reward` instead of its score, unless that is turned off);
+   `unfinished_reward` instead of its score, unless that is turned off). Both frozen passes keep each prompt's
+   keys and values the first time they meet it and afterwards run only the completions over them
+   (rlhf/rl/prefix_cache.py): the run's prompts come back step after step, and are most of the tokens;
 3. per-token rewards: `-kl_coeff * (log p_policy - log p_reference)` on every token, plus the score on the
    last one; advantages with GAE(gamma, lambda), whitened over the batch (with `kl_target`, the step's
    kl_coeff comes from the adaptive controller, `kl_coefficient`);
@@ -64,7 +66,8 @@ from rlhf.models.loading import load_causal_lm, recompute_activations, stop_toke
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
-from rlhf.rl.rewards import RewardFunction
+from rlhf.rl.prefix_cache import worth_keeping
+from rlhf.rl.rewards import RewardFunction, RewardModelReward
 from rlhf.rl.rollouts import Rollout
 from rlhf.rl.sft import final_sft_loss, sft_step
 from rlhf.training.batching import batch_indices, warmup_cosine
@@ -450,6 +453,12 @@ def train_policy(
     policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         recompute_activations(policy.model)
+    # The frozen passes keep the prompts when the run comes back to them (rlhf/rl/prefix_cache.py).
+    passes = config.train_steps * config.rollouts_per_step()
+    if config.kl_coeff > 0 and worth_keeping(model.config, placement.dtype, prompts, passes):
+        policy.keep_reference_prompts(config.prompt_sequence_length + config.target_sequence_length)
+    if isinstance(reward_fn, RewardModelReward):
+        reward_fn.keep_prompts(prompt_rows, passes)
     if config.tuning_method != "ppo" and config.micro_batch_size % config.samples_per_prompt == 0:
         policy.pack_prompt_groups(config.samples_per_prompt, config.target_sequence_length,
                                   config.prompt_sequence_length)

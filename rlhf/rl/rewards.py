@@ -11,6 +11,9 @@ from rlhf.data.validation import prompt_key
 from rlhf.models.loading import Placement
 from rlhf.reward.model import load_reward_model, score_packed
 from rlhf.reward.packing import packing_problem
+from rlhf.rl.prefix_cache import PrefixCache, exact_for, worth_keeping
+from rlhf.rl.rollouts import right_pad
+from rlhf.training.batching import micro_batches
 
 
 class RewardFunction(Protocol):
@@ -30,6 +33,18 @@ class RewardModelReward:
         self.max_tokens = max_tokens
         self.name = f"reward_model:{Path(directory).resolve()}"
         self._prompt_ids: dict[str, list[int]] = {}
+        self.prefixes: PrefixCache | None = None  # the kept prompts, once `keep_prompts` is called
+
+    def keep_prompts(self, rows: list[dict], passes: int) -> bool:
+        """From now on keep each prompt's keys and values and score only the completions over them
+        (rlhf/rl/prefix_cache.py), if `passes` scorings of prompts from `rows` gain by it and it is exact for
+        the backbone; returns whether it does."""
+        spec, backbone = self.loaded.spec, self.loaded.model.backbone
+        dtype = next(backbone.parameters()).dtype
+        if (worth_keeping(backbone.config, dtype, [self._prompt(r) for r in rows], passes)
+                and exact_for(backbone.config, spec.prompt_sequence_length + spec.target_sequence_length)):
+            self.prefixes = PrefixCache(backbone)
+        return self.prefixes is not None
 
     def _prompt(self, row: dict) -> list[int]:
         key = prompt_key(row)
@@ -42,12 +57,35 @@ class RewardModelReward:
         with the prompt once, when that is exact for the backbone."""
         limit = self.loaded.spec.target_sequence_length
         prompts = [self._prompt(r) for r in rows]
+        if self.prefixes is not None:
+            return self.loaded.normalise(self._score_over_prefixes(prompts, [c[:limit] for c in completions]))
         group = self._prompt_run(prompts, limit)
         scores = score_packed(self.loaded.model, prompts[::group],
                               [[c[:limit] for c in completions[start:start + group]]
                                for start in range(0, len(rows), group)],
                               self.loaded.tokenizer.pad_token_id, self.max_tokens)
         return self.loaded.normalise(scores.flatten())
+
+    @torch.no_grad()
+    def _score_over_prefixes(self, prompts: list[list[int]], completions: list[list[int]]) -> torch.Tensor:
+        """Raw scores [rows]: the head on the hidden state of each completion's last token, its prompt kept."""
+        model = self.loaded.model
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        scores = []
+        for rows in micro_batches([len(p) + len(c) for p, c in zip(prompts, completions)], self.max_tokens):
+            batch = [completions[i] for i in rows]
+            ids, mask = right_pad(batch, self.loaded.tokenizer.pad_token_id)
+            hidden = self.prefixes.hidden_states([prompts[i] for i in rows], ids.to(device), mask.to(device))
+            # Position 0 is the prompt's last token, so a completion's last token sits at its length.
+            last = hidden[torch.arange(len(batch)), torch.tensor([len(c) for c in batch])]
+            scores.append((rows, model.head(last.float()).squeeze(-1).cpu()))
+        model.train(was_training)
+        ordered = torch.empty(len(prompts))
+        for rows, part in scores:
+            ordered[rows] = part
+        return ordered
 
     def _prompt_run(self, prompts: list[list[int]], limit: int) -> int:
         """The length of the runs of equal prompts the rows come in, or 1 when they do not all come so."""

@@ -56,6 +56,16 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for index, row in enumerate(rows):
+        ids[index, :len(row)] = torch.tensor(row)
+        mask[index, :len(row)] = 1
+    return ids, mask
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on the first real token of a left-padded row, as generation counts them."""
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -73,10 +83,5 @@ def completion_mask(completions: torch.Tensor, stop_ids: Sequence[int]) -> tuple
 def make_rollout(prompts: list[list[int]], completions: list[list[int]], pad_id: int, ended: list[bool]) -> Rollout:
     """A rollout from given token ids, e.g. completions generated elsewhere, to score them."""
     ids, mask = left_pad(prompts, pad_id)
-    length = max(len(c) for c in completions)
-    tokens = torch.full((len(completions), length), pad_id, dtype=torch.long)
-    keep = torch.zeros((len(completions), length), dtype=torch.long)
-    for row, completion in enumerate(completions):
-        tokens[row, :len(completion)] = torch.tensor(completion)
-        keep[row, :len(completion)] = 1
+    tokens, keep = right_pad(completions, pad_id)
     return Rollout(torch.cat([ids, tokens], dim=1), torch.cat([mask, keep], dim=1), keep, torch.tensor(ended))
