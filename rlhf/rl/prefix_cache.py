@@ -2,7 +2,7 @@
 
 The reinforcement-learning loop sends the same prompts through the same frozen models step after step: the
 reference (the policy with its adapter switched off) and the reward model read each of the bundled sample's
-40 prompts at 8 of the local run's 20 steps, and the prompt is most of what they read (about 200 of 230
+40 prompts at 8 of the local run's 20 steps, and the prompt is most of what they read (about 160 of 210
 tokens a row). A frozen model's keys and values for a prompt never change, so they are computed the first
 time and kept; every later pass runs the completion's tokens alone, attending to the kept prompt through
 `transformers`' KV cache, as a decode step does. The prompt's work is done once instead of once per step.
