@@ -51,7 +51,7 @@ def main() -> None:
     model = load_causal_lm(base, placement)
     full = Policy.create(model, 8, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     kept = Policy(full.model, None, full.stop_ids, tokenizer.pad_token_id)  # the same weights, prompts kept
-    assert kept.keep_reference_prompts(512 + args.new_tokens)
+    assert kept.keep_reference_prompts(prompts, args.steps * BATCH, 512 + args.new_tokens)
     policies = {"full": full, "kept": kept}
     rewards = {way: RewardModelReward(reward_dir, placement, base) for way in WAYS}
     assert rewards["kept"].keep_prompts(rows, args.steps * BATCH)

@@ -24,7 +24,7 @@ def test_the_reference_over_kept_prompts_gives_the_full_passes_log_probs(tiny_mo
             full[step], _, _ = policy.evaluate(rollout, 0.7, with_values=False, use_adapter=False)
         full[step] = full[step] * rollout.completion_mask
         full[step, "rollout"] = rollout
-    assert policy.keep_reference_prompts(longest=32)
+    assert policy.keep_reference_prompts(PROMPTS, passes=2 * len(PROMPTS), longest=32)
     for step in range(2):  # the first pass computes and keeps the prompts, the second reads them
         kept, _, _ = policy.evaluate(full[step, "rollout"], 0.7, with_values=False, use_adapter=False)
         torch.testing.assert_close(kept, full[step], atol=1e-5, rtol=1e-5)

@@ -25,7 +25,7 @@ from rlhf.models.artifacts import ModelSpec, read_spec_file, save_weights, write
 from rlhf.models.loading import in_float32
 from rlhf.reward.packing import PROMPT_SEGMENT, PackedBatch, pack, packing_problem
 from rlhf.rl.decoding import adapter_merged, decode
-from rlhf.rl.prefix_cache import PrefixCache, exact_for
+from rlhf.rl.prefix_cache import PrefixCache, worth_keeping
 from rlhf.rl.rollouts import Rollout, positions
 
 SPEC_FILE = "policy.json"
@@ -66,12 +66,13 @@ class Policy(torch.nn.Module):
         self.prompt_group = group if group > 1 and packing_problem(self.model.config, longest) is None else 1
         return self.prompt_group > 1
 
-    def keep_reference_prompts(self, longest: int) -> bool:
+    def keep_reference_prompts(self, prompts: list[list[int]], passes: int, longest: int) -> bool:
         """From now on the reference pass (adapter off, no values) keeps each prompt's keys and values and runs
-        only the completion over them (rlhf/rl/prefix_cache.py), if that is exact for this backbone at
-        sequences of up to `longest` tokens; returns whether it is."""
+        only the completion over them (rlhf/rl/prefix_cache.py), if `passes` rollouts of `prompts` gain by it
+        and it is exact for this backbone at sequences of up to `longest` tokens; returns whether it does."""
         causal_lm = self.model.get_base_model()
-        if exact_for(causal_lm.config, longest):
+        config, dtype = causal_lm.config, next(causal_lm.parameters()).dtype
+        if worth_keeping(config, dtype, prompts, passes) and packing_problem(config, longest) is None:
             self.reference_prefixes = PrefixCache(causal_lm.get_decoder())
         return self.reference_prefixes is not None
 

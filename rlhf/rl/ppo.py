@@ -66,7 +66,6 @@ from rlhf.models.loading import load_causal_lm, recompute_activations, stop_toke
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
-from rlhf.rl.prefix_cache import worth_keeping
 from rlhf.rl.rewards import RewardFunction, RewardModelReward
 from rlhf.rl.rollouts import Rollout
 from rlhf.rl.sft import final_sft_loss, sft_step
@@ -455,8 +454,8 @@ def train_policy(
         recompute_activations(policy.model)
     # The frozen passes keep the prompts when the run comes back to them (rlhf/rl/prefix_cache.py).
     passes = config.train_steps * config.rollouts_per_step()
-    if config.kl_coeff > 0 and worth_keeping(model.config, placement.dtype, prompts, passes):
-        policy.keep_reference_prompts(config.prompt_sequence_length + config.target_sequence_length)
+    if config.kl_coeff > 0:
+        policy.keep_reference_prompts(prompts, passes, config.prompt_sequence_length + config.target_sequence_length)
     if isinstance(reward_fn, RewardModelReward):
         reward_fn.keep_prompts(prompt_rows, passes)
     if config.tuning_method != "ppo" and config.micro_batch_size % config.samples_per_prompt == 0:

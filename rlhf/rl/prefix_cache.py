@@ -9,16 +9,14 @@ time and kept; every later pass runs the completion's tokens alone, attending to
 
 Kept up to `PREFIX_CACHE_BYTES` per model, first come first kept (a prompt that does not fit is computed for
 the pass and not kept), so memory is bounded whatever the prompt set. The passes agree with a full pass of
-prompt and completion to float rounding; `exact_for` says for which backbones they are used at all (full
-attention through SDPA or eager, as the reward model's packing requires), and callers keep the full pass for
-the others.
+prompt and completion to float rounding where the reward model's packing is exact (`packing_problem`: full
+attention through SDPA or eager); callers keep the full pass for other backbones.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rlhf.reward.packing import packing_problem
 from rlhf.rl.rollouts import left_pad
 
 # Per model. The default model keeps 46 KB a token in float32, so the bundled sample's 40 prompts take about
@@ -36,12 +34,6 @@ def worth_keeping(config, dtype, prompts: list[list[int]], passes: int,
     width = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     bytes_per_token = 2 * config.num_hidden_layers * heads * width * dtype.itemsize
     return passes > len(prompts) and sum(map(len, prompts)) * bytes_per_token <= capacity_bytes
-
-
-def exact_for(config, longest: int) -> bool:
-    """Whether a cached prompt and a continuation over it compute what one pass would, for a backbone with
-    this config at sequences of up to `longest` tokens."""
-    return packing_problem(config, longest) is None
 
 
 class PrefixCache:

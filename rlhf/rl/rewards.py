@@ -11,7 +11,7 @@ from rlhf.data.validation import prompt_key
 from rlhf.models.loading import Placement
 from rlhf.reward.model import load_reward_model, score_packed
 from rlhf.reward.packing import packing_problem
-from rlhf.rl.prefix_cache import PrefixCache, exact_for, worth_keeping
+from rlhf.rl.prefix_cache import PrefixCache, worth_keeping
 from rlhf.rl.rollouts import right_pad
 from rlhf.training.batching import micro_batches
 
@@ -41,8 +41,9 @@ class RewardModelReward:
         the backbone; returns whether it does."""
         spec, backbone = self.loaded.spec, self.loaded.model.backbone
         dtype = next(backbone.parameters()).dtype
+        longest = spec.prompt_sequence_length + spec.target_sequence_length
         if (worth_keeping(backbone.config, dtype, [self._prompt(r) for r in rows], passes)
-                and exact_for(backbone.config, spec.prompt_sequence_length + spec.target_sequence_length)):
+                and packing_problem(backbone.config, longest) is None):
             self.prefixes = PrefixCache(backbone)
         return self.prefixes is not None
 
@@ -73,19 +74,16 @@ class RewardModelReward:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        scores = []
+        scores = torch.empty(len(prompts))
         for rows in micro_batches([len(p) + len(c) for p, c in zip(prompts, completions)], self.max_tokens):
             batch = [completions[i] for i in rows]
             ids, mask = right_pad(batch, self.loaded.tokenizer.pad_token_id)
             hidden = self.prefixes.hidden_states([prompts[i] for i in rows], ids.to(device), mask.to(device))
             # Position 0 is the prompt's last token, so a completion's last token sits at its length.
             last = hidden[torch.arange(len(batch)), torch.tensor([len(c) for c in batch])]
-            scores.append((rows, model.head(last.float()).squeeze(-1).cpu()))
+            scores[rows] = model.head(last.float()).squeeze(-1).cpu()
         model.train(was_training)
-        ordered = torch.empty(len(prompts))
-        for rows, part in scores:
-            ordered[rows] = part
-        return ordered
+        return scores
 
     def _prompt_run(self, prompts: list[list[int]], limit: int) -> int:
         """The length of the runs of equal prompts the rows come in, or 1 when they do not all come so."""
