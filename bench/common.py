@@ -143,6 +143,52 @@ def bundled_prompts(tokenizer, new_tokens: int, count: int | None = None) -> tup
     return rows, [encoder.encode_prompt(r) for r in rows]
 
 
+def decoding_policy(new_tokens: int, count: int):
+    """What the decoding benchmarks decode with: the default model with a fresh rank-8 LoRA adapter (seed 0)
+    as a policy with no stop token, its tokenizer, and the ids of the first `count` bundled prompts."""
+    import torch
+
+    from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
+    from rlhf.rl.policy import Policy
+
+    base = model_dir()
+    tokenizer = load_tokenizer(base)
+    _, prompts = bundled_prompts(tokenizer, new_tokens, count)
+    torch.manual_seed(0)
+    return Policy.create(load_causal_lm(base, pick_placement("cpu")), 8, [-1], tokenizer.pad_token_id), tokenizer, prompts
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes per second of summing a 400 MB float32 tensor (its pages touched first), the median of `repeats`:
+    what bounds a decode step, which reads every weight once, from below."""
+    import torch
+
+    data = torch.randn(100_000_000)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - started)
+    return data.numel() * 4 / summary(times)["median"]
+
+
+def alternated(ways: dict, repeats: int) -> tuple[dict, list[float]]:
+    """Each way (a function returning {pass name: seconds}) run `repeats` rounds after a warm-up round, in
+    alternating order, in this process: {way: {pass name: summary}}, and the read bandwidth before and after."""
+    bandwidth = [read_bandwidth()]
+    timings = {way: {} for way in ways}
+    for round_ in range(repeats + 1):
+        for way in list(ways) if round_ % 2 == 0 else reversed(list(ways)):
+            seconds = ways[way]()
+            if round_ == 0:
+                continue  # warm-up: first-call allocations and kernel selection
+            for name, value in seconds.items():
+                timings[way].setdefault(name, []).append(value)
+    bandwidth.append(read_bandwidth())
+    return {way: {name: summary(values) for name, values in by_name.items()} for way, by_name in timings.items()}, bandwidth
+
+
 def summary(values: list[float]) -> dict:
     """Median and spread of repeated timings."""
     ordered = sorted(values)

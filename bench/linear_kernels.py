@@ -15,25 +15,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import bundled_prompts, load_average, machine, model_dir, our_versions, summary, write_results
+from common import alternated, decoding_policy, load_average, machine, our_versions, summary, write_results
 
 NAME = "linear_kernels"
 ROWS = (4, 8, 16)
 NEW_TOKENS = 48
-
-
-def read_bandwidth(repeats: int = 5) -> float:
-    """Bytes per second of summing a 400 MB float32 tensor (its pages touched first), the median of `repeats`."""
-    import torch
-
-    data = torch.randn(100_000_000)
-    data.sum()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        data.sum()
-        times.append(time.perf_counter() - started)
-    return data.numel() * 4 / summary(times)["median"]
 
 
 def main() -> None:
@@ -43,16 +29,11 @@ def main() -> None:
 
     import torch
 
-    from rlhf.models.loading import OneDNNLinear, load_causal_lm, load_tokenizer, pick_placement
+    from rlhf.models.loading import OneDNNLinear
     from rlhf.rl.decoding import adapter_merged, decode
-    from rlhf.rl.policy import Policy
 
     load_at_start = load_average()
-    base = model_dir()
-    tokenizer = load_tokenizer(base)
-    _, prompts = bundled_prompts(tokenizer, 64, 16)
-    torch.manual_seed(0)
-    policy = Policy.create(load_causal_lm(base, pick_placement("cpu")), 8, [-1], tokenizer.pad_token_id)
+    policy, tokenizer, prompts = decoding_policy(64, 16)
     # The layers loading makes OneDNNLinear (the adapter's own are added later, and idle while it is merged).
     linears = [m for name, m in policy.model.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in name]
     kernels = {"mkl": torch.nn.Linear, "onednn": OneDNNLinear}
@@ -79,19 +60,14 @@ def main() -> None:
             seconds["reference pass, 8 rows"] = time.perf_counter() - started
         return seconds
 
-    bandwidth = [read_bandwidth()]
-    results = {kernel: {} for kernel in kernels}
-    for round_ in range(args.repeats + 1):
-        for kernel, cls in kernels.items():
+    def with_kernel(cls):
+        def measure_with() -> dict:
             for module in linears:
                 module.__class__ = cls
-            seconds = measure()
-            if round_ == 0:
-                continue  # warm-up
-            for name, value in seconds.items():
-                results[kernel].setdefault(name, []).append(value)
-    bandwidth.append(read_bandwidth())
-    results = {kernel: {name: summary(values) for name, values in timings.items()} for kernel, timings in results.items()}
+            return measure()
+        return measure_with
+
+    results, bandwidth = alternated({kernel: with_kernel(cls) for kernel, cls in kernels.items()}, args.repeats)
     median_bandwidth = summary(bandwidth)["median"]
     bound = weight_bytes / median_bandwidth
 

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, recompute_activations, stop_token_ids
-from rlhf.rl.decoding import adapter_merged, decode, generate
+from rlhf.rl.cpu_decode_step import cpu_decode_step
+from rlhf.rl.decoding import adapter_merged, decode, generate, preallocated_cache
 from rlhf.rl.policy import Policy, entropy_of
-from rlhf.rl.rollouts import left_pad
+from rlhf.rl.rollouts import left_pad, positions
 
 TEXTS = ["dog", "a longer post about the cat and dog", "my roommate keeps leaving dishes"]
 
@@ -188,3 +189,42 @@ def test_recomputing_activations_gives_the_same_gradients_and_runs_each_layer_ag
     assert gradients[True].keys() == gradients[False].keys() and gradients[False]
     for name, gradient in gradients[False].items():
         torch.testing.assert_close(gradients[True][name], gradient, atol=1e-6, rtol=1e-5)
+
+
+def test_the_written_out_cpu_step_computes_the_models_own_decode_step(tiny_model_dir, tokenizer, prompts):
+    """Both ways decode the same tokens over caches filled by the same prefill: left-padded rows, grouped
+    key/value heads, the position growing token by token."""
+    model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu")).eval()
+    step = cpu_decode_step(model, len(prompts))
+    assert step is not None
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    own, written = preallocated_cache(model, ids.shape[1] + 8), preallocated_cache(model, ids.shape[1] + 8)
+    with torch.no_grad():
+        for cache in (own, written):
+            first = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache,
+                          use_cache=True, logits_to_keep=1)
+        tokens, position, attention = first.logits[:, -1].argmax(-1), positions(mask)[:, -1], mask
+        for _ in range(8):
+            position, attention = position + 1, torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            expected = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=position[:, None],
+                             past_key_values=own, use_cache=True, logits_to_keep=1, output_hidden_states=True)
+            logits, hidden = step(tokens, position, attention, written)
+            torch.testing.assert_close(logits, expected.logits[:, -1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(hidden, expected.hidden_states[-1][:, -1], atol=1e-5, rtol=1e-5)
+            tokens = expected.logits[:, -1].argmax(-1)
+
+
+def test_the_written_out_step_is_used_only_where_the_weights_are_all_that_acts(tiny_model_dir, tokenizer, prompts):
+    policy = tuned_policy(tiny_model_dir, tokenizer)
+    assert cpu_decode_step(policy.model, 3) is None  # the adapter acts beside the weights
+    with adapter_merged(policy.model):
+        assert cpu_decode_step(policy.model, 3) is not None  # folded in
+    with policy.model.disable_adapter():
+        assert cpu_decode_step(policy.model, 3) is not None
+    bf16 = load_causal_lm(str(tiny_model_dir), pick_placement("cpu", torch.bfloat16))
+    assert cpu_decode_step(bf16, 3) is None
+    # Without a written-out step the adapter still acts: the same tokens as with it folded in.
+    unfolded = decode(policy.model, prompts, 10, [tokenizer.eos_token_id], tokenizer.pad_token_id, greedy=True)
+    with adapter_merged(policy.model):
+        folded = decode(policy.model, prompts, 10, [tokenizer.eos_token_id], tokenizer.pad_token_id, greedy=True)
+    assert torch.equal(unfolded.rollout.sequences, folded.rollout.sequences)

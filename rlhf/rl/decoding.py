@@ -7,7 +7,9 @@ trims a decode step, which on a CPU is bound by reading every weight once per to
 operator call: `adapter_merged` folds the LoRA adapter into (a copy of) the adapted weights while
 decoding, removing the adapter's own small products from every layer of every step, and
 `preallocated_cache` writes each token's keys and values into room reserved up front instead of copying
-the whole cache at every token.
+the whole cache at every token. On a CPU, a Llama-architecture model in float32 decodes every token after
+the first through `cpu_decode_step`: the decoder written out for one token per row, over fused weights
+reordered for the CPU's kernel.
 
 Sampling follows `generate`'s rules (temperature, then nucleus filtering that keeps at least one token),
 and greedy decoding gives `generate`'s tokens. The draw itself is an inverse-CDF lookup with one uniform
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.models.loading import in_float32
+from rlhf.rl.cpu_decode_step import cpu_decode_step
 from rlhf.rl.rollouts import Rollout, completion_mask, left_pad, positions
 
 
@@ -138,15 +141,22 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Seque
     stop = torch.tensor(list(stop_ids), device=device)
     stopped = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     tokens, log_probs, hidden = [], [], []
-    for _ in range(max_new_tokens):
-        output = model(input_ids=inputs, attention_mask=attention, position_ids=position, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1, output_hidden_states=keep_hidden)
-        logits = output.logits[:, -1].float()
+    written_out = None  # built once the prefill is done and a second token is wanted
+    for index in range(max_new_tokens):
+        if index == 1:
+            written_out = cpu_decode_step(model, len(prompts))
+        if written_out is not None:
+            logits, last_hidden = written_out(inputs[:, 0], position[:, 0], attention, cache)
+        else:
+            output = model(input_ids=inputs, attention_mask=attention, position_ids=position, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1, output_hidden_states=keep_hidden)
+            logits = output.logits[:, -1].float()
+            last_hidden = output.hidden_states[-1][:, -1] if keep_hidden else None
         chosen = pick_tokens(logits, temperature, top_p, greedy).masked_fill(stopped, pad_id)
         tokens.append(chosen)
         log_probs.append(F.log_softmax(logits / temperature, dim=-1).gather(1, chosen[:, None]).squeeze(1))
         if keep_hidden:
-            hidden.append(output.hidden_states[-1][:, -1])
+            hidden.append(last_hidden)
         stopped |= torch.isin(chosen, stop)
         if bool(stopped.all()):
             break
