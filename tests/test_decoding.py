@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import rlhf.rl.cpu_decode_step as cpu_decode_step_module
 from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, recompute_activations, stop_token_ids
 from rlhf.rl.cpu_decode_step import cpu_decode_step
 from rlhf.rl.decoding import adapter_merged, decode, generate, preallocated_cache
@@ -214,7 +215,8 @@ def test_the_written_out_cpu_step_computes_the_models_own_decode_step(tiny_model
             tokens = expected.logits[:, -1].argmax(-1)
 
 
-def test_the_written_out_step_is_used_only_where_the_weights_are_all_that_acts(tiny_model_dir, tokenizer, prompts):
+def test_the_written_out_step_is_used_only_where_the_weights_are_all_that_acts(tiny_model_dir, tokenizer, prompts,
+                                                                              monkeypatch):
     policy = tuned_policy(tiny_model_dir, tokenizer)
     assert cpu_decode_step(policy.model, 3) is None  # the adapter acts beside the weights
     with adapter_merged(policy.model):
@@ -223,6 +225,11 @@ def test_the_written_out_step_is_used_only_where_the_weights_are_all_that_acts(t
         assert cpu_decode_step(policy.model, 3) is not None
     bf16 = load_causal_lm(str(tiny_model_dir), pick_placement("cpu", torch.bfloat16))
     assert cpu_decode_step(bf16, 3) is None
+    with policy.model.disable_adapter():
+        monkeypatch.setattr(cpu_decode_step_module, "memory_available", lambda: 10_000)
+        assert cpu_decode_step(policy.model, 3) is None  # its copy of the weights would not fit
+        monkeypatch.setattr(cpu_decode_step_module, "memory_available", lambda: 10 ** 12)
+        assert cpu_decode_step(policy.model, 3) is not None
     # Without a written-out step the adapter still acts: the same tokens as with it folded in.
     unfolded = decode(policy.model, prompts, 10, [tokenizer.eos_token_id], tokenizer.pad_token_id, greedy=True)
     with adapter_merged(policy.model):

@@ -71,7 +71,10 @@ def runs(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("method", ["rloo", "grpo"])
 def test_each_method_raises_the_known_reward(runs, method):
     output, metrics = runs[method]
-    assert_reward_rose(output, 30)
+    # Over these 30 steps GRPO and RLOO rose by 0.13 to 0.56 across seeds 0-3 and two decoding kernels that
+    # round differently (a slow draw, not a slower method: the same seeds' other kernel gave 0.21 to 0.50);
+    # with the learning rate near 0 the same runs moved by -0.01 to -0.02 (seeds 0 and 2).
+    assert_reward_rose(output, 30, by=0.1)
     assert metrics["tuning_method"] == method
     assert 0 < metrics["final_kl"] < 100
     values, _ = scalars(output, "value_loss")

@@ -7,15 +7,15 @@ a fixed cost per token (the mask, cache and module bookkeeping of a forward pass
 the step is the Llama decoder written out for one token per row: the query, key and value projections are
 one product, the gate and up projections another, and every weight is reordered once, before the first
 step, into oneDNN's blocked layout for the decode's row count (`torch.ops.mkldnn._reorder_linear_weight`,
-the layout inductor packs CPU linears into). Reordering the default model's 538 MB of weights takes about
-0.2 s and is paid back within a few tokens; the copies live while decoding runs.
+the layout inductor packs CPU linears into). Reordering the default model's 538 MB of weights takes
+0.2-0.4 s on a 2-core CPU, what about ten tokens save; the copies live while decoding runs.
 
 The step computes what `transformers`' Llama computes, in float32, up to the order of its sums (logits
 agree within 1e-4, `tests/test_decoding.py`): the embedding, norms, rotary embedding and activation are the
 model's own modules, the attention is SDPA over the keys and values the prefill left in the decode loop's
 preallocated cache. Anything else (another architecture, biases, another dtype, another device, an adapter
-that is active and not folded into the weights) gets no written-out step, and decoding runs the model's own
-forward pass as before.
+that is active and not folded into the weights, too little memory for the reordered copy) gets no
+written-out step, and decoding runs the model's own forward pass as before.
 """
 
 from __future__ import annotations
@@ -102,9 +102,22 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+def memory_available() -> int | None:
+    """Bytes the kernel can hand out without swapping (Linux's MemAvailable), or None where it does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def cpu_decode_step(model, rows: int) -> CpuDecodeStep | None:
     """The written-out step for `model` (a causal LM, or a `peft` model around one) at `rows` rows, or None
-    where it would not compute exactly what the model's forward pass does, or would not be faster."""
+    where it would not compute exactly what the model's forward pass does, or would not be faster, or where
+    its reordered copy of the weights would not fit twice in the memory left (a larger model on a laptop)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = causal_lm.config
     weight = causal_lm.lm_head.weight
@@ -116,5 +129,9 @@ def cpu_decode_step(model, rows: int) -> CpuDecodeStep | None:
         layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
     if any(_folded_weight(p) is None for p in projections):
+        return None
+    copy_bytes = sum(p.weight.numel() * p.weight.element_size() for p in projections)
+    available = memory_available()
+    if available is not None and available < 2 * copy_bytes:
         return None
     return CpuDecodeStep(causal_lm, rows)
