@@ -8,11 +8,11 @@ the step is the Llama decoder written out for one token per row: the query, key 
 one product, the gate and up projections another, and every weight is reordered once, before the first
 step, into oneDNN's blocked layout for the decode's row count (`torch.ops.mkldnn._reorder_linear_weight`,
 the layout inductor packs CPU linears into). Reordering the default model's 538 MB of weights takes
-0.2-0.4 s on a 2-core CPU, what about ten tokens save; the copies live while decoding runs.
+0.2-0.4 s on a 2-core CPU, what about ten of its steps save; the copies live while decoding runs.
 
 The step computes what `transformers`' Llama computes, in float32, up to the order of its sums (logits
-agree within 1e-4, `tests/test_decoding.py`): the embedding, norms, rotary embedding and activation are the
-model's own modules, the attention is SDPA over the keys and values the prefill left in the decode loop's
+agree within 1e-5, `tests/test_decoding.py`): the embedding, norms, rotary embedding and activation are the
+model's own modules and functions, the attention is SDPA over the keys and values the prefill left in the decode loop's
 preallocated cache. Anything else (another architecture, biases, another dtype, another device, an adapter
 that is active and not folded into the weights, too little memory for the reordered copy) gets no
 written-out step, and decoding runs the model's own forward pass as before.
@@ -41,6 +41,9 @@ class CpuDecodeStep:
     """Next-token logits and last hidden states for one new token per row."""
 
     def __init__(self, causal_lm, rows: int):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        self.rotated = apply_rotary_pos_emb  # the model's own, imported here: decoding's import stays light
         decoder = causal_lm.model
         config = causal_lm.config
         self.embed, self.rotary, self.final_norm = decoder.embed_tokens, decoder.rotary_emb, decoder.norm
@@ -77,14 +80,13 @@ class CpuDecodeStep:
         rows, heads, kv_heads, width = len(tokens), self.heads, self.kv_heads, self.head_width
         hidden = self.embed(tokens)
         cos, sin = self.rotary(hidden, position[:, None])
-        cos, sin = cos[:, None], sin[:, None]  # [rows, 1 (heads), 1 (token), width]
         allowed = attention.bool()[:, None, None, :]
         for (input_norm, qkv, out, post_norm, gate_up, act, down), room in zip(self.layers, cache.layers):
             query, key, value = self._product(input_norm(hidden), qkv).split(
                 [heads * width, kv_heads * width, kv_heads * width], dim=-1)
-            query = _rotated(query.view(rows, heads, 1, width), cos, sin)
+            query, key = self.rotated(query.view(rows, heads, 1, width), key.view(rows, kv_heads, 1, width), cos, sin)
             at = room.filled
-            room.key_room[:, :, at] = _rotated(key.view(rows, kv_heads, 1, width), cos, sin)[:, :, 0]
+            room.key_room[:, :, at] = key[:, :, 0]
             room.value_room[:, :, at] = value.view(rows, kv_heads, width)
             room.filled = at + 1
             mixed = F.scaled_dot_product_attention(query, room.key_room[:, :, :at + 1], room.value_room[:, :, :at + 1],
@@ -94,12 +96,6 @@ class CpuDecodeStep:
             hidden = hidden + self._product(act(gate) * up, down)
         hidden = self.final_norm(hidden)
         return self._product(hidden, self.head), hidden
-
-
-def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama's rotary embedding: the two halves of each head's vector turned by the position's angles."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
 def memory_available() -> int | None:
