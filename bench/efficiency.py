@@ -124,7 +124,7 @@ def policy_update(base: str, repetitions: int) -> dict:
         log_probs, _, values = policy.evaluate(rollout, config.temperature)
     advantages = torch.randn(log_probs.shape, generator=generator)
     scores = torch.zeros(len(rows))
-    experience = Experience(rollout, log_probs, values, advantages, values + advantages, scores, scores, None)
+    experience = Experience(rollout, log_probs, values, advantages, values + advantages, scores, scores, None, None)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     tokens = float(rollout.completion_mask.sum())

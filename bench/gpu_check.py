@@ -71,7 +71,7 @@ def step_zero(model_path: str, placement, prompts: list[list[int]], tokenizer) -
     rewards = torch.zeros_like(old_log_probs)
     advantages, returns = gae(rewards, old_values, sampled_mask, config.gamma, config.lam)
     experience = Experience(sampled, old_log_probs, old_values * sampled_mask, advantages, returns,
-                            torch.zeros(len(prompts)), torch.zeros(len(prompts)), kl)
+                            torch.zeros(len(prompts)), torch.zeros(len(prompts)), kl, kl_reference)
     losses = ppo_losses(policy, experience, config)
     tokens = float(sampled_mask.sum())
     with torch.no_grad():
