@@ -77,6 +77,8 @@ def floors(run: Path, flops_per_second: float, bytes_per_second: float) -> tuple
 
     settings = json.loads((run / "run.json").read_text())["parameters"]
     metrics = json.loads((run / "metrics.json").read_text())
+    if metrics["policy"].get("tuning_method", "ppo") != "ppo":
+        raise SystemExit(f"{run}: counts PPO's work; this run tuned with {metrics['policy']['tuning_method']}")
     model = resolve_model_reference(settings["large_model_reference"])
     size = shapes(model)
     P, H = size["linear"], size["head"]
