@@ -49,13 +49,6 @@ def shapes(model_dir: str) -> dict:
     return {"linear": linear, "head": config["vocab_size"] * d}
 
 
-def rows_of(path: Path) -> list[dict]:
-    from rlhf.data.datasets import read_jsonl
-
-    files = [path] if path.is_file() else sorted(path.glob("*.jsonl"))
-    return [row for file in files for row in read_jsonl(file)]
-
-
 def policy_phases(run: Path, sft_steps: int) -> dict[str, list[float]]:
     """The policy stage's TensorBoard scalars per PPO step (the steps after the warm-up), and the warm-up
     steps' times (`warm-up`)."""
@@ -69,13 +62,16 @@ def policy_phases(run: Path, sft_steps: int) -> dict[str, list[float]]:
 
 
 def floors(run: Path, flops_per_second: float, bytes_per_second: float) -> tuple[dict, dict]:
+    from rlhf.data.datasets import read_jsonl
     from rlhf.data.prompts import PromptEncoder, PromptFormat
     from rlhf.models.loading import load_tokenizer
     from rlhf.models.reference import resolve_model_reference
+    from rlhf.pipeline.parameters import pipeline_defaults
     from rlhf.reward.training import encode_pairs
     from rlhf.training.batching import batch_indices
 
-    settings = json.loads((run / "run.json").read_text())["parameters"]
+    # run.json holds what the run set; the pipeline's defaults the rest.
+    settings = {**pipeline_defaults(), **json.loads((run / "run.json").read_text())["parameters"]}
     metrics = json.loads((run / "metrics.json").read_text())
     if metrics["policy"].get("tuning_method", "ppo") != "ppo":
         raise SystemExit(f"{run}: counts PPO's work; this run tuned with {metrics['policy']['tuning_method']}")
@@ -83,11 +79,11 @@ def floors(run: Path, flops_per_second: float, bytes_per_second: float) -> tuple
     size = shapes(model)
     P, H = size["linear"], size["head"]
     encoder = PromptEncoder(load_tokenizer(model), PromptFormat(settings["instruction"], None),
-                            settings.get("prompt_sequence_length", 512), settings["target_sequence_length"])
+                            settings["prompt_sequence_length"], settings["target_sequence_length"])
     datasets = run / STAGE_ROOT / "validate-datasets"
-    train = encode_pairs(rows_of(datasets / "train_pairs"), encoder)
-    held_out = encode_pairs(rows_of(datasets / "held_out_pairs"), encoder)
-    prompts = [len(encoder.encode_prompt(row)) for row in rows_of(datasets / "prompts")]
+    train = encode_pairs(read_jsonl(datasets / "train_pairs"), encoder)
+    held_out = encode_pairs(read_jsonl(datasets / "held_out_pairs"), encoder)
+    prompts = [len(encoder.encode_prompt(row)) for row in read_jsonl(datasets / "prompts")]
 
     def seconds(flops: float, decode_steps: float = 0.0, rows_per_decode_step: float = 0.0) -> float:
         step = max((P + H) * 4 / bytes_per_second, 2 * P * rows_per_decode_step / flops_per_second)
@@ -110,10 +106,10 @@ def floors(run: Path, flops_per_second: float, bytes_per_second: float) -> tuple
     work["policy: warm-up"] = {"tflop": sft_flops / 1e12, "decode_steps": 0, "floor_s": seconds(sft_flops),
                                "measured_s": sum(phases["warm-up"])}
     steps = len(phases["response_length"])
-    per_pass = settings.get("reinforcement_learning_rollout_micro_batch_size") or settings[
-        "reinforcement_learning_micro_batch_size"]
+    per_pass = (settings["reinforcement_learning_rollout_micro_batch_size"]
+                or settings["reinforcement_learning_micro_batch_size"])
     passes = math.ceil(batch / per_pass)
-    met = {i for step in range(steps) for i in batch_indices(step, batch, len(prompts), settings.get("seed", 0))}
+    met = {i for step in range(steps) for i in batch_indices(step, batch, len(prompts), settings["seed"])}
     mean_prompt = statistics.mean(prompts)
     completions = sum(phases["response_length"])  # mean completion tokens, summed over the steps
     # A pass decodes until its longest row stops: at least the mean completion's tokens.
@@ -154,9 +150,8 @@ def markdown(r: dict) -> str:
     work, stages = r["work"], r["stages"]
     rows = []
     for name, w in work.items():
-        measured = w.get("measured_s")
         rows.append(f"| {name} | {w['tflop']:.1f} | {w['decode_steps']:.0f} | {w['floor_s']:.0f} | "
-                    + (f"{measured:.0f} | {measured / w['floor_s']:.1f}x |" if measured else "| |"))
+                    f"{w['measured_s']:.0f} | {w['measured_s'] / w['floor_s']:.1f}x |")
     two = stages["train-reward-model"] + stages["train-policy"]
     floor_two = sum(w["floor_s"] for w in work.values())
     rows.append(f"| reward-model and policy stages, as logged | {sum(w['tflop'] for w in work.values()):.1f} | | "
