@@ -46,10 +46,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     by_position = torch.zeros(spec.target_sequence_length, dtype=torch.float64)
     tokens, per_completion = 0.0, []
-    for ratios, mask in sampled_log_ratios(policy, prompts, spec):
+    for ratios, rollout in sampled_log_ratios(policy, prompts, spec):
         by_position[:ratios.shape[1]] += ratios.sum(dim=0).double()
         per_completion += ratios.sum(dim=1).tolist()
-        tokens += mask.sum().item()
+        tokens += rollout.completion_mask.sum().item()
 
     count = len(per_completion)
     nats = by_position / count

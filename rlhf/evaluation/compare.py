@@ -21,6 +21,7 @@ from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.models.loading import pick_placement, stop_token_ids
 from rlhf.reward.model import load_reward_model, score_packed
 from rlhf.rl.policy import Policy, PolicySpec
+from rlhf.rl.rollouts import Rollout
 from rlhf.training.progress import Progress
 
 REPEAT_NGRAM = 4  # word n-grams counted for repetition
@@ -72,11 +73,11 @@ def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
 
 @torch.no_grad()
 def sampled_log_ratios(policy: Policy, prompts: list[list[int]],
-                       spec: PolicySpec) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                       spec: PolicySpec) -> Iterator[tuple[torch.Tensor, Rollout]]:
     """For each pass of about `KL_BATCH` prompts (whole groups when the policy packs groups of one prompt's
     completions): completions sampled from the tuned policy at the training temperature (and nucleus), the
     per-token log-ratio of the tuned and the base (adapter off) distributions at that temperature on the
-    generated ids themselves [rows, positions], 0 past a completion's end, and the completion mask. The tuned
+    generated ids themselves [rows, positions], 0 past a completion's end, and the sampled rollout. The tuned
     log-probs come from the sampling pass itself (`Policy.roll_out`), so only the base takes a second pass.
     Draws from torch's global generator: seed it first."""
     group = policy.prompt_group
@@ -85,7 +86,7 @@ def sampled_log_ratios(policy: Policy, prompts: list[list[int]],
         rollout, tuned, _ = policy.roll_out(prompts[first:first + per_pass], spec.target_sequence_length,
                                             spec.temperature, spec.top_p)
         base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, use_adapter=False)
-        yield (tuned - base) * rollout.completion_mask, rollout.completion_mask
+        yield (tuned - base) * rollout.completion_mask, rollout
 
 
 def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, seed: int,

@@ -414,6 +414,18 @@ def _samples_markdown(tokenizer, rows: list[dict], experience: Experience, count
     return "\n".join(lines)
 
 
+def optimizer_and_schedule(policy: Policy, config: PPOConfig):
+    """AdamW over the policy's trainable weights (adapter and value head), and its learning-rate schedule: a
+    linear warm-up over `warmup_fraction` of all optimizer steps, the supervised warm-up's and PPO's counted
+    together, then cosine decay to 0."""
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate(),
+                                  weight_decay=0.0)
+    total_updates = config.sft_steps + config.train_steps * config.updates_per_step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
+    return optimizer, scheduler
+
+
 def train_policy(
     config: PPOConfig,
     prompt_rows: list[dict],
@@ -462,11 +474,7 @@ def train_policy(
         policy.pack_prompt_groups(config.samples_per_prompt, config.target_sequence_length,
                                   config.prompt_sequence_length)
     policy.model.train()
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=0.0)
-    total_updates = config.sft_steps + config.train_steps * config.updates_per_step()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
+    optimizer, scheduler = optimizer_and_schedule(policy, config)
 
     with TrainingLoop(output_dir, run_id, "policy", config, policy, optimizer, scheduler, stop_requested,
                       progress_label=f"policy ({config.tuning_method.upper()})", ranks=ranks,

@@ -1,0 +1,165 @@
+"""What the supervised warm-up alone leaves behind, seed by seed: the policy PPO starts from, judged on the
+eval posts before any PPO step.
+
+    python experiments/warmup_probe.py --output-dir D [--seeds 0 1 2] [--set NAME=VALUE ...] [--samples 4]
+        [--temperatures 1.0 0.7]
+
+For each seed, the local run's settings (`rlhf run`'s defaults, `--set` applied; the seed also picks the
+held-out split, as in a run) and the policy stage's own set-up: the same LoRA, optimizer and learning-rate
+schedule (warm-up and PPO steps counted together, as `train_policy` counts them), then `sft_steps` warm-up steps
+on the training pairs' winners and nothing else. The warmed-up policy is judged on the eval posts twice:
+greedily (one completion per post, as bulk inference writes the tuned side) and sampled at the rollout
+temperature or at each of `--temperatures` (`--samples` per post, what PPO's first steps see), each by the rule judge, with the share of
+word 5-grams copied from the post and, for the samples, the KL to the base in nats per completion (the
+evaluation's estimator). No reward model: this asks what the warm-up puts among PPO's samples. Writes
+`warmup.json` and `warmup.md` in D.
+"""
+
+import argparse
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from rlhf.data.config import DataConfig
+from rlhf.data.datasets import prepare_datasets
+from rlhf.data.validation import user_input
+from rlhf.evaluation.compare import sampled_log_ratios
+from rlhf.evaluation.rule_judge import copied_ngram_share, rule_for_instruction
+from rlhf.models.loading import load_causal_lm, stop_token_ids
+from rlhf.pipeline.local_run import LOCAL_DEFAULTS
+from rlhf.pipeline.parameters import pipeline_defaults, resolve_parameters, stage_configs
+from rlhf.reward.training import encode_pairs
+from rlhf.rl.config import PPOConfig
+from rlhf.rl.policy import Policy, PolicySpec
+from rlhf.rl.ppo import optimizer_and_schedule
+from rlhf.rl.sft import sft_step
+from rlhf.training.distributed import ALONE
+from rlhf.training.stage import start_stage
+
+GREEDY_BATCH = 8  # eval posts decoded together
+
+
+def settings_for(seed: int, assignments: list[str]) -> tuple[dict, DataConfig, PPOConfig]:
+    """The local run's parameters for `seed`, and the data and policy stages' configs they give."""
+    parameters = resolve_parameters(None, [f"seed={seed}", *assignments], LOCAL_DEFAULTS)
+    defaults = pipeline_defaults()
+    configs = {type(config): config for config, _ in stage_configs(lambda n: parameters.get(n, defaults.get(n)))}
+    return parameters, configs[DataConfig], configs[PPOConfig]
+
+
+def warmed_up_policy(config: PPOConfig, parameters: dict, train_pairs: list[dict]):
+    """The policy after `config.sft_steps` warm-up steps, set up as `rlhf.rl.ppo.train_policy` sets it up."""
+    _, placement, base_path, tokenizer, encoder = start_stage(config, parameters["large_model_reference"], None)
+    pairs = encode_pairs(train_pairs, encoder)
+    torch.manual_seed(config.seed)
+    model = load_causal_lm(base_path, placement)
+    policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    policy.model.train()
+    optimizer, scheduler = optimizer_and_schedule(policy, config)
+    losses = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for step in range(config.sft_steps):
+            record = sft_step(policy, pairs, step, config, optimizer, scheduler, Path(scratch), ALONE)
+            losses.append(record["sft_loss"])
+            print(f"  warm-up step {step + 1}/{config.sft_steps}: loss {record['sft_loss']:.3f}", flush=True)
+    policy.model.eval()
+    return policy, tokenizer, encoder, losses
+
+
+def judged(rule, posts: list[str], texts: list[str], ended: list[bool]) -> dict:
+    """Rule pass share, each check's pass share, copied 5-gram share, words and ended share of completions."""
+    verdicts = [rule.judge(post, text, stopped=stop) for post, text, stop in zip(posts, texts, ended)]
+    checks = verdicts[0].checks if verdicts else {}
+    count = len(texts)
+    return {"count": count, "rule_pass": sum(v.passed for v in verdicts) / count,
+            **{name: sum(v.checks[name] for v in verdicts) / count for name in checks},
+            "copied_5grams": sum(copied_ngram_share(t, p) for t, p in zip(texts, posts)) / count,
+            "words": sum(len(t.split()) for t in texts) / count, "ended_share": sum(ended) / count}
+
+
+@torch.no_grad()
+def probe(seed: int, assignments: list[str], samples: int, temperatures: list[float]) -> dict:
+    parameters, data_config, config = settings_for(seed, assignments)
+    data = prepare_datasets(parameters["preference_dataset"], parameters["prompt_dataset"] or None,
+                            parameters["eval_dataset"] or None, data_config)
+    with torch.enable_grad():
+        policy, tokenizer, encoder, losses = warmed_up_policy(config, parameters, data.train_pairs)
+    rule = rule_for_instruction(config.instruction)
+    posts = [user_input(row) for row in data.eval_prompts]
+    prompts = [encoder.encode_prompt(row) for row in data.eval_prompts]
+    length = config.target_sequence_length
+
+    texts, ended = [], []
+    for first in range(0, len(prompts), GREEDY_BATCH):
+        rollout = policy.generate(prompts[first:first + GREEDY_BATCH], length, 1.0, 1.0, greedy=True)
+        texts += tokenizer.batch_decode(rollout.completions(), skip_special_tokens=True)
+        ended += rollout.ended.tolist()
+    greedy = judged(rule, posts, texts, ended)
+    greedy["examples"] = texts[:4]
+
+    spec = PolicySpec.of(config, parameters["large_model_reference"])
+    sampled = {str(t): sampled_judged(policy, tokenizer, rule, posts, prompts, replace(spec, temperature=t), seed,
+                                      samples) for t in temperatures or [config.temperature]}
+    return {"seed": seed, "sft_steps": config.sft_steps, "sft_losses": losses, "greedy": greedy, "sampled": sampled}
+
+
+def sampled_judged(policy, tokenizer, rule, posts: list[str], prompts: list[list[int]], spec: PolicySpec, seed: int,
+                   samples: int) -> dict:
+    """`judged` on `samples` completions per post sampled at the spec's temperature, with their KL to base."""
+    torch.manual_seed(seed)
+    drawn = [index for index in range(len(prompts)) for _ in range(samples)]
+    texts, ended, kl = [], [], []
+    for ratios, rollout in sampled_log_ratios(policy, [prompts[i] for i in drawn], spec):
+        kl += ratios.sum(dim=1).tolist()
+        texts += tokenizer.batch_decode(rollout.completions(), skip_special_tokens=True)
+        ended += rollout.ended.tolist()
+    result = judged(rule, [posts[i] for i in drawn], texts, ended)
+    kl_tensor = torch.tensor(kl, dtype=torch.float64)
+    return {**result, "kl_to_base": float(kl_tensor.mean()),
+            "kl_standard_error": float(kl_tensor.std() / len(kl) ** 0.5)}
+
+
+def table(results: list[dict], sets: list[str]) -> str:
+    """The probe's results as a markdown table, one row per seed and sampling temperature."""
+    lines = [f"Settings changed: {', '.join(sets) or 'none'}", "",
+             "| seed | last warm-up loss | greedy: rule pass | greedy: own words | greedy: no advice | greedy: copied "
+             "5-grams | greedy: words / ended | sampled at | sampled: rule pass | sampled: own words | sampled: copied "
+             "5-grams | sampled: ended | sampled: KL to base (se) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        g = r["greedy"]
+        for temperature, s in r["sampled"].items():
+            lines.append(f"| {r['seed']} | {r['sft_losses'][-1] if r['sft_losses'] else float('nan'):.3f} | "
+                         f"{g['rule_pass']:.0%} | {g['own_words']:.0%} | {g['no_advice']:.0%} | "
+                         f"{g['copied_5grams']:.0%} | {g['words']:.0f} / {g['ended_share']:.0%} | {temperature} | "
+                         f"{s['rule_pass']:.0%} | {s['own_words']:.0%} | {s['copied_5grams']:.0%} | "
+                         f"{s['ended_share']:.0%} | {s['kl_to_base']:.2f} ({s['kl_standard_error']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a pipeline parameter for every seed (repeatable), as `rlhf run --set`")
+    parser.add_argument("--samples", type=int, default=4, help="completions sampled per eval post (default 4)")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[],
+                        help="sample at each of these temperatures (default: the run's rollout temperature)")
+    args = parser.parse_args()
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    results = []
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        results.append(probe(seed, args.set, args.samples, args.temperatures))
+        (args.output_dir / "warmup.json").write_text(json.dumps({"set": args.set, "results": results}, indent=1))
+    (args.output_dir / "warmup.md").write_text(table(results, args.set))
+    print(table(results, args.set))
+
+
+if __name__ == "__main__":
+    main()
