@@ -6,11 +6,11 @@ eval posts before any PPO step.
 
 For each seed, the local run's settings (`rlhf run`'s defaults, `--set` applied; the seed also picks the
 held-out split, as in a run) and the policy stage's own set-up: the same LoRA, optimizer and learning-rate
-schedule (warm-up and PPO steps counted together, as `train_policy` counts them), then `sft_steps` warm-up steps
-on the training pairs' winners and nothing else. The warmed-up policy is judged on the eval posts twice:
-greedily (one completion per post, as bulk inference writes the tuned side) and sampled at the rollout
-temperature or at each of `--temperatures` (`--samples` per post, what PPO's first steps see), each by the rule judge, with the share of
-word 5-grams copied from the post and, for the samples, the KL to the base in nats per completion (the
+schedule (`rlhf.rl.ppo.optimizer_and_schedule`), then `sft_steps` warm-up steps on the training pairs' winners
+and nothing else. The warmed-up policy is judged on the eval posts twice: greedily (one completion per post, as
+bulk inference writes the tuned side) and sampled at the rollout temperature or at each of `--temperatures`
+(`--samples` per post, what PPO's first steps see), each by the rule judge, with the share of word 5-grams
+copied from the post and, for the samples, the KL to the base in nats per completion at that temperature (the
 evaluation's estimator). No reward model: this asks what the warm-up puts among PPO's samples. Writes
 `warmup.json` and `warmup.md` in D.
 """
@@ -83,11 +83,14 @@ def judged(rule, posts: list[str], texts: list[str], ended: list[bool]) -> dict:
 @torch.no_grad()
 def probe(seed: int, assignments: list[str], samples: int, temperatures: list[float]) -> dict:
     parameters, data_config, config = settings_for(seed, assignments)
+    rule = rule_for_instruction(config.instruction)
+    if rule is None:
+        raise SystemExit(f"instruction {config.instruction!r} defines no rule to judge the warm-up by; give one "
+                         "with a word limit, such as 'Summarize in less than 50 words.'")
     data = prepare_datasets(parameters["preference_dataset"], parameters["prompt_dataset"] or None,
                             parameters["eval_dataset"] or None, data_config)
     with torch.enable_grad():
         policy, tokenizer, encoder, losses = warmed_up_policy(config, parameters, data.train_pairs)
-    rule = rule_for_instruction(config.instruction)
     posts = [user_input(row) for row in data.eval_prompts]
     prompts = [encoder.encode_prompt(row) for row in data.eval_prompts]
     length = config.target_sequence_length
