@@ -8,7 +8,8 @@ table (`seeds.md`, `seeds.json` beside the runs) gives, per seed, the wall time,
 accuracy, the tuned model's win rate under the reward model, the rule judge's pass rates on both sides,
 the KL to base, words, ended shares, repeated n-grams and the share copied from the post, and whether each
 target holds: tuned wins on at least 70% of the eval prompts, the rule passes at least 30 points more tuned
-completions than base ones, and the KL to base stays at most 10 nats per completion.
+completions than base ones, the KL to base stays at most 10 nats per completion, and the tuned side repeats
+its word 4-grams no more than the base does (no degenerate text).
 """
 
 import argparse
@@ -54,13 +55,20 @@ def run_seed(seed: int, output: Path, sets: list[str]) -> dict:
         "base_copied_5grams": evaluation["base_copied_ngram_share"],
         "tuned_copied_5grams": evaluation["tuned_copied_ngram_share"],
     }
-    row["targets_met"] = {
+    row["targets_met"] = targets_met(row)
+    return row
+
+
+def targets_met(row: dict) -> dict:
+    """Each learning target of issue 14, met or not, for one seed's row. Degenerate text has no threshold of
+    its own: the tuned side may repeat its word 4-grams no more than the base model does."""
+    return {
         "win_rate": row["win_rate"] >= TARGETS["win_rate"],
         "rule_gain": row["rule_pass_tuned"] is not None
         and row["rule_pass_tuned"] - row["rule_pass_base"] >= TARGETS["rule_gain"] - 1e-9,
         "kl": row["kl_to_base"] is not None and row["kl_to_base"] <= TARGETS["kl"],
+        "no_degenerate_text": row["tuned_repeated_4grams"] <= row["base_repeated_4grams"] + 1e-9,
     }
-    return row
 
 
 def table(rows: list[dict]) -> str:
