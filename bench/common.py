@@ -143,9 +143,10 @@ def bundled_prompts(tokenizer, new_tokens: int, count: int | None = None) -> tup
     return rows, [encoder.encode_prompt(r) for r in rows]
 
 
-def decoding_policy(new_tokens: int, count: int):
-    """What the decoding benchmarks decode with: the default model with a fresh rank-8 LoRA adapter (seed 0)
-    as a policy with no stop token, its tokenizer, and the ids of the first `count` bundled prompts."""
+def decoding_policy(new_tokens: int, count: int, dtype=None):
+    """What the decoding benchmarks decode with: the default model (in `dtype`, float32 unless given) with a
+    fresh rank-8 LoRA adapter (seed 0) as a policy with no stop token, its tokenizer, and the ids of the first
+    `count` bundled prompts."""
     import torch
 
     from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
@@ -155,7 +156,8 @@ def decoding_policy(new_tokens: int, count: int):
     tokenizer = load_tokenizer(base)
     _, prompts = bundled_prompts(tokenizer, new_tokens, count)
     torch.manual_seed(0)
-    return Policy.create(load_causal_lm(base, pick_placement("cpu")), 8, [-1], tokenizer.pad_token_id), tokenizer, prompts
+    return (Policy.create(load_causal_lm(base, pick_placement("cpu", dtype)), 8, [-1], tokenizer.pad_token_id), tokenizer,
+            prompts)
 
 
 def read_bandwidth(repeats: int = 5) -> float:

@@ -54,7 +54,7 @@ def matmul_params(module: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
-def reward_step(base: str, repetitions: int) -> dict:
+def reward_step(base: str, repetitions: int, dtype: torch.dtype = torch.float32) -> dict:
     """One optimizer step of train_reward_model: packed micro-batches, pairwise loss, backward, AdamW."""
     from rlhf.models.loading import add_lora, load_backbone, load_tokenizer, pick_placement
     from rlhf.reward.model import RewardModel
@@ -70,7 +70,7 @@ def reward_step(base: str, repetitions: int) -> dict:
     lengths = [len(p) + sum(len(c) for c in cs) for p, cs in zip(prompts, completions)]
     groups = [pack([prompts[i] for i in g], [completions[i] for i in g], tokenizer.pad_token_id)
               for g in micro_batches(lengths, REWARD["micro_batch_tokens"])]
-    model = RewardModel.with_new_head(add_lora(load_backbone(base, pick_placement("cpu")), REWARD["lora_rank"]), 0)
+    model = RewardModel.with_new_head(add_lora(load_backbone(base, pick_placement("cpu", dtype)), REWARD["lora_rank"]), 0)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -102,7 +102,7 @@ def _attention_pairs(packed) -> int:
     return int((mask == 0).sum())
 
 
-def policy_update(base: str, repetitions: int) -> dict:
+def policy_update(base: str, repetitions: int, dtype: torch.dtype = torch.float32) -> dict:
     """One PPO minibatch update of train_policy: the clipped losses' forward, backward, clipping and AdamW."""
     from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
     from rlhf.rl.config import PPOConfig
@@ -116,7 +116,7 @@ def policy_update(base: str, repetitions: int) -> dict:
     completions = [torch.randint(100, tokenizer.vocab_size, (POLICY["completion_tokens"],),
                                  generator=generator).tolist() for _ in rows]
     rollout = make_rollout([r["prompt_ids"] for r in rows], completions, tokenizer.pad_token_id, [True] * len(rows))
-    policy = Policy.create(load_causal_lm(base, pick_placement("cpu")), POLICY["lora_rank"], [tokenizer.eos_token_id],
+    policy = Policy.create(load_causal_lm(base, pick_placement("cpu", dtype)), POLICY["lora_rank"], [tokenizer.eos_token_id],
                            tokenizer.pad_token_id)
     policy.model.train()
     config = PPOConfig()

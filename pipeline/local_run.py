@@ -50,6 +50,9 @@ LOCAL_DEFAULTS = {
     "reinforcement_learning_train_steps": 20,
     "reinforcement_learning_batch_size": 16,
     "reinforcement_learning_micro_batch_size": 8,
+    # All 16 rollouts in one sampling pass: a decode step of 16 rows costs little more than one of 8
+    # (BENCHMARKS.md sections 7 and 16).
+    "reinforcement_learning_rollout_micro_batch_size": 16,
     "reinforcement_learning_minibatch_size": 8,
     "reinforcement_learning_ppo_epochs": 1,  # fresher rollouts: 20 steps of one epoch beat 12 of two (LEARNING.md)
     "reinforcement_learning_rate_multiplier": 5.0,

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from rlhf.errors import RunFailure, UserError
-from rlhf.settings import PLAIN_TEXT, PromptSettings, chat_template_choice
+from rlhf.settings import PLAIN_TEXT, PromptSettings, chat_template_choice, cpu_precision
 
 MAX_PROBLEM_LINES = 200
 
@@ -867,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        cpu_precision()  # a bad value stops here, before any stage starts
         _require_local_paths(args)
         status = args.handler(args)
         if "LOCAL_RANK" in os.environ:  # one of a stage's processes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
 import re
 import tokenize
 from collections.abc import Callable, Mapping
@@ -30,6 +31,19 @@ RUN_OPTIONS = ("checkpoint_every", "sample_every", "log_every", "device")
 PLAIN_TEXT = "plain_text"
 SHARED_PARAMETERS = {"prompt_sequence_length": "prompt_sequence_length",
                      "target_sequence_length": "target_sequence_length", "instruction": "instruction", "seed": "seed"}
+
+# A CPU's training precision: auto (bfloat16 where the CPU has AMX, else float32), float32 or bfloat16. An
+# environment variable, not a parameter: it belongs to the machine, and the KFP local runner hands the
+# environment to every stage.
+CPU_PRECISION_VARIABLE = "RLHF_CPU_PRECISION"
+CPU_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def cpu_precision() -> str:
+    chosen = os.environ.get(CPU_PRECISION_VARIABLE, "auto")
+    if chosen not in CPU_PRECISIONS:
+        raise UserError(f"{CPU_PRECISION_VARIABLE}={chosen}: must be one of {', '.join(CPU_PRECISIONS)}")
+    return chosen
 
 
 def chat_template_choice(plain_text: bool) -> bool | None:

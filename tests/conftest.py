@@ -14,7 +14,12 @@ import torch
 
 from rlhf.reward.config import RewardTrainingConfig
 from rlhf.rl.config import PPOConfig
+from rlhf.settings import CPU_PRECISION_VARIABLE
 from tests.tiny_model import save_tiny_model
+
+# The suite's numbers are float32's on every machine: a training stage on a CPU with AMX would otherwise run in
+# bfloat16 (rlhf.settings.cpu_precision); test_precision.py sets the variable where it tests that choice.
+os.environ[CPU_PRECISION_VARIABLE] = "float32"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"  # real data beside the checkout; tests that read it skip without it

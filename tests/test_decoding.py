@@ -4,7 +4,14 @@ import pytest
 import torch
 
 import rlhf.rl.cpu_decode_step as cpu_decode_step_module
-from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, recompute_activations, stop_token_ids
+from rlhf.models.loading import (
+    add_lora,
+    load_causal_lm,
+    load_tokenizer,
+    pick_placement,
+    recompute_activations,
+    stop_token_ids,
+)
 from rlhf.rl.cpu_decode_step import cpu_decode_step
 from rlhf.rl.decoding import adapter_merged, decode, generate, preallocated_cache
 from rlhf.rl.policy import Policy, entropy_of
@@ -23,9 +30,9 @@ def prompts(tokenizer):
     return [tokenizer(text)["input_ids"] for text in TEXTS]
 
 
-def tuned_policy(tiny_model_dir, tokenizer) -> Policy:
-    policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4, [tokenizer.eos_token_id],
-                           tokenizer.pad_token_id)
+def tuned_policy(tiny_model_dir, tokenizer, dtype=torch.float32) -> Policy:
+    policy = Policy.create(load_causal_lm(str(tiny_model_dir), pick_placement("cpu", dtype)), 4,
+                           [tokenizer.eos_token_id], tokenizer.pad_token_id)
     with torch.no_grad():
         for name, parameter in policy.model.named_parameters():
             if "lora_B" in name:
@@ -192,10 +199,22 @@ def test_recomputing_activations_gives_the_same_gradients_and_runs_each_layer_ag
         torch.testing.assert_close(gradients[True][name], gradient, atol=1e-6, rtol=1e-5)
 
 
-def test_the_written_out_cpu_step_computes_the_models_own_decode_step(tiny_model_dir, tokenizer, prompts):
+# In bfloat16 the two ways round differently (sums in another order, each rounded to 8 bits of mantissa):
+# logits of the tiny model, spread over about +-3, then differ by up to a few hundredths.
+WRITTEN_OUT_CASES = {"float32": (torch.float32, False, 1e-5), "float32, adapter beside the weights": (torch.float32, True, 1e-5),
+                     "bfloat16, adapter beside the weights": (torch.bfloat16, True, 0.05)}
+
+
+@pytest.mark.parametrize("case", list(WRITTEN_OUT_CASES))
+def test_the_written_out_cpu_step_computes_the_models_own_decode_step(tiny_model_dir, tokenizer, prompts, case):
     """Both ways decode the same tokens over caches filled by the same prefill: left-padded rows, grouped
-    key/value heads, the position growing token by token."""
-    model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu")).eval()
+    key/value heads, the position growing token by token; with a LoRA adapter acting beside the weights
+    (as a bfloat16 policy samples), its low-rank term too."""
+    dtype, adapted, tolerance = WRITTEN_OUT_CASES[case]
+    if adapted:
+        model = tuned_policy(tiny_model_dir, tokenizer, dtype).model.eval()
+    else:
+        model = load_causal_lm(str(tiny_model_dir), pick_placement("cpu", dtype)).eval()
     step = cpu_decode_step(model, len(prompts))
     assert step is not None
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
@@ -204,33 +223,45 @@ def test_the_written_out_cpu_step_computes_the_models_own_decode_step(tiny_model
         for cache in (own, written):
             first = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache,
                           use_cache=True, logits_to_keep=1)
+        if adapted:  # so that matching the forward pass takes the adapter's term: it moves the logits far more
+            with model.disable_adapter():
+                plain = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1)
+            assert (plain.logits - first.logits).abs().max() > 10 * tolerance
         tokens, position, attention = first.logits[:, -1].argmax(-1), positions(mask)[:, -1], mask
         for _ in range(8):
             position, attention = position + 1, torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             expected = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=position[:, None],
                              past_key_values=own, use_cache=True, logits_to_keep=1, output_hidden_states=True)
             logits, hidden = step(tokens, position, attention, written)
-            torch.testing.assert_close(logits, expected.logits[:, -1], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(hidden, expected.hidden_states[-1][:, -1], atol=1e-5, rtol=1e-5)
+            assert logits.dtype == torch.float32
+            torch.testing.assert_close(logits, expected.logits[:, -1], atol=tolerance, rtol=tolerance)
+            torch.testing.assert_close(hidden.float(), expected.hidden_states[-1][:, -1].float(), atol=tolerance,
+                                       rtol=tolerance)
             tokens = expected.logits[:, -1].argmax(-1)
 
 
-def test_the_written_out_step_is_used_only_where_the_weights_are_all_that_acts(tiny_model_dir, tokenizer, prompts,
-                                                                              monkeypatch):
+def test_the_written_out_step_is_used_only_where_it_computes_what_the_model_does(tiny_model_dir, tokenizer, prompts,
+                                                                                monkeypatch):
     policy = tuned_policy(tiny_model_dir, tokenizer)
-    assert cpu_decode_step(policy.model, 3) is None  # the adapter acts beside the weights
+    assert cpu_decode_step(policy.model, 3) is not None  # the adapter beside the weights: its term written out
     with adapter_merged(policy.model):
         assert cpu_decode_step(policy.model, 3) is not None  # folded in
     with policy.model.disable_adapter():
         assert cpu_decode_step(policy.model, 3) is not None
-    bf16 = load_causal_lm(str(tiny_model_dir), pick_placement("cpu", torch.bfloat16))
-    assert cpu_decode_step(bf16, 3) is None
+    assert cpu_decode_step(tuned_policy(tiny_model_dir, tokenizer, torch.bfloat16).model, 3) is not None
+    float16 = load_causal_lm(str(tiny_model_dir), pick_placement("cpu", torch.float16))
+    assert cpu_decode_step(float16, 3) is None
+    dora = add_lora(load_causal_lm(str(tiny_model_dir), pick_placement("cpu")), 4)
+    for layer in dora.modules():
+        if isinstance(getattr(layer, "use_dora", None), dict):
+            layer.use_dora = {name: True for name in layer.lora_A}
+    assert cpu_decode_step(dora, 3) is None  # an adapter kind the step does not write out
     with policy.model.disable_adapter():
         monkeypatch.setattr(cpu_decode_step_module, "memory_available", lambda: 10_000)
         assert cpu_decode_step(policy.model, 3) is None  # its copy of the weights would not fit
         monkeypatch.setattr(cpu_decode_step_module, "memory_available", lambda: 10 ** 12)
         assert cpu_decode_step(policy.model, 3) is not None
-    # Without a written-out step the adapter still acts: the same tokens as with it folded in.
+    # The adapter beside the weights (its term written out) decodes the tokens it does folded in.
     unfolded = decode(policy.model, prompts, 10, [tokenizer.eos_token_id], tokenizer.pad_token_id, greedy=True)
     with adapter_merged(policy.model):
         folded = decode(policy.model, prompts, 10, [tokenizer.eos_token_id], tokenizer.pad_token_id, greedy=True)

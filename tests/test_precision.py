@@ -2,7 +2,7 @@
 reference 0, the language-model head computes in float32, a LoRA update is never rounded away by merging,
 the reward model's packing refuses the attention kernels for which it would not be exact; and in float32
 on a CPU, passes without gradients run the linear layers through oneDNN, those with gradients through
-torch's usual kernel."""
+torch's usual kernel; and the training precision a CPU picks (bfloat16 where it has AMX)."""
 
 import copy
 
@@ -11,12 +11,20 @@ import torch
 from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
 from rlhf.data.prompts import PromptEncoder, PromptFormat
-from rlhf.models.loading import OneDNNLinear, load_backbone, load_causal_lm, load_tokenizer, pick_placement
+from rlhf.models.loading import (
+    OneDNNLinear,
+    load_backbone,
+    load_causal_lm,
+    load_tokenizer,
+    pick_placement,
+    training_placement,
+)
 from rlhf.reward.packing import packing_problem
 from rlhf.rl.decoding import adapter_merged
 from rlhf.rl.policy import Policy
 from rlhf.rl.ppo import collect
-from tests.conftest import PROMPTS, TargetTokenShare, ppo_config
+from rlhf.settings import CPU_PRECISION_VARIABLE
+from tests.conftest import PROMPTS, TargetTokenShare, ppo_config, rlhf
 
 BF16 = pick_placement("cpu", torch.bfloat16)
 
@@ -143,3 +151,26 @@ def test_float32_linears_on_a_cpu_run_without_gradients_through_onednn_and_with_
 def test_linears_in_bfloat16_keep_torchs_own_kernel(tiny_model_dir):
     model = load_causal_lm(str(tiny_model_dir), BF16)
     assert not any(type(m) is OneDNNLinear for m in model.modules())
+
+
+@pytest.mark.parametrize("has_amx", [True, False])
+def test_a_cpu_trains_in_bfloat16_where_it_has_amx_and_judges_in_float32(monkeypatch, has_amx):
+    monkeypatch.setenv(CPU_PRECISION_VARIABLE, "auto")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
+    assert training_placement("cpu").dtype == (torch.bfloat16 if has_amx else torch.float32)
+    assert pick_placement("cpu").dtype == torch.float32  # the reward model's judgments, inference, evaluation
+
+
+@pytest.mark.parametrize("chosen, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_the_environment_sets_a_cpus_training_precision_whatever_the_cpu(monkeypatch, chosen, dtype):
+    monkeypatch.setenv(CPU_PRECISION_VARIABLE, chosen)
+    for amx_probe in (lambda: True, lambda: False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", amx_probe)
+        assert training_placement("cpu").dtype == dtype
+
+
+def test_a_bad_cpu_precision_stops_the_command_before_it_starts():
+    result = rlhf("steps", "--rows", "3000", "--epochs", "30", env={CPU_PRECISION_VARIABLE: "float16"})
+    assert result.returncode == 2
+    assert "RLHF_CPU_PRECISION=float16: must be one of auto, float32, bfloat16" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""

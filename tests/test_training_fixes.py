@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf.models.loading import Placement, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
+from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.reward.training import normalisation_sample, train_reward_model
 from rlhf.rl.config import BASE_LEARNING_RATE
 from rlhf.rl.policy import Policy
 from rlhf.rl.ppo import Experience, collect, ppo_losses, train_policy
+from rlhf.settings import CPU_PRECISION_VARIABLE
 from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, reward_config, scalars
 from tests.conftest import ppo_config as config
 
@@ -150,10 +151,7 @@ def test_dropout_is_off_in_training_mode_whatever_the_architecture_calls_it(mode
 
 
 def test_full_fine_tuning_keeps_float32_weights_where_the_device_runs_bfloat16(tiny_model_dir, tmp_path, monkeypatch):
-    import rlhf.training.stage
-
-    monkeypatch.setattr(rlhf.training.stage, "pick_placement", lambda device: Placement(torch.device("cpu"),
-                                                                                        torch.bfloat16))
+    monkeypatch.setenv(CPU_PRECISION_VARIABLE, "bfloat16")
     rows = marker_pairs(24)
     train_reward_model(reward_config(train_steps=2, lora_dim=0, learning_rate_multiplier=0.1), rows[:16], rows[16:],
                        str(tiny_model_dir), tmp_path)

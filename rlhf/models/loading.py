@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.errors import RunFailure, UserError
+from rlhf.settings import cpu_precision
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -29,6 +30,34 @@ def pick_placement(device: str = "auto", dtype: torch.dtype | None = None) -> Pl
     if chosen.type == "cuda":
         return Placement(chosen, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
     return Placement(chosen, torch.float32)
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX): there a training step in bfloat16
+    took half to two thirds of its float32 time (BENCHMARKS.md section 16). Not measured on CPUs with only
+    AVX-512's bfloat16 dot products; an AVX2 CPU has no bfloat16 arithmetic at all."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe() and torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_training_dtype() -> torch.dtype:
+    chosen = cpu_precision()
+    if chosen == "auto":
+        return torch.bfloat16 if cpu_has_amx() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[chosen]
+
+
+def training_placement(device: str = "auto") -> Placement:
+    """Where a training stage runs and in what precision: as `pick_placement`, except that on a CPU the
+    precision is `RLHF_CPU_PRECISION`'s (`rlhf.settings.cpu_precision`): bfloat16 by default where the CPU
+    has AMX, as a GPU stage trains. What judges a run stays in `pick_placement`'s float32 on a CPU (the
+    reward model's scores of rollouts, bulk inference, the evaluation), so the judge does not depend on the
+    CPU's matrix unit."""
+    placement = pick_placement(device)
+    if placement.device.type != "cpu":
+        return placement
+    return Placement(placement.device, cpu_training_dtype())
 
 
 def in_float32(model) -> bool:

@@ -10,31 +10,44 @@ step, into oneDNN's blocked layout for the decode's row count (`torch.ops.mkldnn
 the layout inductor packs CPU linears into). Reordering the default model's 538 MB of weights takes
 0.2-0.4 s on a 2-core CPU, what about ten of its steps save; the copies live while decoding runs.
 
-The step computes what `transformers`' Llama computes, in float32, up to the order of its sums (logits
+The step computes what `transformers`' Llama computes, up to the order of its sums (in float32 the logits
 agree within 1e-5, `tests/test_decoding.py`): the embedding, norms, rotary embedding and activation are the
-model's own modules and functions, the attention is SDPA over the keys and values the prefill left in the decode loop's
-preallocated cache. Anything else (another architecture, biases, another dtype, another device, an adapter
-that is active and not folded into the weights, too little memory for the reordered copy) gets no
-written-out step, and decoding runs the model's own forward pass as before.
+model's own modules and functions, the attention is SDPA over the keys and values the prefill left in the decode
+loop's preallocated cache. In bfloat16 (a training stage on a CPU with AMX, `rlhf.models.loading`), where
+`adapter_merged` leaves a LoRA adapter beside the weights, the step adds the adapter's own low-rank product to
+each adapted projection as `peft` does (in float32, then rounded to the layer's dtype), and the head computes
+from its float32 copy (`float32_head`); the products read half the bytes, about twice as fast. Anything else
+(another architecture, biases, another dtype or device, an adapter kind other than plain LoRA, too little
+memory for the reordered copy) gets no written-out step, and decoding runs the model's own forward pass.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
-def _folded_weight(projection) -> torch.Tensor | None:
-    """The weight a projection applies: its own, or a LoRA layer's base weight where no adapter is active
-    on top of it (disabled, or merged into that weight). None where an adapter is active and separate."""
+class Projection(NamedTuple):
+    """What a linear layer applies in a decode step: its weight, and the low-rank terms (A, B, scale) of the
+    LoRA adapters acting beside it (none where the adapter is off or folded into the weight)."""
+
+    weight: torch.Tensor
+    low_rank: tuple[tuple[torch.Tensor, torch.Tensor, float], ...]
+
+
+def _projection(layer) -> Projection | None:
+    """None where an adapter acts in a way the step does not write out (DoRA, another adapter kind)."""
     from peft.tuners.lora import LoraLayer
 
-    if isinstance(projection, LoraLayer):
-        active = [name for name in projection.active_adapters if name in projection.lora_A]
-        if active and not projection.disable_adapters and not projection.merged:
-            return None
-        projection = projection.get_base_layer()
-    return projection.weight
+    if not isinstance(layer, LoraLayer):
+        return Projection(layer.weight, ())
+    active = [] if layer.disable_adapters or layer.merged else [n for n in layer.active_adapters if n in layer.lora_A]
+    if any(layer.use_dora.get(name) or not isinstance(layer.lora_A[name], torch.nn.Linear) for name in active):
+        return None
+    return Projection(layer.get_base_layer().weight,
+                      tuple((layer.lora_A[n].weight, layer.lora_B[n].weight, layer.scaling[n]) for n in active))
 
 
 class CpuDecodeStep:
@@ -50,26 +63,42 @@ class CpuDecodeStep:
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_width = getattr(config, "head_dim", None) or config.hidden_size // self.heads
 
-        def packed(*weights):
-            return torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights).contiguous(), rows)
+        def fused(*layers):
+            """One product for several projections of the same input: the weights stacked and reordered, and
+            each adapter's term placed at its projection's columns."""
+            projections = [_projection(layer) for layer in layers]
+            weight = torch.cat([p.weight for p in projections]).contiguous()
+            widths = [p.weight.shape[0] for p in projections]
+            terms = [(a, b, scale, sum(widths[:i]), widths[i])
+                     for i, p in enumerate(projections) for a, b, scale in p.low_rank]
+            return torch.ops.mkldnn._reorder_linear_weight(weight, rows), terms, weight.shape[0]
 
         self.layers = []
         for layer in decoder.layers:
             attention, mlp = layer.self_attn, layer.mlp
             self.layers.append((
                 layer.input_layernorm,
-                packed(*(_folded_weight(p) for p in (attention.q_proj, attention.k_proj, attention.v_proj))),
-                packed(_folded_weight(attention.o_proj)),
+                fused(attention.q_proj, attention.k_proj, attention.v_proj),
+                fused(attention.o_proj),
                 layer.post_attention_layernorm,
-                packed(_folded_weight(mlp.gate_proj), _folded_weight(mlp.up_proj)),
+                fused(mlp.gate_proj, mlp.up_proj),
                 mlp.act_fn,
-                packed(_folded_weight(mlp.down_proj)),
+                fused(mlp.down_proj),
             ))
-        self.head = packed(_folded_weight(causal_lm.lm_head))
+        head = causal_lm.lm_head
+        # float32_head's copy where the weights are in a lower precision: the model's own head computes from it.
+        self.head = torch.ops.mkldnn._reorder_linear_weight(getattr(head, "weight_float32", head.weight), rows)
 
     @staticmethod
-    def _product(inputs: torch.Tensor, packed_weight: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(inputs, packed_weight, None, "none", [], "")
+    def _product(inputs: torch.Tensor, fused) -> torch.Tensor:
+        packed_weight, terms, width = fused
+        output = torch.ops.mkldnn._linear_pointwise(inputs, packed_weight, None, "none", [], "")
+        if not terms:
+            return output
+        low_rank = inputs.new_zeros(len(inputs), width, dtype=torch.float32)
+        for a, b, scale, start, columns in terms:
+            low_rank[:, start:start + columns] += (inputs.to(a.dtype) @ a.T) @ b.T * scale
+        return (output + low_rank).to(output.dtype)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, position: torch.Tensor, attention: torch.Tensor,
@@ -95,7 +124,8 @@ class CpuDecodeStep:
             gate, up = self._product(post_norm(hidden), gate_up).chunk(2, dim=-1)
             hidden = hidden + self._product(act(gate) * up, down)
         hidden = self.final_norm(hidden)
-        return self._product(hidden, self.head), hidden
+        logits = torch.ops.mkldnn._linear_pointwise(hidden.to(self.head.dtype), self.head, None, "none", [], "")
+        return logits, hidden
 
 
 def memory_available() -> int | None:
@@ -118,15 +148,19 @@ def cpu_decode_step(model, rows: int) -> CpuDecodeStep | None:
     config = causal_lm.config
     weight = causal_lm.lm_head.weight
     if (config.model_type != "llama" or getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)
-            or getattr(config, "pretraining_tp", 1) != 1 or weight.device.type != "cpu" or weight.dtype != torch.float32
-            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not torch.backends.mkldnn.is_available()):
+            or getattr(config, "pretraining_tp", 1) != 1 or weight.device.type != "cpu"
+            or weight.dtype not in (torch.float32, torch.bfloat16)
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight") or not torch.backends.mkldnn.is_available()
+            or (weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported())):
         return None
-    projections = [causal_lm.lm_head] + [p for layer in causal_lm.model.layers for p in (
+    layers = [p for layer in causal_lm.model.layers for p in (
         layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
         layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
-    if any(_folded_weight(p) is None for p in projections):
+    projections = [_projection(layer) for layer in layers]
+    head = _projection(causal_lm.lm_head)
+    if any(p is None for p in projections) or head is None or head.low_rank:
         return None
-    copy_bytes = sum(p.weight.numel() * p.weight.element_size() for p in projections)
+    copy_bytes = sum(p.weight.numel() * p.weight.element_size() for p in projections) + weight.numel() * 4
     available = memory_available()
     if available is not None and available < 2 * copy_bytes:
         return None

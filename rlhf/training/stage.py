@@ -4,10 +4,11 @@ settings."""
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 from rlhf.data.prompts import PromptEncoder
-from rlhf.models.loading import Placement, load_tokenizer, pick_placement
+from rlhf.models.loading import Placement, load_tokenizer, training_placement
 from rlhf.models.reference import resolve_model_reference
 from rlhf.training.distributed import Ranks, join, local_device
 
@@ -24,7 +25,10 @@ def start_stage(config, large_model_reference: str, base_model_path: str | None)
     """`config`: the stage's settings (its `device`, and the prompt settings the encoder reads).
     `base_model_path`: where `large_model_reference` loads from, when the caller resolved it already."""
     ranks = join()
-    placement = pick_placement(local_device(config.device))
+    placement = training_placement(local_device(config.device))
+    if ranks.main:
+        print(f"{config.stage}: trains on {placement.device.type} in {str(placement.dtype).removeprefix('torch.')}",
+              file=sys.stderr)
     base_path = base_model_path or resolve_model_reference(large_model_reference)
     tokenizer = load_tokenizer(base_path)
     return StageStart(ranks, placement, base_path, tokenizer, PromptEncoder.for_settings(tokenizer, config))
