@@ -7,9 +7,9 @@ trims a decode step, which on a CPU is bound by reading every weight once per to
 operator call: `adapter_merged` folds the LoRA adapter into (a copy of) the adapted weights while
 decoding, removing the adapter's own small products from every layer of every step, and
 `preallocated_cache` writes each token's keys and values into room reserved up front instead of copying
-the whole cache at every token. On a CPU, a Llama-architecture model in float32 decodes every token after
-the first through `cpu_decode_step`: the decoder written out for one token per row, over fused weights
-reordered for the CPU's kernel.
+the whole cache at every token. On a CPU, a Llama-architecture model (in float32, or in bfloat16 with the
+adapter's low-rank term beside the weights) decodes every token after the first through `cpu_decode_step`:
+the decoder written out for one token per row, over fused weights reordered for the CPU's kernel.
 
 Sampling follows `generate`'s rules (temperature, then nucleus filtering that keeps at least one token),
 and greedy decoding gives `generate`'s tokens. The draw itself is an inverse-CDF lookup with one uniform
