@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf.settings import CPU_PRECISION_VARIABLE
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
@@ -114,6 +116,8 @@ def run_child(python: Path, worker: str, spec: dict, name: str, with_repo_on_pat
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec))
     environment = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # The TRL side trains in float32 (bf16=False): ours too, also on a CPU with AMX, where it would pick bfloat16.
+    environment[CPU_PRECISION_VARIABLE] = "float32"
     # Only our side may import the project; the TRL side sees TRL and its dependencies only.
     environment.pop("PYTHONPATH", None)
     if with_repo_on_path:
