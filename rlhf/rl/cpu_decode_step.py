@@ -16,7 +16,8 @@ model's own modules and functions, the attention is SDPA over the keys and value
 loop's preallocated cache. In bfloat16 (a training stage on a CPU with AMX, `rlhf.models.loading`), where
 `adapter_merged` leaves a LoRA adapter beside the weights, the step adds the adapter's own low-rank product to
 each adapted projection as `peft` does (in float32, then rounded to the layer's dtype), and the head computes
-from its float32 copy (`float32_head`); the products read half the bytes, about twice as fast. Anything else
+from its float32 copy (`float32_head`); the products read half the bytes and run about twice as fast (a
+whole step 1.6-1.7x at 8 and 16 rows, no faster at 4: BENCHMARKS.md section 16). Anything else
 (another architecture, biases, another dtype or device, an adapter kind other than plain LoRA, too little
 memory for the reordered copy) gets no written-out step, and decoding runs the model's own forward pass.
 """
