@@ -147,10 +147,11 @@ def bundled_prompts(tokenizer, new_tokens: int, count: int | None = None) -> tup
     return rows, [encoder.encode_prompt(r) for r in rows]
 
 
-def decoding_policy(new_tokens: int, count: int, dtype=None):
+def decoding_policy(new_tokens: int, count: int, dtype=None, adapter_std: float = 0.0):
     """What the decoding benchmarks decode with: the default model (in `dtype`, float32 unless given) with a
     fresh rank-8 LoRA adapter (seed 0) as a policy with no stop token, its tokenizer, and the ids of the first
-    `count` bundled prompts."""
+    `count` bundled prompts. `adapter_std` above 0 draws the adapter's B matrices from N(0, adapter_std^2), an
+    adapter that changes the weights as a trained one does (a fresh one adds nothing)."""
     import torch
 
     from rlhf.models.loading import load_causal_lm, load_tokenizer, pick_placement
@@ -160,8 +161,13 @@ def decoding_policy(new_tokens: int, count: int, dtype=None):
     tokenizer = load_tokenizer(base)
     _, prompts = bundled_prompts(tokenizer, new_tokens, count)
     torch.manual_seed(0)
-    return (Policy.create(load_causal_lm(base, pick_placement("cpu", dtype)), 8, [-1], tokenizer.pad_token_id), tokenizer,
-            prompts)
+    policy = Policy.create(load_causal_lm(base, pick_placement("cpu", dtype)), 8, [-1], tokenizer.pad_token_id)
+    if adapter_std:
+        with torch.no_grad():
+            for name, parameter in policy.model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, adapter_std)
+    return policy, tokenizer, prompts
 
 
 def read_bandwidth(repeats: int = 5) -> float:

@@ -28,11 +28,7 @@ def sampling_pass(dtype: torch.dtype, repetitions: int) -> dict:
     import rlhf.rl.decoding as decoding
     from rlhf.rl.cpu_decode_step import cpu_decode_step
 
-    policy, tokenizer, prompts = decoding_policy(SAMPLING["new_tokens"], SAMPLING["rows"], dtype)
-    with torch.no_grad():
-        for name, parameter in policy.model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.01)  # an adapter that changes the weights, as a trained one does
+    policy, tokenizer, prompts = decoding_policy(SAMPLING["new_tokens"], SAMPLING["rows"], dtype, adapter_std=0.01)
     with decoding.adapter_merged(policy.model):
         written_out = cpu_decode_step(policy.model, len(prompts)) is not None
 

@@ -43,12 +43,7 @@ def main() -> None:
     load_at_start = load_average()
     policies = {}
     for dtype in (torch.float32, torch.bfloat16):
-        policies[dtype], tokenizer, prompts = decoding_policy(NEW_TOKENS, max(ROWS), dtype)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, parameter in policies[dtype].model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0, 0.01)  # an adapter that changes the weights, as a trained one does
+        policies[dtype], tokenizer, prompts = decoding_policy(NEW_TOKENS, max(ROWS), dtype, adapter_std=0.01)
     policy = policies[torch.float32]
     weight_bytes = sum(m.weight.numel() * 4 for name, m in policy.model.named_modules()
                        if isinstance(m, torch.nn.Linear) and "lora_" not in name)
