@@ -60,12 +60,12 @@ def step_zero(model_path: str, placement, prompts: list[list[int]], tokenizer) -
         rollout = decoded.rollout
         mask = rollout.completion_mask.bool()
         log_probs, _, values = policy.evaluate(rollout, config.temperature)
-        reference, _, _ = policy.evaluate(rollout, config.temperature, with_values=False, use_adapter=False)
+        reference, _, _ = policy.evaluate(rollout, config.temperature, with_values=False, reference=True)
     # PPO's own first step, through `roll_out`, on the same prompts
     torch.manual_seed(0)
     with torch.no_grad():
         sampled, old_log_probs, old_values = policy.roll_out(prompts, NEW_TOKENS, config.temperature, config.top_p)
-        kl_reference, _, _ = policy.evaluate(sampled, config.temperature, with_values=False, use_adapter=False)
+        kl_reference, _, _ = policy.evaluate(sampled, config.temperature, with_values=False, reference=True)
     sampled_mask = sampled.completion_mask.float()
     kl = ((old_log_probs - kl_reference) * sampled_mask).sum(dim=1)
     rewards = torch.zeros_like(old_log_probs)

@@ -56,7 +56,7 @@ def main() -> None:
                     seconds["prefill, 8 prompts"] = prefill
         with torch.no_grad():
             started = time.perf_counter()
-            policy.evaluate(reference, 1.0, with_values=False, use_adapter=False)
+            policy.evaluate(reference, 1.0, with_values=False, reference=True)
             seconds["reference pass, 8 rows"] = time.perf_counter() - started
         return seconds
 

@@ -72,7 +72,7 @@ def main() -> None:
             started = time.perf_counter()
             with torch.no_grad():
                 for rollout in rollouts:
-                    log_probs.append(policies[way].evaluate(rollout, 1.0, with_values=False, use_adapter=False)[0]
+                    log_probs.append(policies[way].evaluate(rollout, 1.0, with_values=False, reference=True)[0]
                                      * rollout.completion_mask)
             referenced = time.perf_counter()
             for first, rollout in zip(range(0, BATCH, PASS), rollouts):

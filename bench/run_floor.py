@@ -49,15 +49,15 @@ def shapes(model_dir: str) -> dict:
     return {"linear": linear, "head": config["vocab_size"] * d}
 
 
-def policy_phases(run: Path, sft_steps: int) -> dict[str, list[float]]:
+def policy_phases(run: Path, warmup_steps: int) -> dict[str, list[float]]:
     """The policy stage's TensorBoard scalars per PPO step (the steps after the warm-up), and the warm-up
     steps' times (`warm-up`)."""
     from rlhf.evaluation.report import read_scalars
 
     scalars = read_scalars(run / STAGE_ROOT / "train-policy" / "policy" / "tensorboard")
-    phases = {tag: [value for step, value in scalars[tag] if step > sft_steps]
+    phases = {tag: [value for step, value in scalars[tag] if step > warmup_steps]
               for tag in ("response_length", "time/generation", "time/forward", "time/scoring", "time/update")}
-    phases["warm-up"] = [value for step, value in scalars["time/update"] if step <= sft_steps]
+    phases["warm-up"] = [value for step, value in scalars["time/update"] if step <= warmup_steps]
     return phases
 
 
@@ -97,13 +97,19 @@ def floors(run: Path, flops_per_second: float, bytes_per_second: float) -> tuple
     work["reward model (the stage)"] = {"tflop": rm_flops / 1e12, "decode_steps": 0, "floor_s": seconds(rm_flops),
                                         "measured_s": measured["train-reward-model"]}
 
-    batch, sft_steps = settings["reinforcement_learning_batch_size"], metrics["policy"].get("sft_steps", 0)
-    warm_rows = sft_steps * batch
+    batch = settings["reinforcement_learning_batch_size"]
+    sft_steps, dpo_steps = (metrics["policy"].get(name, 0) for name in ("sft_steps", "dpo_warmup_steps"))
     prompt_tokens = statistics.mean(len(p.prompt) for p in train)
     winner_tokens = statistics.mean(len(p.winner) for p in train)
-    sft_flops = warm_rows * (4 * P * (prompt_tokens + winner_tokens) + 4 * H * winner_tokens)
-    phases = policy_phases(run, sft_steps)
-    work["policy: warm-up"] = {"tflop": sft_flops / 1e12, "decode_steps": 0, "floor_s": seconds(sft_flops),
+    loser_tokens = statistics.mean(len(p.loser) for p in train)
+    # Supervised: the prompt and its winner, forward and backward. DPO: the prompt once with both candidates,
+    # forward and backward, and one forward of the reference per pair met (half a forward and backward).
+    pairs_met = min(len(train), dpo_steps * batch)
+    warm_flops = (sft_steps * batch * (4 * P * (prompt_tokens + winner_tokens) + 4 * H * winner_tokens)
+                  + (dpo_steps * batch + pairs_met / 2) * (4 * P * (prompt_tokens + winner_tokens + loser_tokens)
+                                                           + 4 * H * (winner_tokens + loser_tokens)))
+    phases = policy_phases(run, sft_steps + dpo_steps)
+    work["policy: warm-up"] = {"tflop": warm_flops / 1e12, "decode_steps": 0, "floor_s": seconds(warm_flops),
                                "measured_s": sum(phases["warm-up"])}
     steps = len(phases["response_length"])
     per_pass = (settings["reinforcement_learning_rollout_micro_batch_size"]
@@ -127,7 +133,7 @@ def floors(run: Path, flops_per_second: float, bytes_per_second: float) -> tuple
                       "floor_s": seconds(flops, decoded, batch / passes), "measured_s": sum(timed)}
 
     counts = {"linear_weights": P, "head_weights": H, "reward_pair_tokens": pair_tokens, "ppo_steps": steps,
-              "sft_steps": sft_steps, "mean_prompt_tokens": mean_prompt, "prompts_met": len(met),
+              "sft_steps": sft_steps, "dpo_warmup_steps": dpo_steps, "mean_prompt_tokens": mean_prompt, "prompts_met": len(met),
               "mean_completion_tokens": completions / steps}
     return {"work": work, "stages": measured}, counts
 
@@ -167,7 +173,7 @@ def markdown(r: dict) -> str:
         *rows, "",
         f"Counted from the run: {c['linear_weights'] / 1e6:.1f}M linear and {c['head_weights'] / 1e6:.1f}M head "
         f"weights; reward-model pairs of {c['reward_pair_tokens']:.0f} packed tokens on average; {c['sft_steps']} "
-        f"warm-up and {c['ppo_steps']} PPO steps; prompts of {c['mean_prompt_tokens']:.0f} tokens, "
+        f"supervised and {c['dpo_warmup_steps']} DPO warm-up steps, {c['ppo_steps']} PPO steps; prompts of {c['mean_prompt_tokens']:.0f} tokens, "
         f"{c['prompts_met']} of them met; completions of {c['mean_completion_tokens']:.1f} tokens on average.",
         f"The other stages, as logged: {others}.",
         f"Load average start {r['load_average_start']}, end {r['load_average_end']}.",

@@ -14,6 +14,7 @@ def train_policy(
     tuning_method: str,
     samples_per_prompt: int,
     sft_steps: int,
+    dpo_warmup_steps: int,
     train_steps: int,
     batch_size: int,
     micro_batch_size: int,
@@ -48,9 +49,9 @@ def train_policy(
     policy: Output[Model],
     metrics: Output[Metrics],
 ):
-    """PPO, RLOO or GRPO against the reward model, or DPO on the training pairs (`tuning_method`), each after
-    `sft_steps` supervised steps on the training pairs' winners, in one process per accelerator; a retry with
-    the same output location resumes from its checkpoint."""
+    """PPO, RLOO or GRPO against the reward model, or DPO on the training pairs (`tuning_method`), after a
+    warm-up on the training pairs (`sft_steps` or `dpo_warmup_steps`), in one process per accelerator; a retry
+    with the same output location resumes from its checkpoint."""
     inputs = dict(locals())
     from rlhf.components.processes import run_stage
     from rlhf.rl.config import PPOConfig

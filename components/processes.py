@@ -45,9 +45,9 @@ def train_policy(settings: dict, plain_text: bool, prompts: str, reward_model: s
     from rlhf.training.distributed import local_device
 
     reward = RewardModelReward(Path(reward_model), pick_placement(local_device(config.device)))
-    sft_rows = read_jsonl(Path(train_pairs)) if config.sft_steps else []
+    warmup_pairs = read_jsonl(Path(train_pairs)) if config.warmup_steps() else []
     return train(config, read_jsonl(Path(prompts)), reward, large_model_reference, Path(output),
-                 stop_requested=StopFlag().install(), sft_rows=sft_rows)
+                 stop_requested=StopFlag().install(), train_pairs=warmup_pairs)
 
 
 def bulk_inference(settings: dict, prompts: str, model: str, adapter: str | None, output: str) -> dict:

@@ -1,5 +1,5 @@
 """The local run's policy stage on the course's TL;DR data: the default model, the local defaults' PPO
-settings (`rlhf run`'s: a warm-up on the winners of the TL;DR pairs whose posts are not eval prompts, then
+settings (`rlhf run`'s: a warm-up on the TL;DR pairs whose posts are not eval prompts, then
 PPO on the TL;DR prompts), against a reward model trained on TL;DR pairs (experiments/reward_model_tldr.py);
 then base vs tuned on the course's 14 eval prompts, by the reward model and the rule judge.
 
@@ -38,12 +38,12 @@ def main() -> None:
     prompts = [{"input_text": r["input_text"]} for r in read_jsonl(args.data_dir / "prompts.jsonl")]
     eval_prompts = [{"input_text": r["input_text"]} for r in read_jsonl(args.data_dir / "eval_prompts.jsonl")]
     held_out = {r["input_text"] for r in eval_prompts}
-    winners = [r for r in read_jsonl(args.data_dir / "preference.jsonl") if r["input_text"] not in held_out]
+    pairs = [r for r in read_jsonl(args.data_dir / "preference.jsonl") if r["input_text"] not in held_out]
     local = {field: LOCAL_DEFAULTS[name] for field, name in PPOConfig.parameter_names.items() if name in LOCAL_DEFAULTS}
     config = PPOConfig.from_values({**local, "train_steps": args.steps, "seed": args.seed, "checkpoint_every": 4})
     reward = RewardModelReward(args.reward_model, pick_placement("auto"), base)
     training = train_policy(config, prompts, reward, DEFAULT_MODEL, args.output_dir / "policy", base,
-                            sft_rows=winners if config.sft_steps else [])
+                            train_pairs=pairs if config.warmup_steps() else [])
 
     inference = InferenceConfig(target_sequence_length=config.target_sequence_length, instruction=config.instruction,
                                 use_chat_template=config.use_chat_template)

@@ -25,7 +25,7 @@ POLICY_PARAMETERS = ("reinforcement_learning_train_steps", "reinforcement_learni
                      "reinforcement_learning_minibatch_size", "reinforcement_learning_ppo_epochs",
                      "reinforcement_learning_rate_multiplier", "kl_coeff", "target_sequence_length", "instruction",
                      "seed", "reinforcement_learning_rollout_micro_batch_size", "temperature", "top_p",
-                     "unfinished_reward", "sft_steps", "kl_target", "kl_horizon")
+                     "unfinished_reward", "sft_steps", "dpo_warmup_steps", "dpo_beta", "kl_target", "kl_horizon")
 
 
 def rlhf(*args: str, log: Path) -> None:
@@ -63,7 +63,7 @@ def train_and_judge(method: str, run: Path, parameters: dict, k: int, output: Pa
                                              for f in (f"--{name.replace('_', '-')}", str(value))]]
     else:
         data = ["--prompt-dataset", str(stages / "validate-datasets" / "prompts"), "--reward-model", str(reward_model),
-                *(pairs if int(parameters.get("sft_steps", 0)) else [])]
+                *(pairs if int(parameters.get("sft_steps", 0)) or int(parameters.get("dpo_warmup_steps", 0)) else [])]
         flags = ["--tuning-method", method, "--samples-per-prompt", str(samples),
                  "--reinforcement-learning-batch-size", str(batch // samples)]
         for name in POLICY_PARAMETERS:

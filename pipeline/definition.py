@@ -81,6 +81,7 @@ def build_pipeline(retries: int = RETRIES):
         reward_model_balance_lengths: bool = False,
         reward_model_gradient_checkpointing: bool = False,
         sft_steps: int = 0,
+        dpo_warmup_steps: int = 0,
         reinforcement_learning_train_steps: int = 1000,
         reinforcement_learning_train_epochs: int = 0,
         reinforcement_learning_batch_size: int = 64,

@@ -57,9 +57,12 @@ LOCAL_DEFAULTS = {
     "reinforcement_learning_ppo_epochs": 1,  # fresher rollouts: 20 steps of one epoch beat 12 of two (LEARNING.md)
     "reinforcement_learning_rate_multiplier": 5.0,
     # PPO improves what the policy samples, and the base model samples a summary about once in a hundred
-    # tries: 8 supervised steps on the winners first, as the best pipelines start PPO from an SFT model, and a
-    # KL weight that holds the warmed-up policy within 10 nats of the base (LEARNING.md, "A supervised warm-up").
-    "sft_steps": 8,
+    # tries: a warm-up on the training pairs first, as the best pipelines start PPO from a tuned model. DPO
+    # steps rather than supervised ones: learning from the losers too, they leave no copy of the post on the
+    # greedy path and cost a third of the KL (LEARNING.md, "A DPO warm-up, and the warmed-up policy as PPO's
+    # reference"). PPO's KL penalty is then to the warmed-up policy.
+    "dpo_warmup_steps": 8,
+    "dpo_beta": 0.5,
     "kl_coeff": 0.2,
     "target_sequence_length": 64,
 }

@@ -339,8 +339,9 @@ def cmd_train_policy(args) -> int:
         if not (args.prompt_dataset and args.reward_model):
             raise UsageError(f"--tuning-method {args.tuning_method} samples prompts and scores them: give "
                              "--prompt-dataset and --reward-model")
-        if args.sft_steps and not args.preference_dataset:
-            raise UsageError("--sft-steps learns the training pairs' winners: give --preference-dataset")
+        if (args.sft_steps or args.dpo_warmup_steps) and not args.preference_dataset:
+            raise UsageError("the warm-up (--sft-steps, --dpo-warmup-steps) learns the training pairs: give "
+                             "--preference-dataset")
         from rlhf.reward.model import read_spec
 
         prompts = _read_rows_or_exit(args.prompt_dataset, "prompt", args.on_invalid)
@@ -353,9 +354,11 @@ def cmd_train_policy(args) -> int:
                               args.reinforcement_learning_train_epochs, args.batch_size, "reinforcement learning")
         instruction = reward_spec.instruction if args.instruction is None else args.instruction
         config = _stage_config(PPOConfig, args, train_steps=steps, instruction=instruction)
-        sft_rows = _prepare_or_exit(args).train_pairs if config.sft_steps else []
-        print(f"Tuning the policy: {len(prompts)} prompts, {steps} steps of {args.batch_size}"
-              + (f" after {config.sft_steps} supervised steps on {len(sft_rows)} winners" if sft_rows else ""),
+        warmup_pairs = _prepare_or_exit(args).train_pairs if config.warmup_steps() else []
+        warmup = (f" after {config.sft_steps} supervised steps on {len(warmup_pairs)} winners" if config.sft_steps
+                  else f" after {config.dpo_warmup_steps} DPO steps on {len(warmup_pairs)} pairs" if warmup_pairs
+                  else "")
+        print(f"Tuning the policy: {len(prompts)} prompts, {steps} steps of {args.batch_size}{warmup}",
               file=sys.stderr)
     launched = _in_processes(args)
     if launched is not None:
@@ -373,7 +376,7 @@ def cmd_train_policy(args) -> int:
 
         reward = RewardModelReward(Path(args.reward_model), pick_placement(local_device(args.device)))
         metrics = train_policy(config, prompts, reward, reference, output_dir, stop_requested=_stop_flag(),
-                               sft_rows=sft_rows)
+                               train_pairs=warmup_pairs)
     print(json.dumps(metrics, indent=2))
     if metrics.get("interrupted"):
         return 75
@@ -804,9 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="JSONL rows {input_text|messages} (ppo, rloo, grpo)")
     train_pol.add_argument("--reward-model", metavar="DIR", help="from `rlhf train-reward-model` (ppo, rloo, grpo)")
     train_pol.add_argument("--preference-dataset", metavar="URI",
-                           help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice} (dpo; --sft-steps)")
+                           help="JSONL rows {input_text|messages, candidate_0, candidate_1, choice} (dpo; a warm-up)")
     train_pol.add_argument("--eval-dataset", metavar="URI",
-                           help="dpo: JSONL preference rows held out for accuracy; --sft-steps: kept out of its "
+                           help="dpo: JSONL preference rows held out for accuracy; a warm-up: kept out of its "
                                 "winners (default: a split by prompt)")
     _add_data_settings(train_pol, "on_invalid", "eval_fraction")
     _add_model_reference(train_pol, from_artifact="reward model")

@@ -70,7 +70,7 @@ def main() -> int:
         settings = POLICY_SETTINGS if args.stage == "policy" else GROUP_SETTINGS
         result = train_policy(ppo_config(**settings), PROMPTS, TargetTokenShare(), args.model,
                               Path(args.output), base_model_path=args.model, stop_requested=stop,
-                              sft_rows=marker_pairs(48))
+                              train_pairs=marker_pairs(48))
     if join().main:
         print(json.dumps(result))
     leave()

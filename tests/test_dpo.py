@@ -200,15 +200,17 @@ def test_bad_dpo_parameters_are_refused_before_the_pipeline_runs():
 
     with pytest.raises(ValueError, match="reinforcement learning: dpo_beta 0.0 must be above 0"):
         resolve_parameters(None, ["tuning_method=dpo", "dpo_beta=0"], LOCAL_DEFAULTS)
-    assert resolve_parameters(None, ["tuning_method=dpo", "dpo_beta=0.2"], LOCAL_DEFAULTS)["dpo_beta"] == 0.2
+    with pytest.raises(ValueError, match="dpo_warmup_steps 8 is a warm-up before ppo, rloo or grpo; with dpo, set it"):
+        resolve_parameters(None, ["tuning_method=dpo"], LOCAL_DEFAULTS)  # the local run's warm-up is PPO's
+    resolved = resolve_parameters(None, ["tuning_method=dpo", "dpo_warmup_steps=0", "dpo_beta=0.2"], LOCAL_DEFAULTS)
+    assert resolved["dpo_beta"] == 0.2
 
 
 def test_the_pipeline_runs_dpo_end_to_end_with_the_same_report(tiny_model_dir, tmp_path):
-    from rlhf.pipeline.local_run import LOCAL_DEFAULTS
-
     output = tmp_path / "run"
-    settings = ["tuning_method=dpo", "dpo_beta=0.5", "reinforcement_learning_train_epochs=1",
-                "reinforcement_learning_batch_size=16", "reinforcement_learning_micro_batch_size=8",
+    settings = ["tuning_method=dpo", "dpo_warmup_steps=0", "sft_steps=2", "dpo_beta=0.5",
+                "reinforcement_learning_train_epochs=1", "reinforcement_learning_batch_size=16",
+                "reinforcement_learning_micro_batch_size=8",
                 "reward_model_train_epochs=1", "reward_model_batch_size=16", "target_sequence_length=12",
                 "prompt_sequence_length=256", f"large_model_reference={tiny_model_dir}"]
     result = rlhf("run", "--output-dir", str(output), *[a for s in settings for a in ("--set", s)])
@@ -216,7 +218,7 @@ def test_the_pipeline_runs_dpo_end_to_end_with_the_same_report(tiny_model_dir, t
     metrics = json.loads((output / "metrics.json").read_text())
     pairs = metrics["reward_model"]["train_pairs"]  # the same split as the reward model's
     steps = -(-pairs // 16)  # epochs count the training pairs for DPO: ceil(pairs / batch) * 1
-    warm_up = LOCAL_DEFAULTS["sft_steps"]  # the local default's warm-up comes first, as before PPO
+    warm_up = 2  # the supervised warm-up comes first, and is then DPO's reference
     assert warm_up > 0 and f"policy (DPO): {warm_up + steps}/{warm_up + steps} steps (100%)" in result.stderr
     policy = metrics["policy"]
     assert policy["tuning_method"] == "dpo" and policy["steps"] == steps and policy["train_pairs"] == pairs

@@ -121,12 +121,12 @@ def _policy(tiny_model_dir) -> Policy:
     return adapted_policy(tiny_model_dir, EOS)
 
 
-def _passes(policy: Policy, rollout, use_adapter: bool):
-    """Log-probs, entropy and (with the adapter on) the LoRA gradients of their masked sum, from one `evaluate`."""
+def _passes(policy: Policy, rollout, reference: bool):
+    """Log-probs, entropy and (the policy's, not the reference's) the LoRA gradients of their masked sum, from one
+    `evaluate`."""
     policy.model.zero_grad()
-    log_probs, entropy, _ = policy.evaluate(rollout, 0.7, with_values=False, use_adapter=use_adapter,
-                                            with_entropy=True)
-    if use_adapter:  # adapter-off is the reference pass: nothing in it is trained
+    log_probs, entropy, _ = policy.evaluate(rollout, 0.7, with_values=False, reference=reference, with_entropy=True)
+    if not reference:  # nothing in the reference pass is trained
         (log_probs * rollout.completion_mask).sum().backward()
     grads = [p.grad.clone() for n, p in policy.model.named_parameters() if "lora_" in n and p.grad is not None]
     return log_probs.detach(), entropy, grads
@@ -138,18 +138,18 @@ def test_a_group_packed_with_its_prompt_once_gives_what_each_rollout_gives_alone
     completions = [[10, 11, EOS], [12], [13, 14, 15, 16, 17, 18], [30, EOS], [31, 32, 33, 34], [35, 36, 37, EOS]]
     rollout = make_rollout(prompts, completions, EOS, [c[-1] == EOS for c in completions])
     mask = rollout.completion_mask.float()
-    for use_adapter in (True, False):
+    for reference in (False, True):
         policy.prompt_group = 1
-        alone = _passes(policy, rollout, use_adapter)
+        alone = _passes(policy, rollout, reference)
         assert policy.pack_prompt_groups(3, 8, 16)
-        packed = _passes(policy, rollout, use_adapter)
+        packed = _passes(policy, rollout, reference)
         torch.testing.assert_close(packed[0], alone[0] * mask, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(packed[1], alone[1] * mask, atol=1e-4, rtol=1e-5)
         lora_tensors = sum("lora_" in name for name, _ in policy.model.named_parameters())
-        assert len(packed[2]) == len(alone[2]) == (lora_tensors if use_adapter else 0)
+        assert len(packed[2]) == len(alone[2]) == (0 if reference else lora_tensors)
         for packed_grad, alone_grad in zip(packed[2], alone[2]):
             torch.testing.assert_close(packed_grad, alone_grad, atol=1e-4, rtol=1e-4)
-        if use_adapter:
+        if not reference:
             with_adapter = packed[0]
     assert float(((with_adapter - packed[0]) * mask).abs().max()) > 1e-2  # the reference pass is adapter-off
 

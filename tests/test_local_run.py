@@ -81,7 +81,8 @@ def test_bad_parameters_stop_the_command_before_it_runs(args, message, tmp_path)
 
 def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_path):
     output = tmp_path / "run"
-    settings = TINY_RUN + ["sft_steps=2", f"large_model_reference={tiny_model_dir}"]  # the warm-up reaches the stage
+    # The warm-up reaches the stage.
+    settings = TINY_RUN + ["dpo_warmup_steps=2", f"large_model_reference={tiny_model_dir}"]
     sets = [arg for pair in settings for arg in ("--set", pair)]
     result = rlhf("run", "--output-dir", str(output), *sets)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -94,14 +95,14 @@ def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_p
     metrics = json.loads((output / "metrics.json").read_text())
     assert {"eval_accuracy", "eval_pairs", "final_rank_loss"} <= set(metrics["reward_model"])
     assert {"final_reward", "final_kl", "steps"} <= set(metrics["policy"])
-    assert metrics["policy"]["steps"] == 2 and metrics["policy"]["sft_steps"] == 2
-    assert metrics["policy"]["final_sft_loss"] > 0
+    assert metrics["policy"]["steps"] == 2 and metrics["policy"]["dpo_warmup_steps"] == 2
+    assert metrics["policy"]["final_dpo_warmup_loss"] > 0
     assert {"base_mean_reward", "tuned_mean_reward", "win_rate_vs_base", "kl_to_base", "base_mean_words",
             "tuned_mean_words", "prompts"} <= set(metrics["evaluation"])
     assert metrics["evaluation"]["prompts"] == 16
     page = (output / "report.html").read_text()
     assert page.count("<svg") == 6 and page.count('<td class="prompt">') == 16
-    assert "Policy tuning (PPO, after 2 supervised steps on the winners)" in page
+    assert "Policy tuning (PPO, after 2 DPO steps on the pairs)" in page
     # The report lists every pipeline parameter of the run once, typed, with the steps as resolved.
     listed = dict(re.findall(r"<tr><td>(\w+)</td><td>([^<]*)</td></tr>", page.split("Run parameters")[1]))
     assert set(listed) == set(rlhf_pipeline.component_spec.inputs)

@@ -116,7 +116,7 @@ def test_reference_log_probs_are_the_base_models_own(tiny_model_dir):
     prompts = [tokenizer("a dog")["input_ids"], tokenizer("a much longer post about a cat")["input_ids"]]
     rollout = policy.generate(prompts, max_new_tokens=6, temperature=1.0, top_p=1.0)
     with torch.no_grad():
-        reference, _, _ = policy.evaluate(rollout, 1.0, with_values=False, use_adapter=False)
+        reference, _, _ = policy.evaluate(rollout, 1.0, with_values=False, reference=True)
         tuned, _, _ = policy.evaluate(rollout, 1.0, with_values=False)
         base = load_causal_lm(str(tiny_model_dir), placement)
         for row, prompt in enumerate(prompts):

@@ -21,12 +21,12 @@ def test_the_reference_over_kept_prompts_gives_the_full_passes_log_probs(tiny_mo
         torch.manual_seed(step)
         rollout, _, _ = policy.roll_out(PROMPTS, 6, 0.7, 1.0)
         with torch.no_grad():
-            full[step], _, _ = policy.evaluate(rollout, 0.7, with_values=False, use_adapter=False)
+            full[step], _, _ = policy.evaluate(rollout, 0.7, with_values=False, reference=True)
         full[step] = full[step] * rollout.completion_mask
         full[step, "rollout"] = rollout
     assert policy.keep_reference_prompts(PROMPTS, passes=2 * len(PROMPTS), longest=32)
     for step in range(2):  # the first pass computes and keeps the prompts, the second reads them
-        kept, _, _ = policy.evaluate(full[step, "rollout"], 0.7, with_values=False, use_adapter=False)
+        kept, _, _ = policy.evaluate(full[step, "rollout"], 0.7, with_values=False, reference=True)
         torch.testing.assert_close(kept, full[step], atol=1e-5, rtol=1e-5)
         assert len(policy.reference_prefixes.entries) == 3
     # With the adapter on (the update's pass and the evaluation's tuned side) the kept prompts are not used:

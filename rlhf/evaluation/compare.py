@@ -85,7 +85,7 @@ def sampled_log_ratios(policy: Policy, prompts: list[list[int]],
     for first in range(0, len(prompts), per_pass):
         rollout, tuned, _ = policy.roll_out(prompts[first:first + per_pass], spec.target_sequence_length,
                                             spec.temperature, spec.top_p)
-        base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, use_adapter=False)
+        base, _, _ = policy.evaluate(rollout, spec.temperature, with_values=False, reference=True)
         yield (tuned - base) * rollout.completion_mask, rollout
 
 
@@ -198,7 +198,8 @@ REWARD_MODEL_KEYS = ("eval_accuracy", "eval_pairs", "final_rank_loss", "final_tr
                      "steps", "train_pairs", "pairs_per_second")
 POLICY_KEYS = ("tuning_method", "final_reward", "final_kl", "initial_reward", "final_ended_share", "steps", "prompts",
                "episodes_per_second", "final_dpo_loss", "final_reward_margin", "eval_accuracy", "eval_pairs",
-               "train_pairs", "pairs_per_second", "sft_steps", "final_sft_loss")
+               "train_pairs", "pairs_per_second", "sft_steps", "final_sft_loss", "dpo_warmup_steps",
+               "final_dpo_warmup_loss")
 
 
 def _stage_metrics(directory: Path, keys: tuple[str, ...]) -> dict:

@@ -190,7 +190,9 @@ def render_html(parameters: dict, metrics: dict, comparison: list[dict], reward_
     evaluation = metrics["evaluation"]
     policy = metrics.get("policy", {})
     method = policy.get("tuning_method", "ppo").upper()
-    warm_up = f", after {policy['sft_steps']} supervised steps on the winners" if policy.get("sft_steps") else ""
+    warm_up = (f", after {policy['sft_steps']} supervised steps on the winners" if policy.get("sft_steps")
+               else f", after {policy['dpo_warmup_steps']} DPO steps on the pairs" if policy.get("dpo_warmup_steps")
+               else "")
     side_by_side = [{"prompt": _prompt_text(entry), "base": entry["base"], "tuned": entry["tuned"],
                      "base_rule": _rule_cell(entry.get("base_rule")), "tuned_rule": _rule_cell(entry.get("tuned_rule")),
                      "base_reward": entry["base_reward"], "tuned_reward": entry["tuned_reward"],

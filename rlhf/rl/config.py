@@ -32,12 +32,14 @@ class PPOConfig(StageSettings, PromptSettings):
         "penalize_unfinished": "penalize_unfinished", "unfinished_reward": "unfinished_reward",
         "export_merged": "export_merged_model",
         "gradient_checkpointing": "reinforcement_learning_gradient_checkpointing", "beta": "dpo_beta",
-        "sft_steps": "sft_steps", "kl_target": "kl_target", "kl_horizon": "kl_horizon",
+        "sft_steps": "sft_steps", "dpo_warmup_steps": "dpo_warmup_steps", "kl_target": "kl_target",
+        "kl_horizon": "kl_horizon",
         **SHARED_PARAMETERS}
 
     tuning_method: str = "ppo"  # ppo (value head, GAE), rloo (leave-one-out), grpo (group-normalised) or dpo (the pairs)
     samples_per_prompt: int = 1  # completions sampled per prompt in a step; rloo and grpo compare them (at least 2)
     sft_steps: int = 0  # supervised steps on the training pairs' winners first (dpo: then its reference)
+    dpo_warmup_steps: int = 0  # ppo, rloo, grpo: DPO steps on the training pairs first (beta), instead of sft_steps
     train_steps: int = 1000  # PPO steps (each: one batch of prompts, rollouts, then updates; dpo: one batch of pairs)
     batch_size: int = 64  # prompts per step (each sampled samples_per_prompt times; dpo: preference pairs per step)
     micro_batch_size: int = 8  # rollouts (dpo: pairs) per forward pass with gradients
@@ -46,7 +48,7 @@ class PPOConfig(StageSettings, PromptSettings):
     ppo_epochs: int = 2  # passes over each batch of rollouts
     learning_rate_multiplier: float = 1.0  # times the base rate 1e-4
     warmup_fraction: float = 0.1  # share of steps with a linear warm-up, then cosine decay to 0
-    kl_coeff: float = 0.1  # weight of the KL(policy || base) penalty: in the reward (ppo, rloo), in the loss (grpo)
+    kl_coeff: float = 0.1  # weight of the KL(policy || reference) penalty (reference: base, or the warmed-up policy)
     kl_target: float = 0.0  # adaptive KL: nats per completion kl_coeff is steered toward after each step; 0: kl_coeff fixed
     kl_horizon: int = 10000  # adaptive KL: rollouts over which kl_coeff moves by the KL's relative error (clipped at 20%)
     lora_dim: int = 8  # LoRA rank of the policy
@@ -65,7 +67,11 @@ class PPOConfig(StageSettings, PromptSettings):
     sample_every: int = 10  # steps between sample completions logged as text
     export_merged: bool = False  # also write base + adapter merged into a plain model directory
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
-    beta: float = 0.1  # dpo: scale of the implicit reward, beta * log(policy / base); lower lets the policy move further
+    beta: float = 0.1  # dpo: scale of the implicit reward, beta * log(policy / reference); lower lets the policy move further
+
+    def warmup_steps(self) -> int:
+        """Steps before the method's own: the supervised or the DPO warm-up (`validate` allows one of them)."""
+        return self.sft_steps + self.dpo_warmup_steps
 
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier
@@ -90,10 +96,7 @@ class PPOConfig(StageSettings, PromptSettings):
                          "adapter switched off, so the policy needs one")
         if self.tuning_method not in TUNING_METHODS:
             found.append(f"{say('tuning_method')} must be one of {', '.join(TUNING_METHODS)}")
-        elif self.tuning_method == "dpo":
-            if self.beta <= 0:
-                found.append(f"{say('beta')} must be above 0")
-        elif self.tuning_method != "ppo" and self.samples_per_prompt < 2:
+        elif self.tuning_method in ("rloo", "grpo") and self.samples_per_prompt < 2:
             found.append(f"{say('samples_per_prompt')} must be at least 2 for {self.tuning_method}: its baseline is "
                          "the other samples of the same prompt")
         if not found and self.tuning_method in ONLINE_METHODS:
@@ -107,8 +110,16 @@ class PPOConfig(StageSettings, PromptSettings):
             if self.ppo_minibatch_size % self.micro_batch_size or rollouts % self.ppo_minibatch_size:
                 found.append(f"{say('ppo_minibatch_size')} must be a multiple of {say('micro_batch_size')} and "
                              f"divide the {rollouts} rollouts of a step")
-        if self.sft_steps < 0:
-            found.append(f"{say('sft_steps')} must not be negative")
+        if (self.tuning_method == "dpo" or self.dpo_warmup_steps > 0) and self.beta <= 0:
+            found.append(f"{say('beta')} must be above 0")
+        for name in ("sft_steps", "dpo_warmup_steps"):
+            if getattr(self, name) < 0:
+                found.append(f"{say(name)} must not be negative")
+        if self.dpo_warmup_steps > 0 and self.tuning_method == "dpo":
+            found.append(f"{say('dpo_warmup_steps')} is a warm-up before ppo, rloo or grpo; with dpo, set it to 0 and "
+                         f"count its steps in {say('train_steps')}")
+        if self.dpo_warmup_steps > 0 and self.sft_steps > 0:
+            found.append(f"{say('sft_steps')} and {say('dpo_warmup_steps')}: one warm-up or the other, not both")
         if self.kl_coeff < 0:
             found.append(f"{say('kl_coeff')} must not be negative")
         if self.kl_target < 0:

@@ -17,20 +17,20 @@ the implicit reward's accuracy on the held-out pairs, and the policy artifact ev
 With `sft_steps`, that many supervised steps on the winners come first (rlhf/rl/sft.py), and the reference is
 then the warmed-up policy, not the base: as in the DPO paper, whose reference is the SFT model. Measured against
 the base, the warm-up would already have widened most pairs' margins and left DPO little loss to learn from.
-The warmed-up adapter is kept in the checkpoint directory, so a run resumed after the warm-up has its reference.
+The warmed-up adapter is kept in the checkpoint directory, so a run resumed after the warm-up has its reference
+(`Policy.keep_warmed_up_reference`).
+
+`dpo_step` is also the warm-up of the online methods (`dpo_warmup_steps`, rlhf/rl/ppo.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from rlhf.errors import UserError
 from rlhf.models.loading import (
@@ -46,12 +46,18 @@ from rlhf.rl.config import PPOConfig
 from rlhf.rl.policy import Policy, PolicySpec, completion_log_probs, save_policy
 from rlhf.rl.sft import final_sft_loss, sft_step
 from rlhf.training.batching import batch_indices, warmup_cosine
-from rlhf.training.checkpoints import copy_weights, finished_result, trainable_state
+from rlhf.training.checkpoints import finished_result
 from rlhf.training.distributed import Ranks
-from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
+from rlhf.training.loop import (
+    METRICS_FILE,
+    TrainingLoop,
+    clock,
+    final_mean,
+    optimizer_step,
+    require_finite,
+    run_fingerprint,
+)
 from rlhf.training.stage import start_stage
-
-WARMED_UP_ADAPTER = "warmed_up_adapter.safetensors"  # in the checkpoint directory: the reference after a warm-up
 
 
 def dpo_loss(policy_log_probs: torch.Tensor, reference_log_probs: torch.Tensor,
@@ -66,9 +72,9 @@ def _packed(pairs: list[EncodedPair], pad_id: int, device: torch.device) -> Pack
 
 
 class ReferenceLogProbs:
-    """Each pair's summed log-probs under the reference: the base model (the adapter switched off), or with
-    `adapter` the policy with those adapter weights (the warmed-up policy). Computed the first time the pair is
-    asked for and kept: the reference never changes, so a pair seen again costs nothing.
+    """Each pair's summed log-probs under the policy's reference (`Policy.reference_weights`: the base model, or
+    the warmed-up policy). Computed the first time the pair is asked for and kept: the reference does not change
+    while this object is used, so a pair seen again costs nothing.
 
     A pair is computed alone, never batched with the others missing at that moment: padding to a batch's
     longest pair changes the rounding of the products on some CPUs, and which pairs are missing together
@@ -76,51 +82,19 @@ class ReferenceLogProbs:
     others). Alone, a pair's reference is the same number in every run, so a resumed run ends bit for bit as
     an uninterrupted one. Once per pair, this costs little next to the pair's training passes."""
 
-    def __init__(self, policy: Policy, pad_id: int, adapter: dict[str, torch.Tensor] | None = None):
-        self.policy, self.pad_id, self.adapter = policy, pad_id, adapter
+    def __init__(self, policy: Policy, pad_id: int):
+        self.policy, self.pad_id = policy, pad_id
         self.known: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
     def of(self, indices: list[int], pairs: list[EncodedPair]) -> torch.Tensor:
         missing = [i for i in dict.fromkeys(indices) if i not in self.known]
         if missing:
-            with self._reference_weights():
+            with self.policy.reference_weights():
                 for i in missing:
                     self.known[i] = completion_log_probs(self.policy.model,
                                                          _packed([pairs[i]], self.pad_id, self.policy.device))[0]
         return torch.stack([self.known[i] for i in indices])
-
-    @contextmanager
-    def _reference_weights(self) -> Iterator[None]:
-        model = self.policy.model
-        if self.adapter is None:
-            with model.disable_adapter():
-                yield
-            return
-        parameters = dict(model.named_parameters())
-        trained = {name: parameters[name].detach().clone() for name in self.adapter}
-        copy_weights(model, self.adapter)
-        try:
-            yield
-        finally:
-            copy_weights(model, trained)
-
-
-def warmed_up_adapter(policy: Policy, step: int, sft_steps: int, checkpoint_dir: Path, ranks: Ranks) -> dict:
-    """The reference after a warm-up: at the step the warm-up ends, the policy's adapter as it is (rank 0 also
-    writes it beside the checkpoints); in a run resumed after that step, the adapter written then."""
-    path = checkpoint_dir / WARMED_UP_ADAPTER
-    if step > sft_steps:
-        if not path.exists():
-            raise UserError(f"{checkpoint_dir}: the checkpoints are past the warm-up, but {WARMED_UP_ADAPTER}, the "
-                            "reference DPO compares with, is missing; write to a new output directory")
-        return load_file(path, device=str(policy.device))
-    adapter = {name: p.detach().clone() for name, p in policy.model.named_parameters() if p.requires_grad}
-    if ranks.main:
-        staged = path.with_name(f".{WARMED_UP_ADAPTER}.partial")
-        save_file(trainable_state(policy.model), staged)
-        os.replace(staged, path)
-    return adapter  # a copy: the policy's own weights move on from here
 
 
 def train_step(policy: Policy, indices: list[int], pairs: list[EncodedPair], reference: ReferenceLogProbs,
@@ -140,6 +114,25 @@ def train_step(policy: Policy, indices: list[int], pairs: list[EncodedPair], ref
                                       rewards[:, 1])):
             totals[slot] += float(value.sum())
     return totals
+
+
+def dpo_step(policy: Policy, pairs: list[EncodedPair], step: int, config: PPOConfig, optimizer, scheduler,
+             reference: ReferenceLogProbs, checkpoint_dir: Path, ranks: Ranks, first_step: int = 0) -> dict:
+    """One DPO step: batch `step - first_step` of `batch_size` pairs in a seeded order, their gradients summed
+    over the ranks, one optimizer step; returns what the step logs (means over the batch's pairs, and the step's
+    time)."""
+    started = clock(policy.device)
+    batch = batch_indices(step - first_step, config.batch_size, len(pairs), config.seed)
+    summed = train_step(policy, ranks.share(batch), pairs, reference, len(batch), config)
+    trainable = [p for p in policy.model.parameters() if p.requires_grad]  # a value head has no part in it
+    ranks.sum_gradients(trainable)
+    loss, accuracy, chosen_reward, rejected_reward = (total / len(batch) for total in ranks.total(summed))
+    require_finite(loss, "dpo", step, checkpoint_dir)
+    learning_rate = scheduler.get_last_lr()[0]
+    optimizer_step(optimizer, scheduler, [trainable], config.max_grad_norm)
+    return {"step": step + 1, "dpo_loss": loss, "accuracy": accuracy, "chosen_reward": chosen_reward,
+            "rejected_reward": rejected_reward, "reward_margin": chosen_reward - rejected_reward,
+            "learning_rate": learning_rate, "time/update": clock(policy.device) - started}
 
 
 @torch.no_grad()
@@ -195,8 +188,8 @@ def train_dpo(
     if config.gradient_checkpointing:
         recompute_activations(policy.model)
     policy.model.train()
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate(),
+                                  weight_decay=0.0)
     total_steps = config.sft_steps + config.train_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_steps), total_steps))
@@ -209,27 +202,20 @@ def train_dpo(
                 record = sft_step(policy, train_pairs, step, config, optimizer, scheduler, loop.checkpoint_dir, ranks)
                 loop.log(record, items=0, sft_loss=f"{record['sft_loss']:.3f}")
                 continue
-            if config.sft_steps and reference.adapter is None:
-                reference = ReferenceLogProbs(policy, tokenizer.pad_token_id, warmed_up_adapter(
-                    policy, step, config.sft_steps, loop.checkpoint_dir, ranks))
-            batch = batch_indices(step - config.sft_steps, config.batch_size, len(train_pairs), config.seed)
-            summed = train_step(policy, ranks.share(batch), train_pairs, reference, len(batch), config)
-            ranks.sum_gradients(trainable)
-            loss, accuracy, chosen_reward, rejected_reward = (total / len(batch) for total in ranks.total(summed))
-            require_finite(loss, "dpo", step, loop.checkpoint_dir)
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer_step(optimizer, scheduler, [trainable], config.max_grad_norm)
-            loop.log({"step": step + 1, "dpo_loss": loss, "accuracy": accuracy, "chosen_reward": chosen_reward,
-                      "rejected_reward": rejected_reward, "reward_margin": chosen_reward - rejected_reward,
-                      "learning_rate": learning_rate},
-                     items=len(batch), loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
+            if config.sft_steps and policy.reference_adapter is None:
+                policy.keep_warmed_up_reference(step, config.sft_steps, loop.checkpoint_dir, ranks)
+                reference = ReferenceLogProbs(policy, tokenizer.pad_token_id)
+            record = dpo_step(policy, train_pairs, step, config, optimizer, scheduler, reference, loop.checkpoint_dir,
+                              ranks, first_step=config.sft_steps)
+            loop.log(record, items=config.batch_size, loss=f"{record['dpo_loss']:.3f}",
+                     acc=f"{record['accuracy']:.2f}")
         if loop.interrupted:
             return loop.stopped()
         if not ranks.main:
             return loop.result_of_main()
 
         evaluation = evaluate_pairs(policy, held_out_pairs,
-                                    ReferenceLogProbs(policy, tokenizer.pad_token_id, reference.adapter), config)
+                                    ReferenceLogProbs(policy, tokenizer.pad_token_id), config)
         if "eval_accuracy" in evaluation:
             loop.writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], total_steps)
         dpo_history = loop.history[config.sft_steps:]

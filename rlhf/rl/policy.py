@@ -1,5 +1,6 @@
 """The policy: the base causal LM with a LoRA adapter, a value head on its last hidden state, and the
-reference model for free (the same weights with the adapter switched off).
+reference model for free: the same weights with the adapter switched off, or, after a warm-up, with the
+adapter the warm-up left (kept beside the checkpoints, so a resumed run has it).
 
 When several consecutive rollouts share one prompt (rloo and grpo sample each prompt k times), the passes
 without values pack each group as the reward model packs a pair: the prompt once, then its k completions,
@@ -14,24 +15,30 @@ Artifact layout (safetensors and JSON only):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from contextlib import nullcontext
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from rlhf.errors import UserError
 from rlhf.models.artifacts import ModelSpec, read_spec_file, save_weights, write_spec
 from rlhf.models.loading import in_float32
 from rlhf.reward.packing import PROMPT_SEGMENT, PackedBatch, pack, packing_problem
 from rlhf.rl.decoding import adapter_merged, decode
 from rlhf.rl.prefix_cache import PrefixCache, worth_keeping
 from rlhf.rl.rollouts import Rollout, positions
+from rlhf.training.checkpoints import copy_weights, trainable_state
+from rlhf.training.distributed import Ranks
 
 SPEC_FILE = "policy.json"
 ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 FORMAT = "rlhf-policy/1"
+WARMED_UP_ADAPTER = "warmed_up_adapter.safetensors"  # in the checkpoint directory: the reference after a warm-up
 
 
 @dataclass
@@ -58,6 +65,42 @@ class Policy(torch.nn.Module):
         self.pad_id = pad_id
         self.prompt_group = 1  # consecutive rollouts that share a prompt, packed together when above 1
         self.reference_prefixes: PrefixCache | None = None  # the reference's kept prompts, once asked for
+        self.reference_adapter: dict[str, torch.Tensor] | None = None  # the reference's adapter; None: the base
+
+    @contextmanager
+    def reference_weights(self) -> Iterator[None]:
+        """Within the block, `self.model` is the reference: the base model (the adapter switched off), or the
+        policy with `reference_adapter`'s weights (the warmed-up policy)."""
+        if self.reference_adapter is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        parameters = dict(self.model.named_parameters())
+        trained = {name: parameters[name].detach().clone() for name in self.reference_adapter}
+        copy_weights(self.model, self.reference_adapter)
+        try:
+            yield
+        finally:
+            copy_weights(self.model, trained)
+
+    def keep_warmed_up_reference(self, step: int, warmup_steps: int, checkpoint_dir: Path, ranks: Ranks) -> None:
+        """From the step a warm-up ends on, the reference is the policy as the warm-up left it: at that step its
+        adapter as it is (rank 0 also writes it beside the checkpoints); in a run resumed after that step, the
+        adapter written then."""
+        path = checkpoint_dir / WARMED_UP_ADAPTER
+        if step > warmup_steps:
+            if not path.exists():
+                raise UserError(f"{checkpoint_dir}: the checkpoints are past the warm-up, but {WARMED_UP_ADAPTER}, the "
+                                "reference the policy is compared with, is missing; write to a new output directory")
+            self.reference_adapter = load_file(path, device=str(self.device))
+            return
+        # A copy: the policy's own weights move on from here.
+        self.reference_adapter = {name: p.detach().clone() for name, p in self.model.named_parameters()
+                                  if p.requires_grad}
+        if ranks.main:
+            staged = path.with_name(f".{WARMED_UP_ADAPTER}.partial")
+            save_file(trainable_state(self.model), staged)
+            os.replace(staged, path)
 
     def pack_prompt_groups(self, group: int, longest_completion: int, longest_prompt: int) -> bool:
         """Pack groups of `group` consecutive rollouts from now on, if packing is exact for this backbone;
@@ -67,9 +110,10 @@ class Policy(torch.nn.Module):
         return self.prompt_group > 1
 
     def keep_reference_prompts(self, prompts: list[list[int]], passes: int, longest: int) -> bool:
-        """From now on the reference pass (adapter off, no values) keeps each prompt's keys and values and runs
-        only the completion over them (rlhf/rl/prefix_cache.py), if `passes` rollouts of `prompts` gain by it
-        and it is exact for this backbone at sequences of up to `longest` tokens; returns whether it does."""
+        """From now on the reference pass (no values) keeps each prompt's keys and values and runs only the
+        completion over them (rlhf/rl/prefix_cache.py), if `passes` rollouts of `prompts` gain by it and it is
+        exact for this backbone at sequences of up to `longest` tokens; returns whether it does. The reference
+        must not change after its first pass (a warm-up's ends before it)."""
         causal_lm = self.model.get_base_model()
         config, dtype = causal_lm.config, next(causal_lm.parameters()).dtype
         if worth_keeping(config, dtype, prompts, passes) and packing_problem(config, longest) is None:
@@ -113,18 +157,19 @@ class Policy(torch.nn.Module):
         values = self.value_head(decoded.hidden.float()).squeeze(-1) if with_values else None
         return decoded.rollout, decoded.log_probs, values
 
-    def evaluate(self, rollout: Rollout, temperature: float, with_values: bool = True, use_adapter: bool = True,
+    def evaluate(self, rollout: Rollout, temperature: float, with_values: bool = True, reference: bool = False,
                  with_entropy: bool = False):
-        """Per-token log-probs [batch, completion] of the rollout's completion tokens, the entropy of each
-        step's distribution (None unless asked; a statistic, without gradient), and the value of the state
-        before each token (None without values). Zero where the completion mask is."""
-        if not use_adapter and not with_values and not with_entropy and self.reference_prefixes is not None:
+        """Per-token log-probs [batch, completion] of the rollout's completion tokens under the policy (or with
+        `reference`, the reference model), the entropy of each step's distribution (None unless asked; a
+        statistic, without gradient), and the value of the state before each token (None without values). Zero
+        where the completion mask is."""
+        if reference and not with_values and not with_entropy and self.reference_prefixes is not None:
             return self._reference_from_prefixes(rollout, temperature), None, None
         if self.prompt_group > 1 and not with_values:
-            with nullcontext() if use_adapter else self.model.disable_adapter():
+            with self.reference_weights() if reference else nullcontext():
                 return self._evaluate_packed(rollout, temperature, with_entropy)
         length = rollout.completion_mask.shape[1]
-        context = nullcontext() if use_adapter else self.model.disable_adapter()
+        context = self.reference_weights() if reference else nullcontext()
         with context:
             # Logits only where a completion token is predicted: the vocabulary projection is costly.
             output = self.model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
@@ -154,7 +199,7 @@ class Policy(torch.nn.Module):
         prompts = [row[mask.bool()].tolist() for row, mask in
                    zip(rollout.sequences[:, :prompt_columns], rollout.attention_mask[:, :prompt_columns])]
         completions = rollout.sequences[:, prompt_columns:]
-        with self.model.disable_adapter():
+        with self.reference_weights():
             hidden = self.reference_prefixes.hidden_states(prompts, completions, rollout.completion_mask)
             # The prompt's last state predicts the first completion token, each completion token the next.
             logits = head_logits(self.model.get_base_model(), hidden[:, :-1])

@@ -1,12 +1,13 @@
-"""PPO: tune the policy (base model + LoRA) to raise the reward while a KL penalty keeps it near the base.
+"""PPO: tune the policy (base model + LoRA) to raise the reward while a KL penalty keeps it near its reference
+(the base, or after a warm-up the warmed-up policy).
 
 Read `train_policy` top to bottom. Each step:
 1. take `batch_size` prompts in a seeded order;
 2. roll out, `rollout_micro_batch_size` prompts at a time: sample completions with the KV cache, keeping the
    policy's log-prob of each sampled token and the value of the state before it from that same pass; with
-   no gradient, the reference log-probs (the same model with the adapter switched off; skipped when
-   kl_coeff is 0) and the reward of each completion (a completion that never emits EOS gets
-   `unfinished_reward` instead of its score, unless that is turned off). Both frozen passes keep each prompt's
+   no gradient, the reference log-probs (the same model with the adapter switched off, or set to the
+   weights the warm-up left; skipped when kl_coeff is 0) and the reward of each completion (a completion that
+   never emits EOS gets `unfinished_reward` instead of its score, unless that is turned off). Both frozen passes keep each prompt's
    keys and values the first time they meet it and afterwards run only the completions over them
    (rlhf/rl/prefix_cache.py): the run's prompts come back step after step, and are most of the tokens;
 3. per-token rewards: `-kl_coeff * (log p_policy - log p_reference)` on every token, plus the score on the
@@ -65,6 +66,7 @@ from rlhf.errors import UserError
 from rlhf.models.loading import load_causal_lm, recompute_activations, stop_token_ids
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
+from rlhf.rl.dpo import ReferenceLogProbs, dpo_step
 from rlhf.rl.policy import Policy, PolicySpec, save_policy
 from rlhf.rl.rewards import RewardFunction, RewardModelReward
 from rlhf.rl.rollouts import Rollout
@@ -127,8 +129,7 @@ def collect(policy: Policy, rows: list[dict], prompts: list[list[int]], reward_f
     kl = reference_log_probs = None
     rewards = torch.zeros_like(log_probs)
     if config.kl_coeff > 0:
-        reference_log_probs, _, _ = policy.evaluate(rollout, config.temperature, with_values=False,
-                                                    use_adapter=False)
+        reference_log_probs, _, _ = policy.evaluate(rollout, config.temperature, with_values=False, reference=True)
         per_token_kl = (log_probs - reference_log_probs) * mask
         kl = per_token_kl.sum(dim=1)
         rewards -= config.kl_coeff * per_token_kl
@@ -416,11 +417,11 @@ def _samples_markdown(tokenizer, rows: list[dict], experience: Experience, count
 
 def optimizer_and_schedule(policy: Policy, config: PPOConfig):
     """AdamW over the policy's trainable weights (adapter and value head), and its learning-rate schedule: a
-    linear warm-up over `warmup_fraction` of all optimizer steps, the supervised warm-up's and PPO's counted
-    together, then cosine decay to 0."""
+    linear warm-up over `warmup_fraction` of all optimizer steps, the warm-up's (supervised or DPO) and PPO's
+    counted together, then cosine decay to 0."""
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate(),
                                   weight_decay=0.0)
-    total_updates = config.sft_steps + config.train_steps * config.updates_per_step()
+    total_updates = config.warmup_steps() + config.train_steps * config.updates_per_step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(math.ceil(config.warmup_fraction * total_updates), total_updates))
     return optimizer, scheduler
@@ -434,30 +435,37 @@ def train_policy(
     output_dir: Path,
     base_model_path: str | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
-    sft_rows: list[dict] = (),
+    train_pairs: list[dict] = (),
 ) -> dict:
     """Train, or resume, or return the finished result in `output_dir`. Returns the metrics dict.
 
-    `config.sft_steps` supervised steps on the winners of `sft_rows` (the training pairs) come first
-    (rlhf/rl/sft.py). Each step after them is the module's five: (1) `batch_indices` picks the prompts;
-    (2, 3) `roll_out` samples, scores and computes the advantages; (4) `ppo_update` runs the PPO epochs;
-    (5) `step_record` is what the loop logs, and the loop checkpoints. Started by `torch.distributed.run`,
-    each process rolls out and trains on its share of every batch (`rlhf.training.distributed`)."""
+    A warm-up on `train_pairs` (the training pairs) comes first: `config.sft_steps` supervised steps on their
+    winners (rlhf/rl/sft.py), or `config.dpo_warmup_steps` DPO steps on them (rlhf/rl/dpo.py, the base as
+    DPO's reference). From its end on, the reference of the KL penalty is the warmed-up policy, not the base:
+    PPO starts where the warm-up left it, and a penalty toward the base would spend PPO's steps undoing the
+    warm-up (InstructGPT, the N+ scripts, TRL and OpenRLHF all take the model PPO starts from as the
+    reference; LEARNING.md measured both). Each step after the warm-up is the module's five: (1) `batch_indices`
+    picks the prompts; (2, 3) `roll_out` samples, scores and computes the advantages; (4) `ppo_update` runs the
+    PPO epochs; (5) `step_record` is what the loop logs, and the loop checkpoints. Started by
+    `torch.distributed.run`, each process rolls out and trains on its share of every batch
+    (`rlhf.training.distributed`)."""
     config.validate()
     if not prompt_rows:
         raise UserError("reinforcement learning: no prompts")
-    if config.sft_steps and not sft_rows:
-        raise UserError("reinforcement learning: sft_steps needs the training pairs, whose winners it learns")
-    sft_rows = list(sft_rows) if config.sft_steps else []
+    warmup = config.warmup_steps()
+    if warmup and not train_pairs:
+        raise UserError("reinforcement learning: the warm-up (sft_steps, dpo_warmup_steps) needs the training pairs, "
+                        "which it learns")
+    train_pairs = list(train_pairs) if warmup else []
     output_dir = Path(output_dir)
-    run_id = run_fingerprint(config, [large_model_reference, reward_fn.name], prompt_rows + sft_rows)
+    run_id = run_fingerprint(config, [large_model_reference, reward_fn.name], prompt_rows + train_pairs)
     finished = finished_result(output_dir / METRICS_FILE, run_id, "tuned policy")
     if finished is not None:
         return finished
 
     ranks, placement, base_path, tokenizer, encoder = start_stage(config, large_model_reference, base_model_path)
     prompts = [encoder.encode_prompt(r) for r in prompt_rows]
-    sft_pairs = encode_pairs(sft_rows, encoder)
+    warmup_pairs = encode_pairs(train_pairs, encoder)
 
     torch.manual_seed(config.seed)
     model = load_causal_lm(base_path, placement)
@@ -478,14 +486,22 @@ def train_policy(
 
     with TrainingLoop(output_dir, run_id, "policy", config, policy, optimizer, scheduler, stop_requested,
                       progress_label=f"policy ({config.tuning_method.upper()})", ranks=ranks,
-                      total_steps=config.sft_steps + config.train_steps) as loop:
+                      total_steps=warmup + config.train_steps) as loop:
+        dpo_reference = ReferenceLogProbs(policy, tokenizer.pad_token_id) if config.dpo_warmup_steps else None
         for step in loop.steps():
             if step < config.sft_steps:
-                record = sft_step(policy, sft_pairs, step, config, optimizer, scheduler, loop.checkpoint_dir, ranks)
+                record = sft_step(policy, warmup_pairs, step, config, optimizer, scheduler, loop.checkpoint_dir, ranks)
                 loop.log(record, items=0, sft_loss=f"{record['sft_loss']:.3f}")
                 continue
-            rl_step = step - config.sft_steps
-            step_config = replace(config, kl_coeff=kl_coefficient(config, loop.history[config.sft_steps:]))
+            if step < warmup:
+                record = dpo_step(policy, warmup_pairs, step, config, optimizer, scheduler, dpo_reference,
+                                  loop.checkpoint_dir, ranks)
+                loop.log(record, items=0, dpo_loss=f"{record['dpo_loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+                continue
+            if warmup and policy.reference_adapter is None:
+                policy.keep_warmed_up_reference(step, warmup, loop.checkpoint_dir, ranks)
+            rl_step = step - warmup
+            step_config = replace(config, kl_coeff=kl_coefficient(config, loop.history[warmup:]))
             chosen = [i for i in batch_indices(rl_step, config.batch_size, len(prompt_rows), config.seed)
                       for _ in range(config.samples_per_prompt)]
             experiences, batch_rows, numbers = roll_out(policy, prompt_rows, prompts, chosen, reward_fn,
@@ -500,7 +516,7 @@ def train_policy(
                 _warn_the_first_time_ending_does_not_pay(config, record, loop.history)
             loop.log(record, items=len(chosen), reward=f"{record['reward']:.3f}",
                      kl="-" if record["kl"] is None else f"{record['kl']:.3f}")
-            if ranks.main and ((step + 1) % config.sample_every == 0 or step == max(loop.start_step, config.sft_steps)):
+            if ranks.main and ((step + 1) % config.sample_every == 0 or step == max(loop.start_step, warmup)):
                 loop.writer.add_text("samples", _samples_markdown(tokenizer, batch_rows[0], experiences[0]), step + 1)
         if loop.interrupted:
             return loop.stopped()
@@ -509,7 +525,7 @@ def train_policy(
 
         save_policy(policy, PolicySpec.of(config, large_model_reference), output_dir, tokenizer,
                     merged=config.export_merged)
-        rl_history = loop.history[config.sft_steps:]
+        rl_history = loop.history[warmup:]
         return loop.finish({
             "tuning_method": config.tuning_method,
             "final_reward": final_mean(rl_history, "reward"),
@@ -519,6 +535,8 @@ def train_policy(
             "final_ended_share": final_mean(rl_history, "ended_share"),
             "sft_steps": config.sft_steps,
             "final_sft_loss": final_sft_loss(loop.history, config.sft_steps),
+            "dpo_warmup_steps": config.dpo_warmup_steps,
+            "final_dpo_warmup_loss": loop.history[warmup - 1]["dpo_loss"] if config.dpo_warmup_steps else None,
             "steps": config.train_steps,
             "episodes_per_second": loop.items_per_second(),
             "prompts": len(prompt_rows),

@@ -6,8 +6,9 @@ supervised model of the task (InstructGPT; the N+ scripts' SFT -> reward model -
 examples), and the preference data's winners are this pipeline's demonstrations of it. Without them a small
 chat model asked to summarise answers the poster with advice, samples a summary the reward model pays for
 about once in a hundred tries, and PPO's steps go into what it does sample (LEARNING.md). The warm-up runs in
-the policy stage, so the pipeline's stages and artifacts stay as they are; the KL penalty and the report's
-KL are to the base model (the adapter switched off), so the warm-up's distance from it is counted.
+the policy stage, so the pipeline's stages and artifacts stay as they are. PPO's KL penalty is to the
+warmed-up policy (rlhf/rl/ppo.py); the report's KL is to the base model, so the warm-up's distance from it is
+counted.
 
 A step: `batch_size` pairs in a seeded order, in micro-batches of `micro_batch_size`, each winner packed after
 its prompt; the loss is the mean over the batch's winner tokens (EOS included, so the policy learns to end),
