@@ -67,6 +67,6 @@ def train_policy(
         raise Interrupted(tuning_method.upper(), result["step"])
     policy.metadata["large_model_reference"] = large_model_reference
     for name in ("final_reward", "final_kl", "initial_reward", "episodes_per_second", "final_dpo_loss",
-                 "final_sft_loss", "eval_accuracy", "pairs_per_second"):
+                 "final_sft_loss", "final_dpo_warmup_loss", "eval_accuracy", "pairs_per_second"):
         if result.get(name) is not None:
             metrics.log_metric(name, result[name])

@@ -67,7 +67,7 @@ class PPOConfig(StageSettings, PromptSettings):
     sample_every: int = 10  # steps between sample completions logged as text
     export_merged: bool = False  # also write base + adapter merged into a plain model directory
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
-    beta: float = 0.1  # dpo: scale of the implicit reward, beta * log(policy / reference); lower lets the policy move further
+    beta: float = 0.1  # dpo and its warm-up: scale of the implicit reward, beta * log(policy / reference); lower moves further
 
     def warmup_steps(self) -> int:
         """Steps before the method's own: the supervised or the DPO warm-up (`validate` allows one of them)."""
