@@ -76,7 +76,7 @@ def train_and_judge(method: str, run: Path, parameters: dict, k: int, output: Pa
          str(output / "policy"), "--output", str(output / "tuned.jsonl"), log=log)
     rlhf("evaluate", "--base-outputs", str(stages / "bulk-inference" / "predictions"), "--tuned-outputs",
          str(output / "tuned.jsonl"), "--reward-model", str(reward_model), "--policy", str(output / "policy"),
-         "--output-dir", str(output / "evaluation"), log=log)
+         "--output-dir", str(output / "evaluation"), "--seed", str(parameters.get("seed", 0)), log=log)
     evaluation = json.loads((output / "evaluation" / "metrics.json").read_text())["evaluation"]
     if method == "dpo":
         samples, batch = 1, int(dpo.get("reinforcement_learning_batch_size", batch))  # pairs per step

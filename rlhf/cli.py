@@ -836,7 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reward-model", required=True, metavar="DIR")
     evaluate.add_argument("--policy", required=True, metavar="DIR")
     evaluate.add_argument("--output-dir", required=True, metavar="DIR")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    evaluate.add_argument("--seed", type=int, default=0,
+                          help="seed of the bootstrap and of the KL's samples (default 0; the pipeline passes the run's)")
     _add_device(evaluate)
 
     candidates = _command(commands, "generate-candidates", cmd_generate_candidates,
