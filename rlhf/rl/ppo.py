@@ -7,9 +7,10 @@ Read `train_policy` top to bottom. Each step:
    policy's log-prob of each sampled token and the value of the state before it from that same pass; with
    no gradient, the reference log-probs (the same model with the adapter switched off, or set to the
    weights the warm-up left; skipped when kl_coeff is 0) and the reward of each completion (a completion that
-   never emits EOS gets `unfinished_reward` instead of its score, unless that is turned off). Both frozen passes keep each prompt's
-   keys and values the first time they meet it and afterwards run only the completions over them
-   (rlhf/rl/prefix_cache.py): the run's prompts come back step after step, and are most of the tokens;
+   never emits EOS gets `unfinished_reward` instead of its score, unless that is turned off). Both frozen
+   passes keep each prompt's keys and values the first time they meet it and afterwards run only the
+   completions over them (rlhf/rl/prefix_cache.py): the run's prompts come back step after step, and are most
+   of the tokens;
 3. per-token rewards: `-kl_coeff * (log p_policy - log p_reference)` on every token, plus the score on the
    last one; advantages with GAE(gamma, lambda), whitened over the batch (with `kl_target`, the step's
    kl_coeff comes from the adaptive controller, `kl_coefficient`);
