@@ -42,8 +42,7 @@ LOCAL_DEFAULTS = {
     "large_model_reference": DEFAULT_MODEL,
     "instruction": "Summarize in less than 50 words.",
     # Epochs at x10 rank the policy's own samples by the rule far better than 2 at x30 (both reach 1.00 on the
-    # held-out pairs): experiments/reward_rule_agreement.py, LEARNING.md. 3 epochs of the 105 training pairs are
-    # about as many pairs (315) as the 4 epochs of 84 were before the sample's copied losers.
+    # held-out pairs): experiments/reward_rule_agreement.py, LEARNING.md. 3 epochs of the 126 training pairs.
     "reward_model_train_epochs": 3,
     "reward_model_batch_size": 16,
     "reward_model_learning_rate_multiplier": 10.0,
@@ -63,7 +62,9 @@ LOCAL_DEFAULTS = {
     # reference"). PPO's KL penalty is then to the warmed-up policy.
     "dpo_warmup_steps": 8,
     "dpo_beta": 0.5,
-    "kl_coeff": 0.2,
+    # The warm-up spends most of the 10 nats the KL to the base may take; at 0.2, PPO took the rest and more on
+    # two seeds of three (LEARNING.md, "Loops are not summaries").
+    "kl_coeff": 0.3,
     "target_sequence_length": 64,
 }
 

@@ -108,13 +108,13 @@ def test_each_stage_runs_from_the_command_line(tiny_model_dir, tmp_path):
                    "--large-model-reference", str(tiny_model_dir), "--output-dir", str(reward_model),
                    "--reward-model-train-epochs", "1", "--reward-model-batch-size", "16", *model)
     assert trained.returncode == 0, trained.stderr[-2000:]
-    assert json.loads(trained.stdout)["steps"] == 7  # 105 training pairs after holding 3 of 24 prompts out
+    assert json.loads(trained.stdout)["steps"] == 8  # 126 training pairs after holding 3 of 24 prompts out
 
     evaluated = rlhf("evaluate-reward-model", "--reward-model", str(reward_model),
                      "--preference-dataset", sample_dataset("preference.jsonl"))
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     report = json.loads(evaluated.stdout)
-    assert report["pairs"] == 120 and report["length_baseline_accuracy"] == 56 / 120  # the longer candidate wins 56
+    assert report["pairs"] == 144 and report["length_baseline_accuracy"] == 66 / 144  # the longer candidate wins 66
     assert {"accuracy", "mean_margin", "model_prefers_longer", "accuracy_where_shorter_won"} <= set(report)
 
     other_base = rlhf("train-policy", "--prompt-dataset", sample_dataset("prompts.jsonl"), "--reward-model",

@@ -227,7 +227,7 @@ def test_the_rule_judge_scores_both_sides_where_the_instruction_defines_it(tiny_
 
 
 def test_repeated_ngrams_measure_degenerate_loops():
-    from rlhf.evaluation.compare import repeated_ngram_share
+    from rlhf.evaluation.rule_judge import repeated_ngram_share
 
     assert repeated_ngram_share("the dog barks at night and the cat sleeps") == 0.0
     loop = "I am not sure. " * 5

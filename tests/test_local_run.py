@@ -106,7 +106,7 @@ def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_p
     # The report lists every pipeline parameter of the run once, typed, with the steps as resolved.
     listed = dict(re.findall(r"<tr><td>(\w+)</td><td>([^<]*)</td></tr>", page.split("Run parameters")[1]))
     assert set(listed) == set(rlhf_pipeline.component_spec.inputs)
-    assert listed["reinforcement_learning_train_steps"] == "2" and listed["kl_coeff"] == "0.2"
+    assert listed["reinforcement_learning_train_steps"] == "2" and listed["kl_coeff"] == str(LOCAL_DEFAULTS["kl_coeff"])
     assert listed["reward_model_train_steps"] == str(metrics["reward_model"]["steps"])
     assert listed["plain_text"] == "false" and listed["large_model_reference"] == f"&#34;{tiny_model_dir}&#34;"
     other = rlhf("run", "--output-dir", str(output))  # the local defaults: other settings than this run's

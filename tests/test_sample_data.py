@@ -9,7 +9,7 @@ import pytest
 
 from rlhf.data.datasets import read_jsonl, sample_dataset
 from rlhf.data.validation import chosen, rejected
-from rlhf.evaluation.rule_judge import CHECKS, rule_for_instruction
+from rlhf.evaluation.rule_judge import CHECKS, repeated_ngram_share, rule_for_instruction
 
 INSTRUCTION = "Summarize in less than 50 words."
 SUFFIX = " [summary]: "
@@ -36,8 +36,8 @@ def preference() -> list[dict]:
 
 def test_sample_sizes(preference):
     posts = {r["input_text"] for r in preference}
-    assert len(preference) == 120 and len(posts) == 24
-    assert all(n == 5 for n in Counter(r["input_text"] for r in preference).values())
+    assert len(preference) == 144 and len(posts) == 24
+    assert all(n == 6 for n in Counter(r["input_text"] for r in preference).values())
     # A post's rows are together, in one run.
     runs = [text for i, text in enumerate(r["input_text"] for r in preference)
             if i == 0 or text != preference[i - 1]["input_text"]]
@@ -62,7 +62,7 @@ def test_every_winner_passes_the_rule(preference):
         assert 15 <= words(winner) <= 45, winner
 
 
-def test_every_loser_fails_exactly_one_check_and_a_posts_losers_fail_five_different_ones(preference):
+def test_every_loser_fails_exactly_one_check_and_a_posts_losers_fail_six_different_ones(preference):
     failed_by_post = defaultdict(list)
     for row in preference:
         loser = rejected(row)
@@ -74,6 +74,8 @@ def test_every_loser_fails_exactly_one_check_and_a_posts_losers_fail_five_differ
             assert 8 <= words(loser) <= 25, loser
         if failed == ["own_words"]:  # copied: the post's opening whole sentences, verbatim
             assert post_of(row).startswith(loser) and loser.endswith((".", "!", "?")), loser
+        if failed == ["no_repeats"]:  # a loop: one clause of a summary, said twice
+            assert repeated_ngram_share(loser) >= 0.4 and 20 <= words(loser) <= 45, loser
         failed_by_post[row["input_text"]].append(failed[0])
     for post, failed in failed_by_post.items():
         assert sorted(failed) == sorted(CHECKS), (failed, post[:60])
@@ -146,7 +148,7 @@ def test_addressing_the_reader_fails_no_advice(completion):
 
 
 def test_fifty_words_fail_under_limit_and_forty_nine_pass():
-    filler = " ".join(["roommate", "dirty", "dishes"] * 20).split()
+    filler = ["roommate", "dirty", "dishes"] + [f"item{i}" for i in range(60)]  # no 4-gram said twice
     forty_nine = " ".join(filler[:48]) + " sink."
     fifty = " ".join(filler[:49]) + " sink."
     assert words(forty_nine) == 49 and words(fifty) == 50
@@ -177,3 +179,14 @@ def test_an_off_topic_text_fails_on_topic():
     # Two shared long words are not enough; three are.
     assert RULE.judge(POST, "A roommate with dirty plates.").failed() == ["on_topic"]
     assert RULE.judge(POST, "A roommate with dirty dishes.").passed
+
+
+def test_a_clause_said_twice_fails_no_repeats_and_one_shared_phrase_passes():
+    loop = ("My roommate lets dirty dishes pile up in the sink, but my roommate lets dirty dishes pile up in "
+            "the sink.")
+    assert RULE.judge(POST, loop).failed() == ["no_repeats"]
+    # Case and punctuation aside: "dirty DISHES pile up," repeats "Dirty dishes pile up".
+    assert RULE.judge(POST, "My roommate: dirty dishes pile up, and dirty DISHES pile up in the sink.").failed() == [
+        "no_repeats"]
+    # A 3-word phrase said twice is not a loop.
+    assert RULE.judge(POST, "My roommate leaves dishes in the sink; my roommate leaves the kitchen smelling.").passed

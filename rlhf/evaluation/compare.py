@@ -16,7 +16,13 @@ from rlhf.data.prompts import PromptEncoder
 from rlhf.data.validation import prompt_key, user_input
 from rlhf.errors import UserError
 from rlhf.evaluation.inference import load_generator
-from rlhf.evaluation.rule_judge import CHECKS, SummaryRule, copied_ngram_share, rule_for_instruction
+from rlhf.evaluation.rule_judge import (
+    CHECKS,
+    SummaryRule,
+    copied_ngram_share,
+    repeated_ngram_share,
+    rule_for_instruction,
+)
 from rlhf.models.artifacts import TENSORBOARD_DIR
 from rlhf.models.loading import pick_placement, stop_token_ids
 from rlhf.reward.model import load_reward_model, score_packed
@@ -24,7 +30,6 @@ from rlhf.rl.policy import Policy, PolicySpec
 from rlhf.rl.rollouts import Rollout
 from rlhf.training.progress import Progress
 
-REPEAT_NGRAM = 4  # word n-grams counted for repetition
 KL_BATCH = 8  # completions sampled per pass for the KL to base (32 a pass took as long per completion here)
 # Completions sampled per eval prompt for the KL to base. One per prompt left a standard error of 1.1-1.3
 # nats on 16 prompts (sd 4-5 nats per completion), as wide as the distance of the default run's seeds from the
@@ -62,13 +67,6 @@ def _words(text: str) -> int:
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
-
-
-def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
-    """Share of a text's word n-grams that repeat an earlier one in it: degenerate loops score near 1."""
-    words = text.lower().split()
-    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 @torch.no_grad()

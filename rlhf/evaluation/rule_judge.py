@@ -10,7 +10,9 @@ in less than 50 words." does (the limit is read from the instruction). A complet
    answer to the poster is advice; a summary tells the post, in the poster's first person or the third);
 4. is about the post: it repeats at least three distinct words of five or more letters from the post;
 5. is in its own words: at most half of its word 5-grams are found in the post (a copy of the post's opening
-   sentences is short, ends, speaks in the first person and is on topic, yet it is not a summary).
+   sentences is short, ends, speaks in the first person and is on topic, yet it is not a summary);
+6. does not repeat itself: none of its word 4-grams occurs twice (a clause said twice over is a loop, not a
+   summary, however well it ends).
 
 The bundled sample's preferences follow this rule (every winner passes; every loser fails it on one
 point), so evaluation can say, by the rule, whether tuning taught it.
@@ -30,7 +32,8 @@ _WORD = re.compile(r"[\w']+")
 SHARED_WORDS = 3  # distinct words of five or more letters the completion must share with the post
 COPY_NGRAM = 5  # word n-grams looked up in the post: five words in a row are seldom shared by chance
 COPIED_AT_MOST = 0.5  # the sample's winners copy at most 27% of their 5-grams, a copied opening 100%
-CHECKS = ("under_limit", "ended", "no_advice", "on_topic", "own_words")
+REPEAT_NGRAM = 4  # word n-grams counted for repetition: no winner in the sample repeats one
+CHECKS = ("under_limit", "ended", "no_advice", "on_topic", "own_words", "no_repeats")
 
 
 def _word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
@@ -44,6 +47,13 @@ def copied_ngram_share(text: str, source: str, n: int = COPY_NGRAM) -> float:
     grams = _word_ngrams(text, n)
     found = set(_word_ngrams(source, n))
     return sum(gram in found for gram in grams) / len(grams) if grams else 0.0
+
+
+def repeated_ngram_share(text: str, n: int = REPEAT_NGRAM) -> float:
+    """Share of a text's word n-grams (case and punctuation aside) that repeat an earlier one in it: 0 for a
+    summary, near 1 for a degenerate loop."""
+    grams = _word_ngrams(text, n)
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 @dataclass(frozen=True)
@@ -68,7 +78,8 @@ class SummaryRule:
     def description(self) -> str:
         return (f"a summary in fewer than {self.word_limit} words that ends, does not address the reader "
                 f"(no advice), repeats at least {SHARED_WORDS} long words of the post, and copies at most "
-                f"{COPIED_AT_MOST:.0%} of its word {COPY_NGRAM}-grams from it")
+                f"{COPIED_AT_MOST:.0%} of its word {COPY_NGRAM}-grams from it, and repeats none of its own word "
+                f"{REPEAT_NGRAM}-grams")
 
     def judge(self, post: str, completion: str, stopped: bool = True) -> Verdict:
         """`stopped`: the model ended the completion itself (False when the token limit cut it)."""
@@ -80,6 +91,7 @@ class SummaryRule:
             "no_advice": not _SECOND_PERSON.search(text),
             "on_topic": len(shared) >= SHARED_WORDS,
             "own_words": copied_ngram_share(text, post) <= COPIED_AT_MOST,
+            "no_repeats": repeated_ngram_share(text) == 0,
         })
 
 
