@@ -1,13 +1,13 @@
-"""What the supervised warm-up alone leaves behind, seed by seed: the policy PPO starts from, judged on the
-eval posts before any PPO step.
+"""What the warm-up alone leaves behind, seed by seed: the policy PPO starts from, judged on the eval posts
+before any PPO step.
 
     python experiments/warmup_probe.py --output-dir D [--seeds 0 1 2] [--set NAME=VALUE ...] [--samples 4]
         [--temperatures 1.0 0.7]
 
 For each seed, the local run's settings (`rlhf run`'s defaults, `--set` applied; the seed also picks the
 held-out split, as in a run) and the policy stage's own set-up: the same LoRA, optimizer and learning-rate
-schedule (`rlhf.rl.ppo.optimizer_and_schedule`), then `sft_steps` warm-up steps on the training pairs' winners
-and nothing else. The warmed-up policy is judged on the eval posts twice: greedily (one completion per post, as
+schedule (`rlhf.rl.ppo.optimizer_and_schedule`), then the warm-up on the training pairs and nothing else:
+`sft_steps` supervised steps on their winners or `dpo_warmup_steps` DPO steps on them, as the stage runs it. The warmed-up policy is judged on the eval posts twice: greedily (one completion per post, as
 bulk inference writes the tuned side) and sampled at the rollout temperature or at each of `--temperatures`
 (`--samples` per post, what PPO's first steps see), each by the rule judge, with the share of word 5-grams
 copied from the post and, for the samples, the KL to the base in nats per completion at that temperature (the
@@ -33,6 +33,7 @@ from rlhf.pipeline.local_run import LOCAL_DEFAULTS
 from rlhf.pipeline.parameters import pipeline_defaults, resolve_parameters, stage_configs
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
+from rlhf.rl.dpo import ReferenceLogProbs, dpo_step
 from rlhf.rl.policy import Policy, PolicySpec
 from rlhf.rl.ppo import optimizer_and_schedule
 from rlhf.rl.sft import sft_step
@@ -51,7 +52,8 @@ def settings_for(seed: int, assignments: list[str]) -> tuple[dict, DataConfig, P
 
 
 def warmed_up_policy(config: PPOConfig, parameters: dict, train_pairs: list[dict]):
-    """The policy after `config.sft_steps` warm-up steps, set up as `rlhf.rl.ppo.train_policy` sets it up."""
+    """The policy after the warm-up's steps (supervised or DPO), set up as `rlhf.rl.ppo.train_policy` sets it up,
+    and each step's loss."""
     _, placement, base_path, tokenizer, encoder = start_stage(config, parameters["large_model_reference"], None)
     pairs = encode_pairs(train_pairs, encoder)
     torch.manual_seed(config.seed)
@@ -59,12 +61,17 @@ def warmed_up_policy(config: PPOConfig, parameters: dict, train_pairs: list[dict
     policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     policy.model.train()
     optimizer, scheduler = optimizer_and_schedule(policy, config)
+    reference = ReferenceLogProbs(policy, tokenizer.pad_token_id) if config.dpo_warmup_steps else None
     losses = []
     with tempfile.TemporaryDirectory() as scratch:
-        for step in range(config.sft_steps):
-            record = sft_step(policy, pairs, step, config, optimizer, scheduler, Path(scratch), ALONE)
-            losses.append(record["sft_loss"])
-            print(f"  warm-up step {step + 1}/{config.sft_steps}: loss {record['sft_loss']:.3f}", flush=True)
+        for step in range(config.warmup_steps()):
+            if config.sft_steps:
+                loss = sft_step(policy, pairs, step, config, optimizer, scheduler, Path(scratch), ALONE)["sft_loss"]
+            else:
+                loss = dpo_step(policy, pairs, step, config, optimizer, scheduler, reference, Path(scratch),
+                                ALONE)["dpo_loss"]
+            losses.append(loss)
+            print(f"  warm-up step {step + 1}/{config.warmup_steps()}: loss {loss:.3f}", flush=True)
     policy.model.eval()
     return policy, tokenizer, encoder, losses
 
@@ -106,7 +113,8 @@ def probe(seed: int, assignments: list[str], samples: int, temperatures: list[fl
     spec = PolicySpec.of(config, parameters["large_model_reference"])
     sampled = {str(t): sampled_judged(policy, tokenizer, rule, posts, prompts, replace(spec, temperature=t), seed,
                                       samples) for t in temperatures or [config.temperature]}
-    return {"seed": seed, "sft_steps": config.sft_steps, "sft_losses": losses, "greedy": greedy, "sampled": sampled}
+    return {"seed": seed, "sft_steps": config.sft_steps, "dpo_warmup_steps": config.dpo_warmup_steps,
+            "warmup_losses": losses, "greedy": greedy, "sampled": sampled}
 
 
 def sampled_judged(policy, tokenizer, rule, posts: list[str], prompts: list[list[int]], spec: PolicySpec, seed: int,
@@ -135,7 +143,7 @@ def table(results: list[dict], sets: list[str]) -> str:
     for r in results:
         g = r["greedy"]
         for temperature, s in r["sampled"].items():
-            lines.append(f"| {r['seed']} | {r['sft_losses'][-1] if r['sft_losses'] else float('nan'):.3f} | "
+            lines.append(f"| {r['seed']} | {r['warmup_losses'][-1] if r['warmup_losses'] else float('nan'):.3f} | "
                          f"{g['rule_pass']:.0%} | {g['own_words']:.0%} | {g['no_advice']:.0%} | "
                          f"{g['copied_5grams']:.0%} | {g['words']:.0f} / {g['ended_share']:.0%} | {temperature} | "
                          f"{s['rule_pass']:.0%} | {s['own_words']:.0%} | {s['copied_5grams']:.0%} | "

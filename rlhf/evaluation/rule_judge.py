@@ -77,9 +77,9 @@ class SummaryRule:
     @property
     def description(self) -> str:
         return (f"a summary in fewer than {self.word_limit} words that ends, does not address the reader "
-                f"(no advice), repeats at least {SHARED_WORDS} long words of the post, and copies at most "
-                f"{COPIED_AT_MOST:.0%} of its word {COPY_NGRAM}-grams from it, and repeats none of its own word "
-                f"{REPEAT_NGRAM}-grams")
+                f"(no advice), shares at least {SHARED_WORDS} long words with the post, copies at most "
+                f"{COPIED_AT_MOST:.0%} of its word {COPY_NGRAM}-grams from it, and says none of its own word "
+                f"{REPEAT_NGRAM}-grams twice")
 
     def judge(self, post: str, completion: str, stopped: bool = True) -> Verdict:
         """`stopped`: the model ended the completion itself (False when the token limit cut it)."""
