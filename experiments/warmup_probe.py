@@ -7,12 +7,13 @@ before any PPO step.
 For each seed, the local run's settings (`rlhf run`'s defaults, `--set` applied; the seed also picks the
 held-out split, as in a run) and the policy stage's own set-up: the same LoRA, optimizer and learning-rate
 schedule (`rlhf.rl.ppo.optimizer_and_schedule`), then the warm-up on the training pairs and nothing else:
-`sft_steps` supervised steps on their winners or `dpo_warmup_steps` DPO steps on them, as the stage runs it. The warmed-up policy is judged on the eval posts twice: greedily (one completion per post, as
-bulk inference writes the tuned side) and sampled at the rollout temperature or at each of `--temperatures`
-(`--samples` per post, what PPO's first steps see), each by the rule judge, with the share of word 5-grams
-copied from the post and, for the samples, the KL to the base in nats per completion at that temperature (the
-evaluation's estimator). No reward model: this asks what the warm-up puts among PPO's samples. Writes
-`warmup.json` and `warmup.md` in D.
+`sft_steps` supervised steps on their winners or `dpo_warmup_steps` DPO steps on them, as the stage runs it.
+The warmed-up policy is judged on the eval posts twice: greedily (one completion per post, as bulk inference
+writes the tuned side) and sampled at the rollout temperature or at each of `--temperatures` (`--samples` per
+post, what PPO's first steps see), each by the rule judge, with the share of word 5-grams copied from the post
+and, for the samples, the KL to the base in nats per completion at that temperature (the evaluation's
+estimator). No reward model: this asks what the warm-up puts among PPO's samples. Writes `warmup.json` and
+`warmup.md` in D.
 """
 
 import argparse
