@@ -25,7 +25,8 @@ POLICY_PARAMETERS = ("reinforcement_learning_train_steps", "reinforcement_learni
                      "reinforcement_learning_minibatch_size", "reinforcement_learning_ppo_epochs",
                      "reinforcement_learning_rate_multiplier", "kl_coeff", "target_sequence_length", "instruction",
                      "seed", "reinforcement_learning_rollout_micro_batch_size", "temperature", "top_p",
-                     "unfinished_reward", "sft_steps", "dpo_warmup_steps", "dpo_beta", "kl_target", "kl_horizon")
+                     "unfinished_reward", "sft_steps", "dpo_warmup_steps", "dpo_beta", "kl_target", "kl_horizon",
+                     "reinforcement_learning_warmup_fraction")
 
 
 def rlhf(*args: str, log: Path) -> None:
