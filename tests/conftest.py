@@ -52,6 +52,17 @@ class TargetTokenShare:
 PROMPTS = [{"input_text": f"post number {i} about a dog"} for i in range(32)]
 
 
+def load_experiment(name: str):
+    """A script of experiments/ as a module, for testing its parts without running it."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def ppo_config(**changes) -> PPOConfig:
     settings = dict(train_steps=30, batch_size=64, micro_batch_size=32, ppo_minibatch_size=32, ppo_epochs=4,
                     target_sequence_length=4, learning_rate_multiplier=200.0, kl_coeff=0.01, warmup_fraction=0.0,

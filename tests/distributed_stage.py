@@ -21,7 +21,7 @@ REWARD_SETTINGS = dict(train_steps=20, batch_size=8, checkpoint_every=2, micro_b
 POLICY_SETTINGS = dict(train_steps=6, batch_size=16, micro_batch_size=4, ppo_minibatch_size=8, ppo_epochs=2,
                        target_sequence_length=6, checkpoint_every=2)
 # RLOO with groups of 4 over micro-batches of 2: every group's baseline needs rollouts of both ranks; after a
-# supervised warm-up of 2 steps of 4 pairs, whose micro-batches of 2 the ranks share too.
+# supervised warm-up of 2 steps of 16 pairs (a step's 16 rollouts), whose micro-batches of 2 the ranks share too.
 GROUP_SETTINGS = {**POLICY_SETTINGS, "tuning_method": "rloo", "batch_size": 4, "samples_per_prompt": 4,
                   "micro_batch_size": 2, "sft_steps": 2, "prompt_sequence_length": 64}
 # DPO with batches of 8 pairs in micro-batches of 2: each rank trains on 4 pairs of every batch.

@@ -1,21 +1,11 @@
 """The three-seed table's verdict (experiments/default_run_seeds.py): each learning target of issue 14 can be
 missed on its own."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
+from tests.conftest import load_experiment
 
-def load_script():
-    path = Path(__file__).parents[1] / "experiments" / "default_run_seeds.py"
-    spec = importlib.util.spec_from_file_location("default_run_seeds", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SEEDS = load_script()
+SEEDS = load_experiment("default_run_seeds")
 # Seed 0's row of December 6 on the AVX-512 EPYC, with the tuned side's repetition at the base's.
 MEETS_ALL = {"win_rate": 0.75, "rule_pass_base": 0.0, "rule_pass_tuned": 0.5625, "kl_to_base": 6.06,
              "base_repeated_4grams": 0.021, "tuned_repeated_4grams": 0.021}

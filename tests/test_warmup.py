@@ -123,6 +123,25 @@ def test_a_dpo_warm_up_learns_the_pairs_before_the_first_rollout(tiny_model_dir,
     assert kl[0] == pytest.approx(0.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("warm_up", [dict(sft_steps=3), dict(sft_steps=0, dpo_warmup_steps=3, beta=0.5)])
+def test_ppo_rloo_and_grpo_at_equal_rollouts_a_step_start_from_the_same_warm_up(tiny_model_dir, tmp_path, warm_up):
+    """RLOO and GRPO split a step's 16 rollouts into 8 prompts sampled twice, PPO into 16 prompts: the warm-up
+    takes 16 pairs a step in each, so the three hand their first step the same warmed-up adapter."""
+    kept = {}
+    for method, prompts_a_step, samples in (("ppo", 16, 1), ("rloo", 8, 2), ("grpo", 8, 2)):
+        settings = dict(**warm_up, train_steps=2, tuning_method=method, batch_size=prompts_a_step,
+                        samples_per_prompt=samples)
+        stopped = train_policy(config(**settings), PROMPTS, TargetTokenShare(), str(tiny_model_dir),
+                               tmp_path / method, train_pairs=PAIRS, stop_requested=StopAfter(4))
+        assert stopped == {"interrupted": True, "step": 4}  # the first RL step kept the warmed-up adapter
+        kept[method] = load_file(tmp_path / method / CHECKPOINT_DIR / WARMED_UP_ADAPTER)
+    assert max(float(v.abs().max()) for k, v in kept["ppo"].items() if "lora_B" in k) > 0  # moved from the base
+    for method in ("rloo", "grpo"):
+        assert kept[method].keys() == kept["ppo"].keys()
+        for key in kept["ppo"]:
+            torch.testing.assert_close(kept[method][key], kept["ppo"][key], atol=0, rtol=0)
+
+
 def test_a_run_stopped_in_the_warm_up_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):
     settings = dict(sft_steps=4, train_steps=2, checkpoint_every=2)
     straight = train_policy(config(**settings), PROMPTS, TargetTokenShare(), str(tiny_model_dir), tmp_path / "a",

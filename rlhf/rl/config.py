@@ -82,6 +82,12 @@ class PPOConfig(StageSettings, PromptSettings):
     def rollouts_per_step(self) -> int:
         return self.batch_size * self.samples_per_prompt
 
+    def pairs_per_step(self) -> int:
+        """Preference pairs a step of DPO or of a warm-up takes. A warm-up before PPO, RLOO or GRPO takes as many
+        pairs as the method's step takes rollouts, so methods that split those rollouts into other numbers of
+        prompts (RLOO and GRPO's k samples of batch / k prompts) start from the same warm-up."""
+        return self.batch_size if self.tuning_method == "dpo" else self.rollouts_per_step()
+
     def updates_per_step(self) -> int:
         """Optimizer steps per PPO step: `validate` makes minibatches whole numbers of micro-batches."""
         return self.ppo_epochs * (self.rollouts_per_step() // self.ppo_minibatch_size)

@@ -118,11 +118,11 @@ def train_step(policy: Policy, indices: list[int], pairs: list[EncodedPair], ref
 
 def dpo_step(policy: Policy, pairs: list[EncodedPair], step: int, config: PPOConfig, optimizer, scheduler,
              reference: ReferenceLogProbs, checkpoint_dir: Path, ranks: Ranks, first_step: int = 0) -> dict:
-    """One DPO step: batch `step - first_step` of `batch_size` pairs in a seeded order, their gradients summed
-    over the ranks, one optimizer step; returns what the step logs (means over the batch's pairs, and the step's
-    time)."""
+    """One DPO step: batch `step - first_step` of `config.pairs_per_step()` pairs in a seeded order, their
+    gradients summed over the ranks, one optimizer step; returns what the step logs (means over the batch's
+    pairs, and the step's time)."""
     started = clock(policy.device)
-    batch = batch_indices(step - first_step, config.batch_size, len(pairs), config.seed)
+    batch = batch_indices(step - first_step, config.pairs_per_step(), len(pairs), config.seed)
     summed = train_step(policy, ranks.share(batch), pairs, reference, len(batch), config)
     trainable = [p for p in policy.model.parameters() if p.requires_grad]  # a value head has no part in it
     ranks.sum_gradients(trainable)

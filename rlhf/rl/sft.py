@@ -10,7 +10,7 @@ the policy stage, so the pipeline's stages and artifacts stay as they are. PPO's
 warmed-up policy (rlhf/rl/ppo.py); the report's KL is to the base model, so the warm-up's distance from it is
 counted.
 
-A step: `batch_size` pairs in a seeded order, in micro-batches of `micro_batch_size`, each winner packed after
+A step: `PPOConfig.pairs_per_step()` pairs in a seeded order, in micro-batches of `micro_batch_size`, each winner packed after
 its prompt; the loss is the mean over the batch's winner tokens (EOS included, so the policy learns to end),
 one optimizer step on the run's schedule.
 """
@@ -49,7 +49,7 @@ def sft_step(policy: Policy, pairs: list[EncodedPair], step: int, config: PPOCon
     """One warm-up step: the step's pairs, their gradients summed over the ranks, one optimizer step; returns
     what the step logs (the token-mean loss on the winners, in nats)."""
     started = clock(policy.device)
-    indices = batch_indices(step, config.batch_size, len(pairs), config.seed)
+    indices = batch_indices(step, config.pairs_per_step(), len(pairs), config.seed)
     loss, tokens = sft_gradients(policy, pairs, indices, config.micro_batch_size, ranks)
     require_finite(loss, "reinforcement learning", step, checkpoint_dir)
     adapter = [p for p in policy.model.parameters() if p.requires_grad]  # the value head has no part in it
