@@ -10,9 +10,9 @@ the policy stage, so the pipeline's stages and artifacts stay as they are. PPO's
 warmed-up policy (rlhf/rl/ppo.py); the report's KL is to the base model, so the warm-up's distance from it is
 counted.
 
-A step: `PPOConfig.pairs_per_step()` pairs in a seeded order, in micro-batches of `micro_batch_size`, each winner packed after
-its prompt; the loss is the mean over the batch's winner tokens (EOS included, so the policy learns to end),
-one optimizer step on the run's schedule.
+A step: `PPOConfig.pairs_per_step()` pairs in a seeded order, in micro-batches of `micro_batch_size`, each
+winner packed after its prompt; the loss is the mean over the batch's winner tokens (EOS included, so the
+policy learns to end), one optimizer step on the run's schedule.
 """
 
 from __future__ import annotations
