@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from markupsafe import escape
 
+from rlhf.models.loading import processor_name
 from rlhf.pipeline.definition import rlhf_pipeline
 from rlhf.pipeline.local_run import LOCAL_DEFAULTS
 from rlhf.pipeline.parameters import resolve_parameters
@@ -100,7 +103,14 @@ def test_run_goes_end_to_end_and_leaves_report_and_metrics(tiny_model_dir, tmp_p
     assert {"base_mean_reward", "tuned_mean_reward", "win_rate_vs_base", "kl_to_base", "base_mean_words",
             "tuned_mean_words", "prompts"} <= set(metrics["evaluation"])
     assert metrics["evaluation"]["prompts"] == 16
+    # Each stage names the chip it computed on, and the run's metrics and report keep every stage's.
+    processor = processor_name(torch.device("cpu"))
+    for stage in ("reward_model", "policy", "evaluation"):
+        assert metrics[stage]["processor"] == processor and metrics[stage]["device"] == "cpu"
+        assert metrics[stage]["torch"] == torch.__version__
+    assert metrics["evaluation"]["dtype"] == "float32"
     page = (output / "report.html").read_text()
+    assert f"<td>policy.processor</td><td>{escape(json.dumps(processor))}</td>" in page
     assert page.count("<svg") == 6 and page.count('<td class="prompt">') == 16
     assert "Policy tuning (PPO, after 2 DPO steps on the pairs)" in page
     # The report lists every pipeline parameter of the run once, typed, with the steps as resolved.

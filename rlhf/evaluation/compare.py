@@ -24,7 +24,7 @@ from rlhf.evaluation.rule_judge import (
     rule_for_instruction,
 )
 from rlhf.models.artifacts import TENSORBOARD_DIR
-from rlhf.models.loading import pick_placement, stop_token_ids
+from rlhf.models.loading import machine, pick_placement, stop_token_ids
 from rlhf.reward.model import load_reward_model, score_packed
 from rlhf.rl.policy import Policy, PolicySpec
 from rlhf.rl.rollouts import Rollout
@@ -177,6 +177,7 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
         "base_copied_ngram_share": _mean([copied_ngram_share(r["prediction"], user_input(r)) for r in base_rows]),
         "tuned_copied_ngram_share": _mean([copied_ngram_share(r["prediction"], user_input(r)) for r in tuned_rows]),
         "judges": ["reward_model"] + (["rule"] if rule else []),
+        **machine(placement),
     }
     if rule:
         metrics["rule"] = rule.description
@@ -192,12 +193,14 @@ REPORT_HTML = "report.html"
 REPORT_MARKDOWN = "report.md"
 COMPARISON_FILE = "comparison.jsonl"
 
+# Where a stage ran (`rlhf.models.loading.machine`): a run's metrics keep each stage's.
+MACHINE_KEYS = ("device", "dtype", "processor", "torch", "threads")
 REWARD_MODEL_KEYS = ("eval_accuracy", "eval_pairs", "final_rank_loss", "final_train_accuracy", "eval_mean_margin",
-                     "steps", "train_pairs", "pairs_per_second")
+                     "steps", "train_pairs", "pairs_per_second", *MACHINE_KEYS)
 POLICY_KEYS = ("tuning_method", "final_reward", "final_kl", "initial_reward", "final_ended_share", "steps", "prompts",
                "episodes_per_second", "final_dpo_loss", "final_reward_margin", "eval_accuracy", "eval_pairs",
                "train_pairs", "pairs_per_second", "sft_steps", "final_sft_loss", "dpo_warmup_steps",
-               "final_dpo_warmup_loss")
+               "final_dpo_warmup_loss", *MACHINE_KEYS)
 
 
 def _stage_metrics(directory: Path, keys: tuple[str, ...]) -> dict:

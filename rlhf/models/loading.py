@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import re
 from dataclasses import dataclass
 
@@ -58,6 +59,30 @@ def training_placement(device: str = "auto") -> Placement:
     if placement.device.type != "cpu":
         return placement
     return Placement(placement.device, cpu_training_dtype())
+
+
+def processor_name(device: torch.device) -> str:
+    """The chip a stage computed on, as a person compares machines: the GPU's name, or the CPU's model with the
+    widest vector instructions torch uses on it and whether it has AMX. Float results and speed differ between
+    CPUs (an AVX2 CPU took three times an AMX one's time on the same step), so each stage's metrics name it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
+    except OSError:
+        pass
+    features = [torch.backends.cpu.get_cpu_capability()] + (["AMX"] if cpu_has_amx() else [])
+    return f"{model} ({', '.join(features)})"
+
+
+def machine(placement: Placement) -> dict:
+    """What a stage's metrics record of where it ran: device, precision, processor, torch's version and its
+    threads, so two runs whose numbers differ can be told apart."""
+    return {"device": str(placement.device), "dtype": str(placement.dtype).removeprefix("torch."),
+            "processor": processor_name(placement.device), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
 
 
 def in_float32(model) -> bool:

@@ -30,6 +30,7 @@ from rlhf.models.loading import (
     Placement,
     add_lora,
     load_backbone,
+    machine,
     recompute_activations,
 )
 from rlhf.reward.config import RewardTrainingConfig
@@ -200,6 +201,5 @@ def train_reward_model(
             "score_mean": spec.score_mean,
             "score_std": spec.score_std,
             "truncation": encoder.counts.as_dict(),
-            "device": str(placement.device),
-            "dtype": str(placement.dtype).removeprefix("torch."),
+            **machine(placement),
         })

@@ -36,6 +36,7 @@ from rlhf.errors import UserError
 from rlhf.models.loading import (
     add_lora,
     load_causal_lm,
+    machine,
     recompute_activations,
     stop_token_ids,
 )
@@ -233,6 +234,5 @@ def train_dpo(
             "train_pairs": len(train_pairs),
             "pairs_per_second": loop.items_per_second(),
             "truncation": encoder.counts.as_dict(),
-            "device": str(placement.device),
-            "dtype": str(placement.dtype).removeprefix("torch."),
+            **machine(placement),
         })

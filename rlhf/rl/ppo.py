@@ -64,7 +64,7 @@ import torch
 
 from rlhf.data.validation import user_input
 from rlhf.errors import UserError
-from rlhf.models.loading import load_causal_lm, recompute_activations, stop_token_ids
+from rlhf.models.loading import load_causal_lm, machine, recompute_activations, stop_token_ids
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.dpo import ReferenceLogProbs, dpo_step
@@ -542,6 +542,5 @@ def train_policy(
             "episodes_per_second": loop.items_per_second(),
             "prompts": len(prompt_rows),
             "truncation": encoder.counts.as_dict(),
-            "device": str(placement.device),
-            "dtype": str(placement.dtype).removeprefix("torch."),
+            **machine(placement),
         })
