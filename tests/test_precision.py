@@ -11,6 +11,7 @@ import torch
 from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
 from rlhf.data.prompts import PromptEncoder, PromptFormat
+from rlhf.models import loading
 from rlhf.models.loading import (
     OneDNNLinear,
     load_backbone,
@@ -156,7 +157,7 @@ def test_linears_in_bfloat16_keep_torchs_own_kernel(tiny_model_dir):
 @pytest.mark.parametrize("has_amx", [True, False])
 def test_a_cpu_trains_in_bfloat16_where_it_has_amx_and_judges_in_float32(monkeypatch, has_amx):
     monkeypatch.setenv(CPU_PRECISION_VARIABLE, "auto")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: has_amx)
+    monkeypatch.setattr(loading, "cpu_has_amx", lambda: has_amx)
     assert training_placement("cpu").dtype == (torch.bfloat16 if has_amx else torch.float32)
     assert pick_placement("cpu").dtype == torch.float32  # the reward model's judgments, inference, evaluation
 
@@ -164,8 +165,8 @@ def test_a_cpu_trains_in_bfloat16_where_it_has_amx_and_judges_in_float32(monkeyp
 @pytest.mark.parametrize("chosen, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
 def test_the_environment_sets_a_cpus_training_precision_whatever_the_cpu(monkeypatch, chosen, dtype):
     monkeypatch.setenv(CPU_PRECISION_VARIABLE, chosen)
-    for amx_probe in (lambda: True, lambda: False):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", amx_probe)
+    for has_amx in (True, False):
+        monkeypatch.setattr(loading, "cpu_has_amx", lambda has_amx=has_amx: has_amx)
         assert training_placement("cpu").dtype == dtype
 
 
