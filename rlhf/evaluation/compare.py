@@ -24,7 +24,7 @@ from rlhf.evaluation.rule_judge import (
     rule_for_instruction,
 )
 from rlhf.models.artifacts import TENSORBOARD_DIR
-from rlhf.models.loading import machine, pick_placement, stop_token_ids
+from rlhf.models.loading import MACHINE_KEYS, machine, pick_placement, stop_token_ids
 from rlhf.reward.model import load_reward_model, score_packed
 from rlhf.rl.policy import Policy, PolicySpec
 from rlhf.rl.rollouts import Rollout
@@ -193,8 +193,6 @@ REPORT_HTML = "report.html"
 REPORT_MARKDOWN = "report.md"
 COMPARISON_FILE = "comparison.jsonl"
 
-# Where a stage ran (`rlhf.models.loading.machine`): a run's metrics keep each stage's.
-MACHINE_KEYS = ("device", "dtype", "processor", "torch", "threads")
 REWARD_MODEL_KEYS = ("eval_accuracy", "eval_pairs", "final_rank_loss", "final_train_accuracy", "eval_mean_margin",
                      "steps", "train_pairs", "pairs_per_second", *MACHINE_KEYS)
 POLICY_KEYS = ("tuning_method", "final_reward", "final_kl", "initial_reward", "final_ended_share", "steps", "prompts",

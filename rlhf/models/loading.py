@@ -77,6 +77,10 @@ def processor_name(device: torch.device) -> str:
     return f"{model} ({', '.join(features)})"
 
 
+# What `machine` records; a run's metrics.json keeps these of each stage (rlhf.evaluation.compare).
+MACHINE_KEYS = ("device", "dtype", "processor", "torch", "threads")
+
+
 def machine(placement: Placement) -> dict:
     """What a stage's metrics record of where it ran: device, precision, processor, torch's version and its
     threads, so two runs whose numbers differ can be told apart."""
