@@ -1,24 +1,41 @@
 """Write pipeline.yaml from pipeline/definition.py (the same code path as `rlhf compile`).
 
 `python3 compile.py` works from a checkout: where this Python lacks kfp it runs again under the project's
-.venv (which `make run` and `make test` create), and where the package is not installed, pipeline/ and
-components/ import as rlhf.pipeline and rlhf.components, the names the installed package gives them.
+.venv (which `make run` and `make test` create), creating .venv with only kfp at pyproject.toml's pin where
+there is none yet (about half a minute; `make` later installs the rest into it), and where the package is not
+installed, pipeline/ and components/ import as rlhf.pipeline and rlhf.components, the names the installed
+package gives them.
 """
 
 import importlib.util
 import os
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
+
+
+def install_kfp() -> None:
+    """Install the kfp pinned in pyproject.toml into the running .venv: compiling needs kfp and nothing heavier."""
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    kfp = next(d for d in dependencies if d.startswith("kfp=="))
+    print(f"compile.py: installing {kfp} into {VENV} (about 30 s; `make` installs the rest there later)", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-compile",
+                    kfp], check=True)
+    importlib.invalidate_caches()
+
 
 if __name__ == "__main__":
     if importlib.util.find_spec("kfp") is None:
-        if (VENV / "bin" / "python").exists() and Path(sys.prefix).resolve() != VENV:
-            os.execv(VENV / "bin" / "python", [str(VENV / "bin" / "python"), str(Path(__file__).resolve())])
-        sys.exit("compile.py needs kfp and this project's dependencies: run `make test` (or `make run`) once to "
-                 "create .venv, then `python3 compile.py` again")
+        if Path(sys.prefix).resolve() != VENV:
+            if not VENV_PYTHON.exists():
+                subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+            os.execv(VENV_PYTHON, [str(VENV_PYTHON), str(Path(__file__).resolve())])
+        install_kfp()
     import rlhf
 
     if importlib.util.find_spec("rlhf.pipeline") is None:
