@@ -44,6 +44,18 @@ DPO_PARAMETERS = ("dpo_beta", "reinforcement_learning_train_epochs", "reinforcem
                   "instruction", "seed")
 
 
+def judge_against_run(run: Path, policy: Path, output: Path, seed: int, log: Path) -> dict:
+    """`rlhf infer` of the tuned `policy` on the run's eval prompts, then `rlhf evaluate` against the run's base
+    completions by the run's reward model; the evaluation's metrics."""
+    stages = run / "pipeline_root" / "rlhf-pipeline"
+    rlhf("infer", "--eval-dataset", str(stages / "validate-datasets" / "eval_prompts"), "--policy", str(policy),
+         "--output", str(output / "tuned.jsonl"), log=log)
+    rlhf("evaluate", "--base-outputs", str(stages / "bulk-inference" / "predictions"), "--tuned-outputs",
+         str(output / "tuned.jsonl"), "--reward-model", str(stages / "train-reward-model" / "reward_model"),
+         "--policy", str(policy), "--output-dir", str(output / "evaluation"), "--seed", str(seed), log=log)
+    return json.loads((output / "evaluation" / "metrics.json").read_text())["evaluation"]
+
+
 def train_and_judge(method: str, run: Path, parameters: dict, k: int, output: Path, dpo: dict) -> dict:
     stages = run / "pipeline_root" / "rlhf-pipeline"
     reward_model = stages / "train-reward-model" / "reward_model"
@@ -73,12 +85,7 @@ def train_and_judge(method: str, run: Path, parameters: dict, k: int, output: Pa
     started = time.monotonic()
     rlhf("train-policy", *data, "--output-dir", str(output / "policy"), *flags, log=log)
     seconds = time.monotonic() - started
-    rlhf("infer", "--eval-dataset", str(stages / "validate-datasets" / "eval_prompts"), "--policy",
-         str(output / "policy"), "--output", str(output / "tuned.jsonl"), log=log)
-    rlhf("evaluate", "--base-outputs", str(stages / "bulk-inference" / "predictions"), "--tuned-outputs",
-         str(output / "tuned.jsonl"), "--reward-model", str(reward_model), "--policy", str(output / "policy"),
-         "--output-dir", str(output / "evaluation"), "--seed", str(parameters.get("seed", 0)), log=log)
-    evaluation = json.loads((output / "evaluation" / "metrics.json").read_text())["evaluation"]
+    evaluation = judge_against_run(run, output / "policy", output, int(parameters.get("seed", 0)), log)
     if method == "dpo":
         samples, batch = 1, int(dpo.get("reinforcement_learning_batch_size", batch))  # pairs per step
     return {"method": method, "samples_per_prompt": samples, "prompts_per_step": batch // samples,

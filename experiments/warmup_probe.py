@@ -2,7 +2,7 @@
 before any PPO step.
 
     python experiments/warmup_probe.py --output-dir D [--seeds 0 1 2] [--set NAME=VALUE ...] [--samples 4]
-        [--temperatures 1.0 0.7]
+        [--temperatures 1.0 0.7] [--runs RUN_0 RUN_1 RUN_2]
 
 For each seed, the local run's settings (`rlhf run`'s defaults, `--set` applied; the seed also picks the
 held-out split, as in a run) and the policy stage's own set-up: the same LoRA, optimizer and learning-rate
@@ -12,17 +12,24 @@ The warmed-up policy is judged on the eval posts twice: greedily (one completion
 writes the tuned side) and sampled at the rollout temperature or at each of `--temperatures` (`--samples` per
 post, what PPO's first steps see), each by the rule judge, with the share of word 5-grams copied from the post
 and, for the samples, the KL to the base in nats per completion at that temperature (the evaluation's
-estimator). No reward model: this asks what the warm-up puts among PPO's samples. Writes `warmup.json` and
-`warmup.md` in D.
+estimator). No reward model: this asks what the warm-up puts among PPO's samples (`--samples 0`: no samples).
+
+`--runs` gives each seed's finished `rlhf run` (the same settings, in the order of `--seeds`): the warmed-up
+policy is then also saved as the policy stage saves its own and judged as that run's tuned policy was, by
+`rlhf infer` and `rlhf evaluate` with the run's reward model against its base completions (win rate, rule pass
+rates, KL to base, repeated 4-grams): what the warm-up alone gives by the run's own verdict. Writes
+`warmup.json` and `warmup.md` in D.
 """
 
 import argparse
+import hashlib
 import json
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tuning_methods import judge_against_run
 
 from rlhf.data.config import DataConfig
 from rlhf.data.datasets import prepare_datasets
@@ -30,12 +37,12 @@ from rlhf.data.validation import user_input
 from rlhf.evaluation.compare import sampled_log_ratios
 from rlhf.evaluation.rule_judge import copied_ngram_share, rule_for_instruction
 from rlhf.models.loading import load_causal_lm, stop_token_ids
-from rlhf.pipeline.local_run import LOCAL_DEFAULTS
+from rlhf.pipeline.local_run import DATASET_PARAMETERS, LOCAL_DEFAULTS, RUN_RECORD
 from rlhf.pipeline.parameters import pipeline_defaults, resolve_parameters, stage_configs
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.dpo import ReferenceLogProbs, dpo_step
-from rlhf.rl.policy import Policy, PolicySpec
+from rlhf.rl.policy import Policy, PolicySpec, save_policy
 from rlhf.rl.ppo import optimizer_and_schedule
 from rlhf.rl.sft import sft_step
 from rlhf.training.distributed import ALONE
@@ -50,6 +57,21 @@ def settings_for(seed: int, assignments: list[str]) -> tuple[dict, DataConfig, P
     defaults = pipeline_defaults()
     configs = {type(config): config for config, _ in stage_configs(lambda n: parameters.get(n, defaults.get(n)))}
     return parameters, configs[DataConfig], configs[PPOConfig]
+
+
+def differences_from_run(run: Path, parameters: dict) -> list[str]:
+    """The settings and datasets (by content: a run's copy of the sample lives in its own checkout) in which the
+    finished run `run` differs from the probe's `parameters`; the warm-up is only that run's when there are none."""
+    record = json.loads((run / RUN_RECORD).read_text())
+    given, defaults = record["parameters"], pipeline_defaults()  # a setting not given is the pipeline's default
+    names = (set(given) | set(parameters)) - set(DATASET_PARAMETERS)
+    differ = [name for name in names if given.get(name, defaults.get(name)) != parameters.get(name, defaults.get(name))]
+    for name in DATASET_PARAMETERS:
+        path = parameters.get(name)
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+        if record["inputs"].get(name) != digest:
+            differ.append(name)
+    return sorted(differ)
 
 
 def warmed_up_policy(config: PPOConfig, parameters: dict, train_pairs: list[dict]):
@@ -89,8 +111,12 @@ def judged(rule, posts: list[str], texts: list[str], ended: list[bool]) -> dict:
 
 
 @torch.no_grad()
-def probe(seed: int, assignments: list[str], samples: int, temperatures: list[float]) -> dict:
+def probe(seed: int, assignments: list[str], samples: int, temperatures: list[float], run: Path | None,
+          output: Path) -> dict:
     parameters, data_config, config = settings_for(seed, assignments)
+    if run is not None and (differ := differences_from_run(run, parameters)):
+        raise SystemExit(f"--runs {run}: that run's {', '.join(differ)} differ from seed {seed}'s settings here; "
+                         "its warm-up would not be this one")
     rule = rule_for_instruction(config.instruction)
     if rule is None:
         raise SystemExit(f"instruction {config.instruction!r} defines no rule to judge the warm-up by; give one "
@@ -113,9 +139,14 @@ def probe(seed: int, assignments: list[str], samples: int, temperatures: list[fl
 
     spec = PolicySpec.of(config, parameters["large_model_reference"])
     sampled = {str(t): sampled_judged(policy, tokenizer, rule, posts, prompts, replace(spec, temperature=t), seed,
-                                      samples) for t in temperatures or [config.temperature]}
+                                      samples) for t in temperatures or [config.temperature]} if samples else {}
+    verdict = None
+    if run is not None:
+        save_policy(policy, spec, output / "policy", tokenizer, merged=False)
+        verdict = judge_against_run(run, output / "policy", output, seed, output / "log.txt")
     return {"seed": seed, "sft_steps": config.sft_steps, "dpo_warmup_steps": config.dpo_warmup_steps,
-            "warmup_losses": losses, "greedy": greedy, "sampled": sampled}
+            "warmup_losses": losses, "greedy": greedy, "sampled": sampled, "run": str(run) if run else None,
+            "evaluation": verdict}
 
 
 def sampled_judged(policy, tokenizer, rule, posts: list[str], prompts: list[list[int]], spec: PolicySpec, seed: int,
@@ -135,7 +166,8 @@ def sampled_judged(policy, tokenizer, rule, posts: list[str], prompts: list[list
 
 
 def table(results: list[dict], sets: list[str]) -> str:
-    """The probe's results as a markdown table, one row per seed and sampling temperature."""
+    """The probe's results as markdown: one row per seed and sampling temperature (one per seed when nothing
+    was sampled), then, for the seeds judged against their runs, the run's verdict on the warmed-up policy."""
     lines = [f"Settings changed: {', '.join(sets) or 'none'}", "",
              "| seed | last warm-up loss | greedy: rule pass | greedy: own words | greedy: no advice | greedy: copied "
              "5-grams | greedy: words / ended | sampled at | sampled: rule pass | sampled: own words | sampled: copied "
@@ -143,12 +175,27 @@ def table(results: list[dict], sets: list[str]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         g = r["greedy"]
+        greedy = (f"| {r['seed']} | {r['warmup_losses'][-1] if r['warmup_losses'] else float('nan'):.3f} | "
+                  f"{g['rule_pass']:.0%} | {g['own_words']:.0%} | {g['no_advice']:.0%} | "
+                  f"{g['copied_5grams']:.0%} | {g['words']:.0f} / {g['ended_share']:.0%} |")
         for temperature, s in r["sampled"].items():
-            lines.append(f"| {r['seed']} | {r['warmup_losses'][-1] if r['warmup_losses'] else float('nan'):.3f} | "
-                         f"{g['rule_pass']:.0%} | {g['own_words']:.0%} | {g['no_advice']:.0%} | "
-                         f"{g['copied_5grams']:.0%} | {g['words']:.0f} / {g['ended_share']:.0%} | {temperature} | "
-                         f"{s['rule_pass']:.0%} | {s['own_words']:.0%} | {s['copied_5grams']:.0%} | "
-                         f"{s['ended_share']:.0%} | {s['kl_to_base']:.2f} ({s['kl_standard_error']:.2f}) |")
+            lines.append(f"{greedy} {temperature} | {s['rule_pass']:.0%} | {s['own_words']:.0%} | "
+                         f"{s['copied_5grams']:.0%} | {s['ended_share']:.0%} | "
+                         f"{s['kl_to_base']:.2f} ({s['kl_standard_error']:.2f}) |")
+        if not r["sampled"]:
+            lines.append(f"{greedy} - | - | - | - | - | - |")
+    judged_runs = [r for r in results if r.get("evaluation")]
+    if judged_runs:
+        lines += ["", "| seed | warmed-up policy wins (the run's RM) | rule pass base → warmed up | KL to base (se) | "
+                  "words base / warmed up | ended base / warmed up | repeated 4-grams base / warmed up |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in judged_runs:
+            e = r["evaluation"]
+            lines.append(f"| {r['seed']} | {e['win_rate_vs_base']:.0%} | {e['rule_pass_rate_base']:.0%} → "
+                         f"{e['rule_pass_rate_tuned']:.0%} | {e['kl_to_base']:.2f} ({e['kl_to_base_sampling']['standard_error']:.2f})"
+                         f" | {e['base_mean_words']:.0f} / {e['tuned_mean_words']:.0f} | {e['base_ended_share']:.0%} / "
+                         f"{e['tuned_ended_share']:.0%} | {e['base_repeated_ngram_share']:.1%} / "
+                         f"{e['tuned_repeated_ngram_share']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,16 +205,26 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a pipeline parameter for every seed (repeatable), as `rlhf run --set`")
-    parser.add_argument("--samples", type=int, default=4, help="completions sampled per eval post (default 4)")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="completions sampled per eval post (default 4; 0: none)")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[],
                         help="sample at each of these temperatures (default: the run's rollout temperature)")
+    parser.add_argument("--runs", type=Path, nargs="+", default=[],
+                        help="each seed's finished `rlhf run` directory, in the order of --seeds: judge the warmed-up "
+                             "policy as that run's tuned policy was judged")
     args = parser.parse_args()
+    if args.runs and len(args.runs) != len(args.seeds):
+        raise SystemExit(f"--runs names {len(args.runs)} runs for {len(args.seeds)} seeds; give one per seed")
+    for run in args.runs:
+        if not (run / "run.json").is_file():
+            raise SystemExit(f"--runs {run}: not a finished `rlhf run` output directory (no run.json)")
     args.output_dir.mkdir(parents=True, exist_ok=True)
 
     results = []
-    for seed in args.seeds:
+    for index, seed in enumerate(args.seeds):
         print(f"seed {seed}", flush=True)
-        results.append(probe(seed, args.set, args.samples, args.temperatures))
+        results.append(probe(seed, args.set, args.samples, args.temperatures,
+                             args.runs[index] if args.runs else None, args.output_dir / f"seed-{seed}"))
         (args.output_dir / "warmup.json").write_text(json.dumps({"set": args.set, "results": results}, indent=1))
     (args.output_dir / "warmup.md").write_text(table(results, args.set))
     print(table(results, args.set))

@@ -53,10 +53,15 @@ PROMPTS = [{"input_text": f"post number {i} about a dog"} for i in range(32)]
 
 
 def load_experiment(name: str):
-    """A script of experiments/ as a module, for testing its parts without running it."""
+    """A script of experiments/ as a module, for testing its parts without running it; its folder is on the
+    import path, as it is for the script run (scripts import each other's parts)."""
     import importlib.util
+    import sys
 
-    path = Path(__file__).parents[1] / "experiments" / f"{name}.py"
+    folder = str(Path(__file__).parents[1] / "experiments")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    path = Path(folder) / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
