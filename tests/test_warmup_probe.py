@@ -41,7 +41,7 @@ def test_another_seed_or_other_data_is_refused_by_name(tmp_path):
     assert SCRIPT.differences_from_run(run, parameters) == ["preference_dataset"]
 
 
-def test_runs_must_name_one_finished_run_per_seed(tmp_path, monkeypatch, capsys):
+def test_runs_must_name_one_finished_run_per_seed(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["warmup_probe.py", "--output-dir", str(tmp_path / "out"), "--seeds", "0", "1",
                                      "--runs", str(tmp_path)])
     with pytest.raises(SystemExit, match="names 1 runs for 2 seeds"):
