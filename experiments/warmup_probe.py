@@ -22,7 +22,6 @@ rates, KL to base, repeated 4-grams): what the warm-up alone gives by the run's 
 """
 
 import argparse
-import hashlib
 import json
 import tempfile
 from dataclasses import replace
@@ -37,7 +36,7 @@ from rlhf.data.validation import user_input
 from rlhf.evaluation.compare import sampled_log_ratios
 from rlhf.evaluation.rule_judge import copied_ngram_share, rule_for_instruction
 from rlhf.models.loading import load_causal_lm, stop_token_ids
-from rlhf.pipeline.local_run import DATASET_PARAMETERS, LOCAL_DEFAULTS, RUN_RECORD
+from rlhf.pipeline.local_run import DATASET_PARAMETERS, LOCAL_DEFAULTS, RUN_RECORD, input_digests
 from rlhf.pipeline.parameters import pipeline_defaults, resolve_parameters, stage_configs
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
@@ -66,11 +65,8 @@ def differences_from_run(run: Path, parameters: dict) -> list[str]:
     given, defaults = record["parameters"], pipeline_defaults()  # a setting not given is the pipeline's default
     names = (set(given) | set(parameters)) - set(DATASET_PARAMETERS)
     differ = [name for name in names if given.get(name, defaults.get(name)) != parameters.get(name, defaults.get(name))]
-    for name in DATASET_PARAMETERS:
-        path = parameters.get(name)
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
-        if record["inputs"].get(name) != digest:
-            differ.append(name)
+    digests = input_digests(parameters)
+    differ += [name for name in DATASET_PARAMETERS if record["inputs"].get(name) != digests.get(name)]
     return sorted(differ)
 
 

@@ -89,7 +89,7 @@ class RunStopped(RunFailure):
     """The run stopped on request; the running stage kept its checkpoint and the same command resumes."""
 
 
-def _input_digests(parameters: dict) -> dict[str, str]:
+def input_digests(parameters: dict) -> dict[str, str]:
     """sha256 of each local dataset file, so a resumed run refuses inputs that changed since it started."""
     digests = {}
     for name in DATASET_PARAMETERS:
@@ -112,7 +112,7 @@ def resumes(parameters: dict, output_dir: Path) -> bool:
     if differ:
         raise UserError(f"--output-dir {output_dir} holds a run with other settings ({', '.join(differ)}); "
                         "choose a new directory, or give the same settings to resume it")
-    changed = sorted(n for n, d in _input_digests(parameters).items() if earlier["inputs"].get(n) != d)
+    changed = sorted(n for n, d in input_digests(parameters).items() if earlier["inputs"].get(n) != d)
     if changed:
         raise UserError(f"--output-dir {output_dir} holds a run whose inputs have changed since "
                         f"({', '.join(changed)}); choose a new directory")
@@ -268,7 +268,7 @@ def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
     output_dir = Path(output_dir)
     logs = output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    (output_dir / RUN_RECORD).write_text(json.dumps({"parameters": parameters, "inputs": _input_digests(parameters)},
+    (output_dir / RUN_RECORD).write_text(json.dumps({"parameters": parameters, "inputs": input_digests(parameters)},
                                                     indent=2, sort_keys=True) + "\n")
     echo(f"Model: {parameters['large_model_reference']}")
     resolve_model_reference(parameters["large_model_reference"], progress=echo)
