@@ -52,13 +52,13 @@ class TargetTokenShare:
 PROMPTS = [{"input_text": f"post number {i} about a dog"} for i in range(32)]
 
 
-def load_experiment(name: str):
-    """A script of experiments/ as a module, for testing its parts without running it; its folder is on the
-    import path, as it is for the script run (scripts import each other's parts)."""
+def load_experiment(name: str, folder: str = "experiments"):
+    """A script of experiments/ (or of `folder`, e.g. bench/) as a module, for testing its parts without running
+    it; its folder is on the import path, as it is for the script run (scripts import each other's parts)."""
     import importlib.util
     import sys
 
-    folder = str(Path(__file__).parents[1] / "experiments")
+    folder = str(Path(__file__).parents[1] / folder)
     if folder not in sys.path:
         sys.path.append(folder)
     path = Path(folder) / f"{name}.py"
