@@ -238,6 +238,15 @@ def machine() -> dict:
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)}
 
 
+def resident_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS: resident now; VmHWM: the peak since
+    the last reset of the counter through /proc/self/clear_refs), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 

@@ -21,17 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import machine, model_dir, our_versions, write_results
+from common import machine, model_dir, our_versions, resident_kib, write_results
 
 NAME = "memory"
 VARIANTS = ("before", "now", "checkpointed")
-
-
-def resident_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def evaluate_before(policy, rollout, temperature: float):

@@ -66,6 +66,7 @@ def build_pipeline(retries: int = RETRIES):
         deploy_model: bool = False,
         project: str = "",
         location: str = "us-central1",
+        accelerator_type: str = "GPU",
         tensorboard_resource_id: str = "",
         encryption_spec_key_name: str = "",
         reward_model_train_steps: int = 1000,

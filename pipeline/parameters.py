@@ -99,6 +99,8 @@ def resolve_parameters(params_file: Path | None, assignments: list[str], default
             parameters.pop(steps, None)
     parameters.update(given)
     typed = {name: _coerce(name, value, accepted[name]) for name, value in parameters.items()}
+    if target == "vertex":
+        typed.update(chosen_machines(typed, given))
     problems = check_parameters(typed, given, target)
     if problems:
         raise ParameterError(problems)
@@ -171,8 +173,83 @@ def _check_model(parameters: dict, value, target: str) -> list[str]:
     return problems
 
 
+def stage_memory(parameters: dict) -> dict[str, dict[str, int]] | None:
+    """Each accelerated stage's estimated bytes per GPU (`rlhf.models.memory.stage_bytes`), or None where the
+    model's config is not known without a download (a hub id or gs:// directory not in the course's list)."""
+    from rlhf.models.memory import ModelShape, model_config, stage_bytes
+
+    defaults = pipeline_defaults()
+    value = lambda name: parameters.get(name, defaults.get(name))  # noqa: E731
+    try:
+        config = model_config(value("large_model_reference"))
+    except (ModelReferenceError, OSError, ValueError):
+        return None
+    if config is None:
+        return None
+    shape = ModelShape.from_config(config)
+    return {stage: stage_bytes(shape, stage, value) for stage in ACCELERATED_STAGES}
+
+
+def chosen_machines(parameters: dict, given: dict) -> dict[str, str]:
+    """For each accelerated stage whose accelerator the user did not give, the smallest one (of
+    `rlhf.models.memory.CHOICE_ORDER`) that holds the stage where the pipeline's default would not."""
+    from rlhf.models.memory import fits, smallest_fitting
+
+    needs = stage_memory(parameters)
+    if needs is None:
+        return {}
+    defaults = pipeline_defaults()
+    chosen = {}
+    for stage, parts in needs.items():
+        name = f"{stage}_accelerator_type"
+        if name in given or fits(defaults[name], parts["total"]):
+            continue
+        best = smallest_fitting(parts["total"])
+        if best:
+            chosen[name] = best
+    return chosen
+
+
+def machine_lines(parameters: dict) -> list[str]:
+    """One line per accelerated stage: its estimated memory a GPU and the GPU it will run on."""
+    from rlhf.models.memory import gib
+
+    needs = stage_memory(parameters)
+    if needs is None:
+        return []
+    defaults = pipeline_defaults()
+    return [f"{stage.replace('_', ' ')}: about {gib(parts['total'])} a GPU, on "
+            f"{parameters.get(f'{stage}_accelerator_type', defaults[f'{stage}_accelerator_type'])}"
+            for stage, parts in needs.items()]
+
+
+def _check_machines(value) -> list[str]:
+    """A stage whose accelerator cannot hold it, with the estimate and the smallest accelerator that can."""
+    from rlhf.models.memory import fits, gib, smallest_fitting
+
+    needs = stage_memory({name: value(name) for name in pipeline_parameters()})
+    if needs is None:
+        return []
+    problems = []
+    for stage, parts in needs.items():
+        name, needed = f"{stage}_accelerator_type", parts["total"]
+        if value(name) not in VERTEX_GPUS or fits(value(name), needed):
+            continue
+        best = smallest_fitting(needed)
+        remedy = (f"the smallest that holds it is {best}" if best else
+                  "no single GPU holds it; lower the batch or micro-batch sizes or turn gradient checkpointing on")
+        detail = ", ".join(f"{part} {gib(size)}" for part, size in parts.items() if part != "total")
+        problems.append(f"{name}={value(name)!r}: the {stage.replace('_', ' ')} stage needs about {gib(needed)} "
+                        f"a GPU for {value('large_model_reference')} ({detail}); {remedy}")
+    return problems
+
+
 def _check_vertex(value) -> list[str]:
     problems = []
+    if str(value("accelerator_type")).upper() != "GPU":
+        problems.append(f"accelerator_type={value('accelerator_type')!r}: this pipeline's stages run on GPUs (its "
+                        "image has PyTorch for CUDA, not torch_xla for TPUs); use GPU and choose the GPU per stage "
+                        "with *_accelerator_type")
     for name in DATASET_PARAMETERS:
         uri = value(name) or ""
         if uri and not uri.startswith("gs://"):
@@ -188,6 +265,7 @@ def _check_vertex(value) -> list[str]:
             problems.append(f"{stage}_cpu_limit={value(f'{stage}_cpu_limit')!r}: a number of CPUs, such as 8 or 500m")
         if not _MEMORY.fullmatch(value(f"{stage}_memory_limit")):
             problems.append(f"{stage}_memory_limit={value(f'{stage}_memory_limit')!r}: a size, such as 32G")
+    problems += _check_machines(value)
     if value("deploy_model") and not value("model_display_name"):
         problems.append("deploy_model=True: needs model_display_name (the model is uploaded, then deployed)")
     return problems

@@ -158,7 +158,7 @@ def _vertex_job(args, schedule=None):
     """The settings and the job's request body and id, or a UsageError listing every problem."""
     from rlhf.data.storage import bucket_exists
     from rlhf.pipeline.compiler import PIPELINE_YAML
-    from rlhf.pipeline.parameters import ParameterError, resolve_parameters
+    from rlhf.pipeline.parameters import ParameterError, machine_lines, resolve_parameters
     from rlhf.pipeline.vertex import build_job, check_settings
 
     settings = _vertex_settings(args)
@@ -170,6 +170,8 @@ def _vertex_job(args, schedule=None):
         parameters = {}
     if problems:
         raise UsageError("cannot submit:\n" + "\n".join(f"  {p}" for p in problems))
+    for line in machine_lines(parameters):
+        print(f"memory estimate: {line}", file=sys.stderr)
     # The job's own project, region and key also serve the upload stage unless given as parameters.
     parameters.setdefault("project", settings.project)
     parameters.setdefault("location", settings.location)

@@ -110,6 +110,13 @@ def test_schedule_dry_run_matches_what_is_sent(credentials, gcs_bucket):
     (["--set", "large_model_reference=llama-2-7b", "--set", "prompt_sequence_length=4090"],
      "4154 tokens is beyond llama-2-7b's 4096"),
     (["--set", "reward_model_accelerator_type=TPU_V3"], "not a GPU the image can use"),
+    (["--set", "accelerator_type=TPU"], "accelerator_type='TPU': this pipeline's stages run on GPUs"),
+    (["--set", "large_model_reference=llama-2-7b", "--set", "reinforcement_learning_accelerator_type=NVIDIA_L4"],
+     "reinforcement_learning_accelerator_type='NVIDIA_L4': the reinforcement learning stage needs about"),
+    (["--set", "large_model_reference=llama-2-7b", "--set", "reinforcement_learning_accelerator_type=NVIDIA_L4"],
+     "the smallest that holds it is NVIDIA_A100_80GB"),
+    (["--set", "large_model_reference=llama-2-13b", "--set", "reinforcement_learning_micro_batch_size=64"],
+     "no single GPU holds it"),
     (["--label", "Team=NLP"], "--label Team=NLP"),
     (["--set", "deploy_model=true"], "needs model_display_name"),
 ])
@@ -124,6 +131,19 @@ def test_bad_settings_and_parameters_stop_before_anything_is_sent(change, messag
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_submit_chooses_gpus_that_hold_a_course_model_and_keeps_the_default_for_the_default_model():
+    values = json.loads(rlhf("submit", "--dry-run", *submit_args("bucket-x")).stdout)["runtimeConfig"]["parameterValues"]
+    assert not any(name.endswith("_accelerator_type") for name in values)  # the pipeline's L4 holds every stage
+    result = rlhf("submit", "--dry-run", *submit_args("bucket-x"), "--set", "large_model_reference=llama-2-7b",
+                  "--set", "inference_accelerator_type=NVIDIA_H100_80GB")
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout)["runtimeConfig"]["parameterValues"]
+    # Two bfloat16 copies of a 7B model and their activations: more than an L4 or an A100 of 40 GB holds.
+    assert values["reinforcement_learning_accelerator_type"] == "NVIDIA_A100_80GB"
+    assert values["reward_model_accelerator_type"] == "NVIDIA_A100_80GB"
+    assert values["inference_accelerator_type"] == "NVIDIA_H100_80GB"  # the user's own choice, which holds it
 
 
 def test_a_missing_pipeline_root_bucket_is_named(credentials, gcs_emulator):
