@@ -6,8 +6,8 @@ so what must fit is one process's share, whatever the accelerator count. Per pro
 trains in (bfloat16, `rlhf.models.loading.pick_placement`):
 
 - weights: every parameter of each model the stage holds: the reward-model stage one backbone; the policy
-  stage the policy (whose reference is the same weights with the adapter off) and the reward model; bulk
-  inference one model;
+  stage the policy (whose reference is the same weights with the adapter off) and the reward model; the
+  bulk-inference machine, which also runs the evaluation, the reward model and the policy;
 - the adapter's training state: float32 LoRA weights, their gradients and AdamW's two moments (16 bytes each);
 - activations kept for the backward pass, per token and layer: three values of the MLP's width (the gate's
   output before and after its activation, and the up projection's) and `HIDDEN_WIDTHS` of the hidden width
@@ -165,7 +165,8 @@ def stage_bytes(shape: ModelShape, stage: str, value, value_bytes: int = 2) -> d
                  "activations or sampling": max(training, sampling)}
     elif stage == "inference":
         rows = value("inference_batch_size")
-        parts = {"weights": weights,
+        # The evaluation runs on the bulk-inference machine and holds the reward model and the policy at once.
+        parts = {"weights": 2 * weights,
                  "sampling": kv_cache_bytes(shape, rows, length, value_bytes) + rows * shape.vocabulary * 4}
     else:
         raise ValueError(f"no estimate for stage {stage!r}")
