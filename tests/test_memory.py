@@ -103,3 +103,9 @@ def test_the_readmes_table_is_what_the_estimate_gives():
         row = (f"| `{name}` | {shape.parameters / 1e9:.2f}B | "
                + " | ".join(f"{gib(total)}, {smallest_fitting(total)}" for total in totals) + " |")
         assert row in readme, row
+
+
+def test_every_course_model_name_has_its_config():
+    from rlhf.models.reference import COURSE_MODELS
+
+    assert set(COURSE_CONFIGS) == set(COURSE_MODELS)

@@ -60,6 +60,12 @@ COURSE_CONFIGS = {
     "gemma-2b": _GEMMA_2B, "gemma-2b-it": _GEMMA_2B, "gemma-7b": _GEMMA_7B, "gemma-7b-it": _GEMMA_7B,
 }
 
+# SmolLM2-135M-Instruct's shape, for estimates on a machine that has not converted it yet.
+DEFAULT_MODEL_CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                        "tie_word_embeddings": True}
+
+
 # Memory of each GPU Vertex AI offers, as nvidia-smi reports its total (MiB), and the order `rlhf submit` tries
 # them in when it chooses: the cheapest first, among those with bfloat16 (T4, P100 and V100 have none).
 GPU_MEMORY_MIB = {"NVIDIA_TESLA_T4": 15360, "NVIDIA_TESLA_P100": 16280, "NVIDIA_TESLA_V100": 16384,
@@ -120,12 +126,6 @@ def model_config(reference: str) -> dict | None:
     if kind == "local":
         return json.loads((Path(resolved) / "config.json").read_text())
     return None
-
-
-# SmolLM2-135M-Instruct's shape, for estimates on a machine that has not converted it yet.
-DEFAULT_MODEL_CONFIG = {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
-                        "tie_word_embeddings": True}
 
 
 def activation_bytes(shape: ModelShape, tokens: int, value_bytes: int, checkpointed: bool) -> int:
