@@ -49,7 +49,7 @@ def child(kind: str, path: str, args) -> dict:
     import torch
 
     from rlhf.models.loading import add_lora, load_backbone, load_causal_lm, load_tokenizer, pick_placement
-    from rlhf.models.memory import ModelShape, activation_bytes
+    from rlhf.models.memory import ModelShape, activation_bytes, completion_logits_bytes
     from rlhf.reward.model import RewardModel
     from rlhf.reward.packing import pack
     from rlhf.reward.training import pairwise_loss
@@ -79,7 +79,7 @@ def child(kind: str, path: str, args) -> dict:
                           ended=torch.ones(args.rows, dtype=torch.bool))
         tokens = args.rows * length
         estimate = (activation_bytes(shape, tokens, 4, False)
-                    + 3 * args.rows * args.completion_tokens * shape.vocabulary * 4)
+                    + completion_logits_bytes(shape, args.rows, args.completion_tokens))
         policy.model.train()
 
         def run():

@@ -173,13 +173,12 @@ def _check_model(parameters: dict, value, target: str) -> list[str]:
     return problems
 
 
-def stage_memory(parameters: dict) -> dict[str, dict[str, int]] | None:
-    """Each accelerated stage's estimated bytes per GPU (`rlhf.models.memory.stage_bytes`), or None where the
-    model's config is not known without a download (a hub id or gs:// directory not in the course's list)."""
+def stage_memory(value) -> dict[str, dict[str, int]] | None:
+    """Each accelerated stage's estimated bytes per GPU (`rlhf.models.memory.stage_bytes`; `value(name)` gives a
+    parameter's value), or None where the model's config is not known without a download (a hub id or gs://
+    directory not in the course's list)."""
     from rlhf.models.memory import ModelShape, model_config, stage_bytes
 
-    defaults = pipeline_defaults()
-    value = lambda name: parameters.get(name, defaults.get(name))  # noqa: E731
     try:
         config = model_config(value("large_model_reference"))
     except (ModelReferenceError, OSError, ValueError):
@@ -195,10 +194,10 @@ def chosen_machines(parameters: dict, given: dict) -> dict[str, str]:
     `rlhf.models.memory.CHOICE_ORDER`) that holds the stage where the pipeline's default would not."""
     from rlhf.models.memory import fits, smallest_fitting
 
-    needs = stage_memory(parameters)
+    defaults = pipeline_defaults()
+    needs = stage_memory(lambda name: parameters.get(name, defaults.get(name)))
     if needs is None:
         return {}
-    defaults = pipeline_defaults()
     chosen = {}
     for stage, parts in needs.items():
         name = f"{stage}_accelerator_type"
@@ -214,12 +213,12 @@ def machine_lines(parameters: dict) -> list[str]:
     """One line per accelerated stage: its estimated memory a GPU and the GPU it will run on."""
     from rlhf.models.memory import gib
 
-    needs = stage_memory(parameters)
+    defaults = pipeline_defaults()
+    value = lambda name: parameters.get(name, defaults.get(name))  # noqa: E731
+    needs = stage_memory(value)
     if needs is None:
         return []
-    defaults = pipeline_defaults()
-    return [f"{stage.replace('_', ' ')}: about {gib(parts['total'])} a GPU, on "
-            f"{parameters.get(f'{stage}_accelerator_type', defaults[f'{stage}_accelerator_type'])}"
+    return [f"{stage.replace('_', ' ')}: about {gib(parts['total'])} a GPU, on {value(f'{stage}_accelerator_type')}"
             for stage, parts in needs.items()]
 
 
@@ -227,7 +226,7 @@ def _check_machines(value) -> list[str]:
     """A stage whose accelerator cannot hold it, with the estimate and the smallest accelerator that can."""
     from rlhf.models.memory import fits, gib, smallest_fitting
 
-    needs = stage_memory({name: value(name) for name in pipeline_parameters()})
+    needs = stage_memory(value)
     if needs is None:
         return []
     problems = []

@@ -136,6 +136,12 @@ def activation_bytes(shape: ModelShape, tokens: int, value_bytes: int, checkpoin
     return tokens * value_bytes * shape.layers * layer
 
 
+def completion_logits_bytes(shape: ModelShape, rows: int, completion_tokens: int) -> int:
+    """The policy update's float32 logits at the completion positions: the logits, the log-softmax's normaliser
+    and their gradient, three copies."""
+    return 3 * rows * completion_tokens * shape.vocabulary * 4
+
+
 def kv_cache_bytes(shape: ModelShape, rows: int, length: int, value_bytes: int) -> int:
     return 2 * shape.layers * rows * length * shape.kv_width * value_bytes
 
@@ -153,9 +159,9 @@ def stage_bytes(shape: ModelShape, stage: str, value, value_bytes: int = 2) -> d
     elif stage == "reinforcement_learning":
         micro = value("reinforcement_learning_micro_batch_size")
         rollout_rows = value("reinforcement_learning_rollout_micro_batch_size") or micro
-        completion_logits = 3 * micro * value("target_sequence_length") * shape.vocabulary * 4
-        training = activation_bytes(shape, micro * length, value_bytes,
-                                    value("reinforcement_learning_gradient_checkpointing")) + completion_logits
+        training = (activation_bytes(shape, micro * length, value_bytes,
+                                     value("reinforcement_learning_gradient_checkpointing"))
+                    + completion_logits_bytes(shape, micro, value("target_sequence_length")))
         sampling = kv_cache_bytes(shape, rollout_rows, length, value_bytes) + rollout_rows * shape.vocabulary * 4
         rank = value("policy_lora_dim") or 0
         # Full fine-tuning (rank 0) keeps float32 master weights with AdamW's moments and gradients.
