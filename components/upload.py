@@ -1,3 +1,5 @@
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Artifact, Input, Model, Output
 
@@ -17,8 +19,10 @@ def upload_model(
     deploy_accelerator_type: str,
     deploy_accelerator_count: int,
     registered_model: Output[Artifact],
-):
+) -> NamedTuple("Outputs", model_resource_name=str, endpoint_resource_name=str):
     """The tuned policy into the Vertex AI Model Registry, served by `rlhf serve`; deployed when asked."""
+    from collections import namedtuple
+
     from rlhf.vertex.model_registry import RegistrySettings, upload_and_deploy
 
     settings = RegistrySettings(
@@ -31,3 +35,13 @@ def upload_model(
     if names["endpoint"]:
         registered_model.metadata["endpoint"] = names["endpoint"]
     print(f"Registered {names['model']}" + (f", deployed to {names['endpoint']}" if names["endpoint"] else ""))
+    outputs = namedtuple("Outputs", ["model_resource_name", "endpoint_resource_name"])
+    return outputs(names["model"], names["endpoint"] or "")
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def skip_upload() -> NamedTuple("Outputs", model_resource_name=str, endpoint_resource_name=str):
+    """The resource names when no `model_display_name` asks for an upload: none."""
+    from collections import namedtuple
+
+    return namedtuple("Outputs", ["model_resource_name", "endpoint_resource_name"])("", "")

@@ -4,7 +4,7 @@ validate -> resolve steps -> train reward model -> tune the policy (`tuning_meth
 reward model, or DPO on the training pairs, where the reward model is still trained as a judge) ->
 bulk inference of the base and the tuned model on the eval prompts -> evaluate (metrics.json, report.html)
 -> optionally upload the tuned model to the Vertex AI Model Registry (and deploy it), and the training
-curves to Vertex AI TensorBoard.
+curves to Vertex AI TensorBoard. It returns the model's and the endpoint's resource names, as GCPC's does.
 
 The accelerator, CPU and memory settings apply on Vertex AI; the KFP local runner ignores them, but for one:
 training and bulk inference run one process per accelerator of their `*_accelerator_count` (data parallel),
@@ -12,6 +12,7 @@ there too.
 """
 
 import inspect
+from typing import NamedTuple
 
 from kfp import dsl
 
@@ -22,13 +23,20 @@ from rlhf.components.policy import train_policy
 from rlhf.components.resolve_steps import resolve_steps
 from rlhf.components.reward_model import train_reward_model
 from rlhf.components.tensorboard import upload_tensorboard
-from rlhf.components.upload import upload_model
+from rlhf.components.upload import skip_upload, upload_model
 from rlhf.components.validate import validate_datasets
 
 # Accelerator stages are the ones a preempted or failed machine interrupts; their outputs hold checkpoints,
 # so a retry on the same output location resumes instead of starting over.
 RETRIES = 2
 RETRY_BACKOFF = "60s"
+
+
+class PipelineOutput(NamedTuple):
+    """What the pipeline returns, as GCPC's `rlhf_pipeline` does; empty where nothing was uploaded or deployed."""
+
+    model_resource_name: str  # the tuned model in the Vertex AI Model Registry
+    endpoint_resource_name: str  # the endpoint it was deployed to
 
 
 def _on_machine(task, accelerator_type, accelerator_count, cpu_limit, memory_limit, retries: int):
@@ -132,7 +140,7 @@ def build_pipeline(retries: int = RETRIES):
         deploy_machine_type: str = "g2-standard-8",
         deploy_accelerator_type: str = "NVIDIA_L4",
         deploy_accelerator_count: int = 1,
-    ):
+    ) -> PipelineOutput:
         given = dict(locals())  # the parameters, and `retries` (a free variable here)
         parameters = {name: given[name] for name in inspect.signature(rlhf_pipeline).parameters}  # by name
         validated = validate_datasets(
@@ -187,14 +195,18 @@ def build_pipeline(retries: int = RETRIES):
         _on_machine(evaluation, inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
                     inference_memory_limit, retries)
         with dsl.If(model_display_name != "", name="upload-requested"):
-            upload_model(
+            uploaded = upload_model(
                 policy=policy.outputs["policy"], **_from_parameters(upload_model, parameters),
             ).after(evaluation).set_display_name("upload model")
+        with dsl.Else(name="no-upload"):
+            skipped = skip_upload().set_display_name("no upload")
         with dsl.If(tensorboard_resource_id != "", name="tensorboard-requested"):
             upload_tensorboard(
                 reward_model=reward_model.outputs["reward_model"], policy=policy.outputs["policy"],
                 **_from_parameters(upload_tensorboard, parameters),
             ).set_display_name("upload TensorBoard logs")
+        return PipelineOutput(**{name: dsl.OneOf(uploaded.outputs[name], skipped.outputs[name])
+                                 for name in PipelineOutput._fields})
 
     return dsl.pipeline(name="rlhf-pipeline", description="Tune a language model from human preferences.")(
         rlhf_pipeline)

@@ -58,7 +58,7 @@ def test_yaml_loads_back_with_its_parameters_and_tasks():
     assert "defaultValue" not in parameters["preference_dataset"]
     tasks = spec["root"]["dag"]["tasks"]
     assert set(tasks) == {"validate-datasets", "resolve-steps", "train-reward-model", "train-policy",
-                          "bulk-inference", "bulk-inference-2", "evaluate", "condition-1", "condition-2"}
+                          "bulk-inference", "bulk-inference-2", "evaluate", "condition-branches-1", "condition-4"}
     assert tasks["resolve-steps"]["dependentTasks"] == ["validate-datasets"]
     assert sorted(tasks["train-reward-model"]["dependentTasks"]) == ["resolve-steps", "validate-datasets"]
     assert "train-reward-model" in tasks["train-policy"]["dependentTasks"]

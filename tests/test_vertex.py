@@ -192,16 +192,50 @@ def test_upload_refuses_a_local_artifact():
         upload_and_deploy("/tmp/policy", RegistrySettings(model_display_name="m", serving_container_image=IMAGE))
 
 
+def test_the_upload_stage_returns_the_resource_names_the_pipeline_outputs(credentials, monkeypatch, tmp_path):
+    from google.cloud import aiplatform
+    from kfp.dsl import Artifact, Model
+
+    from rlhf.components.upload import skip_upload, upload_model
+
+    vertex, env, _ = credentials
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    # The stage takes Vertex AI's own endpoint; this points the client at the loopback before the stage runs.
+    aiplatform.init(project="p1", api_endpoint=vertex.url, api_transport="rest")
+    registered = Artifact(uri=str(tmp_path / "registered"))
+    names = upload_model.python_func(
+        policy=Model(uri="gs://bucket-x/runs/train-policy/policy"), model_display_name="tuned", deploy_model=True,
+        project="p1", location="us-central1", encryption_spec_key_name="", serving_container_image=IMAGE,
+        deploy_machine_type="g2-standard-8", deploy_accelerator_type="NVIDIA_L4", deploy_accelerator_count=1,
+        registered_model=registered)
+    assert names.model_resource_name == "projects/p1/locations/us-central1/models/42"
+    assert names.endpoint_resource_name == "projects/p1/locations/us-central1/endpoints/7"
+    assert registered.metadata == {"model": names.model_resource_name, "endpoint": names.endpoint_resource_name}
+    assert tuple(skip_upload.python_func()) == ("", "")
+
+
 def test_the_compiled_pipeline_uploads_and_deploys_only_when_asked():
     import yaml
 
     spec = yaml.safe_load(PIPELINE_YAML.read_text())
     tasks = spec["root"]["dag"]["tasks"]
     conditions = {name: task.get("triggerPolicy", {}).get("condition", "") for name, task in tasks.items()
-                  if name.startswith("condition")}
-    assert len(conditions) == 2
-    assert any("model_display_name" in c for c in conditions.values())
-    assert any("tensorboard_resource_id" in c for c in conditions.values())
+                  if name.startswith("condition-") and not name.startswith("condition-branches")}
+    assert len(conditions) == 1 and "tensorboard_resource_id" in list(conditions.values())[0]
+    # The upload runs where a model_display_name is given; either way the pipeline returns GCPC's two outputs,
+    # the names the upload returned or empty ones.
+    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
+    upload_condition = [t["triggerPolicy"]["condition"] for t in branches.values()]
+    assert len(upload_condition) == 2 and all("model_display_name" in c for c in upload_condition)
+    outputs = spec["root"]["dag"]["outputs"]["parameters"]
+    assert set(outputs) == {"model_resource_name", "endpoint_resource_name"}
+    assert set(spec["root"]["outputDefinitions"]["parameters"]) == set(outputs)
+    branch_outputs = spec["components"]["comp-condition-branches-1"]["dag"]["outputs"]["parameters"]
+    for output in outputs.values():
+        key = output["valueFromParameter"]["outputParameterKey"]
+        sources = branch_outputs[key]["valueFromOneof"]["parameterSelectors"]
+        assert {s["producerSubtask"] for s in sources} == set(branches)
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert {"model_display_name", "deploy_model", "project", "location", "tensorboard_resource_id",
             "encryption_spec_key_name"} <= set(parameters)
