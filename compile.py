@@ -1,4 +1,4 @@
-"""Write pipeline.yaml from pipeline/definition.py (the same code path as `rlhf compile`).
+"""Write pipeline.yaml and infer_pipeline.yaml from pipeline/definition.py (the code path of `rlhf compile`).
 
 `python3 compile.py` works from a checkout: where this Python lacks kfp it runs again under the project's
 .venv (which `make run` and `make test` create), creating .venv with only kfp at pyproject.toml's pin where
@@ -40,6 +40,7 @@ if __name__ == "__main__":
 
     if importlib.util.find_spec("rlhf.pipeline") is None:
         rlhf.__path__.append(str(ROOT))  # a checkout not installed: pipeline/ and components/ sit beside rlhf/
-    from rlhf.pipeline.compiler import compile_pipeline
+    from rlhf.pipeline.compiler import COMPILED, compile_pipeline
 
-    print(f"Wrote {compile_pipeline(ROOT / 'pipeline.yaml')}")
+    for pipeline, path in COMPILED.items():
+        print(f"Wrote {compile_pipeline(ROOT / path.name, pipeline)}")

@@ -43,7 +43,7 @@ def stage_dir(run_dir: Path, stage: str, artifact: str) -> Path:
 def sampled(generator: Generator, rows: list[dict], samples: int, temperature: float, seed: int) -> list[list[dict]]:
     per_post = [[] for _ in rows]
     for draw in range(samples):
-        config = dataclasses.replace(generator.config, sample=True, temperature=temperature, seed=seed + draw)
+        config = dataclasses.replace(generator.config, sampling_strategy="temperature_sampling", temperature=temperature, seed=seed + draw)
         for index, output in enumerate(generator.complete(rows, config, seeded=True)):
             per_post[index].append(output)
     return per_post

@@ -1,15 +1,19 @@
-"""Write the compiled pipeline YAML. Imports kfp and the components, never torch."""
+"""Write the compiled pipelines' YAML. Imports kfp and the components, never torch."""
 
 from pathlib import Path
 
-# The compiled pipeline the package ships: in a checkout, a link to pipeline.yaml at the top of the repository.
-PIPELINE_YAML = Path(__file__).resolve().parent / "pipeline.yaml"
+# The compiled pipelines the package ships: in a checkout, links to the files at the top of the repository.
+# `rlhf_pipeline` tunes; `infer_pipeline` is GCPC's bulk inference without tuning.
+COMPILED = {"rlhf": Path(__file__).resolve().parent / "pipeline.yaml",
+            "infer": Path(__file__).resolve().parent / "infer_pipeline.yaml"}
+PIPELINE_YAML = COMPILED["rlhf"]
 
 
-def compile_pipeline(output: Path) -> Path:
+def compile_pipeline(output: Path, pipeline: str = "rlhf") -> Path:
     from kfp import compiler
 
-    from rlhf.pipeline.definition import rlhf_pipeline
+    from rlhf.pipeline import definition
 
-    compiler.Compiler().compile(rlhf_pipeline, str(output))
+    function = definition.infer_pipeline if pipeline == "infer" else definition.rlhf_pipeline
+    compiler.Compiler().compile(function, str(output))
     return output

@@ -18,7 +18,7 @@ from kfp import dsl
 
 from rlhf.components.evaluate import evaluate
 from rlhf.components.image import IMAGE
-from rlhf.components.inference import bulk_inference
+from rlhf.components.inference import bulk_inference, infer_prompts
 from rlhf.components.policy import train_policy
 from rlhf.components.resolve_steps import resolve_steps
 from rlhf.components.reward_model import train_reward_model
@@ -213,3 +213,52 @@ def build_pipeline(retries: int = RETRIES):
 
 
 rlhf_pipeline = build_pipeline()
+
+
+class InferOutput(NamedTuple):
+    """What `infer_pipeline` returns, as GCPC's does."""
+
+    output_prediction_gcs_path: str  # the predictions' JSONL (gs:// on Vertex AI)
+
+
+def build_infer_pipeline(retries: int = RETRIES):
+    """GCPC's `infer_pipeline`: bulk inference of a model, tuned or not, on a prompt dataset, with GCPC's
+    parameters, and ours for the machine and the batch."""
+
+    def infer_pipeline(
+        prompt_dataset: str,
+        large_model_reference: str = "smollm2-135m-instruct",
+        model_checkpoint: str = "",
+        prompt_sequence_length: int = 512,
+        target_sequence_length: int = 64,
+        sampling_strategy: str = "greedy",
+        instruction: str = "",
+        project: str = "",
+        accelerator_type: str = "GPU",
+        location: str = "us-central1",
+        encryption_spec_key_name: str = "",
+        plain_text: bool = False,
+        on_invalid: str = "fail",
+        seed: int = 0,
+        inference_batch_size: int = 8,
+        inference_accelerator_type: str = "NVIDIA_L4",
+        inference_accelerator_count: int = 1,
+        inference_cpu_limit: str = "8",
+        inference_memory_limit: str = "32G",
+    ) -> InferOutput:
+        inference = infer_prompts(
+            prompt_dataset=prompt_dataset, large_model_reference=large_model_reference,
+            model_checkpoint=model_checkpoint, instruction=instruction, plain_text=plain_text,
+            sampling_strategy=sampling_strategy, target_sequence_length=target_sequence_length,
+            prompt_sequence_length=prompt_sequence_length, batch_size=inference_batch_size, seed=seed,
+            on_invalid=on_invalid, processes=inference_accelerator_count,
+        ).set_display_name("bulk inference")
+        _on_machine(inference, inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
+                    inference_memory_limit, retries)
+        return InferOutput(output_prediction_gcs_path=inference.outputs["Output"])
+
+    return dsl.pipeline(name="infer-pipeline", description="Bulk inference of a language model on a prompt dataset.")(
+        infer_pipeline)
+
+
+infer_pipeline = build_infer_pipeline()

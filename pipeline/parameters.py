@@ -35,15 +35,23 @@ class ParameterError(UserError):
         super().__init__("bad pipeline parameters:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def pipeline_parameters() -> dict[str, inspect.Parameter]:
-    from rlhf.pipeline.definition import rlhf_pipeline
+# Each compiled pipeline's dataset that must be given, and its stages that run on an accelerator: each by the
+# prefix of its machine parameters, with the work its memory estimate counts (`rlhf.models.memory.stage_bytes`).
+REQUIRED_DATASET = {"rlhf": "preference_dataset", "infer": "prompt_dataset"}
+PIPELINE_STAGES = {"rlhf": {stage: stage for stage in ACCELERATED_STAGES}, "infer": {"inference": "bulk_inference"}}
 
-    return dict(inspect.signature(rlhf_pipeline.pipeline_func).parameters)
+
+def pipeline_parameters(pipeline: str = "rlhf") -> dict[str, inspect.Parameter]:
+    from rlhf.pipeline import definition
+
+    function = definition.infer_pipeline if pipeline == "infer" else definition.rlhf_pipeline
+    return dict(inspect.signature(function.pipeline_func).parameters)
 
 
-def pipeline_defaults() -> dict:
+def pipeline_defaults(pipeline: str = "rlhf") -> dict:
     """The pipeline's own defaults (sized for Vertex AI); required parameters are absent."""
-    return {name: p.default for name, p in pipeline_parameters().items() if p.default is not inspect.Parameter.empty}
+    return {name: p.default for name, p in pipeline_parameters(pipeline).items()
+            if p.default is not inspect.Parameter.empty}
 
 
 def _coerce(name: str, value, parameter: inspect.Parameter):
@@ -83,9 +91,10 @@ def read_given(params_file: Path | None, assignments: list[str]) -> dict:
 
 
 def resolve_parameters(params_file: Path | None, assignments: list[str], defaults: dict,
-                       target: str = "local") -> dict:
-    """`defaults`, overridden by what the user gave, typed and checked for `target` (local or vertex)."""
-    accepted = pipeline_parameters()
+                       target: str = "local", pipeline: str = "rlhf") -> dict:
+    """`defaults`, overridden by what the user gave, typed and checked for `target` (local or vertex) and
+    `pipeline` (rlhf or infer)."""
+    accepted = pipeline_parameters(pipeline)
     given = read_given(params_file, assignments)
     unknown = sorted(set(given) - set(accepted))
     if unknown:
@@ -100,34 +109,34 @@ def resolve_parameters(params_file: Path | None, assignments: list[str], default
     parameters.update(given)
     typed = {name: _coerce(name, value, accepted[name]) for name, value in parameters.items()}
     if target == "vertex":
-        typed.update(chosen_machines(typed, given))
-    problems = check_parameters(typed, given, target)
+        typed.update(chosen_machines(typed, given, pipeline))
+    problems = check_parameters(typed, given, target, pipeline)
     if problems:
         raise ParameterError(problems)
     return typed
 
 
-def check_parameters(parameters: dict, given: dict, target: str) -> list[str]:
+def check_parameters(parameters: dict, given: dict, target: str, pipeline: str = "rlhf") -> list[str]:
     """Every problem with the parameters, one line each; empty when they are fine."""
     problems = []
-    defaults = pipeline_defaults()
+    defaults = pipeline_defaults(pipeline)
     value = lambda name: parameters.get(name, defaults.get(name))  # noqa: E731
 
     def require(condition: bool, name: str, what: str) -> None:
         if not condition:
             problems.append(f"{name}={value(name)!r}: {what}")
 
-    for steps, epochs in STEP_PARAMETERS:
+    for steps, epochs in STEP_PARAMETERS if pipeline == "rlhf" else ():
         if steps in given and epochs in given:
             problems.append(f"{steps} and {epochs} are both given; give one of them")
         require(value(epochs) >= 0, epochs, "must not be negative (0 means: use the steps)")
-    require(bool(value("preference_dataset")), "preference_dataset", "is required")
+    require(bool(value(REQUIRED_DATASET[pipeline])), REQUIRED_DATASET[pipeline], "is required")
     problems += _check_model(parameters, value, target)
     # The stages' own checks (the same the CLI's commands run), on the settings as each stage will get them,
     # before any stage runs.
-    problems += [problem for config, names in stage_configs(value) for problem in config.problems(names)]
+    problems += [problem for config, names in stage_configs(value, pipeline) for problem in config.problems(names)]
     if target == "vertex":
-        problems += _check_vertex(value)
+        problems += _check_vertex(value, PIPELINE_STAGES[pipeline])
     else:
         for name in DATASET_PARAMETERS:
             require(not str(value(name) or "").startswith("/gcs/"), name,
@@ -148,9 +157,15 @@ def stage_settings() -> list[tuple[type, dict[str, str]]]:
             for kind in (DataConfig, RewardTrainingConfig, PPOConfig, InferenceConfig)]
 
 
-def stage_configs(value) -> list:
+def stage_configs(value, pipeline: str = "rlhf") -> list:
     """The configs a run's parameters give each stage (the steps as given: epochs resolve later), each with the
-    parameter names its fields go by."""
+    parameter names its fields go by. `infer_pipeline` has bulk inference alone, with GCPC's sampling strategy."""
+    if pipeline == "infer":
+        from rlhf.evaluation.config import InferenceConfig
+
+        names = {**InferenceConfig.parameter_names, "sampling_strategy": "sampling_strategy"}
+        return [(InferenceConfig.from_values({field: value(name) for field, name in names.items()}, value(PLAIN_TEXT)),
+                 names)]
     return [(kind.from_values({field: value(name) for name, field in settings.items()}, value(PLAIN_TEXT)),
              kind.parameter_names) for kind, settings in stage_settings()]
 
@@ -173,7 +188,7 @@ def _check_model(parameters: dict, value, target: str) -> list[str]:
     return problems
 
 
-def stage_memory(value) -> dict[str, dict[str, int]] | None:
+def stage_memory(value, stages: dict[str, str] | None = None) -> dict[str, dict[str, int]] | None:
     """Each accelerated stage's estimated bytes per GPU (`rlhf.models.memory.stage_bytes`; `value(name)` gives a
     parameter's value), or None where the model's config is not known without a download (a hub id or gs://
     directory not in the course's list)."""
@@ -186,16 +201,16 @@ def stage_memory(value) -> dict[str, dict[str, int]] | None:
     if config is None:
         return None
     shape = ModelShape.from_config(config)
-    return {stage: stage_bytes(shape, stage, value) for stage in ACCELERATED_STAGES}
+    return {stage: stage_bytes(shape, work, value) for stage, work in (stages or PIPELINE_STAGES["rlhf"]).items()}
 
 
-def chosen_machines(parameters: dict, given: dict) -> dict[str, str]:
+def chosen_machines(parameters: dict, given: dict, pipeline: str = "rlhf") -> dict[str, str]:
     """For each accelerated stage whose accelerator the user did not give, the smallest one (of
     `rlhf.models.memory.CHOICE_ORDER`) that holds the stage where the pipeline's default would not."""
     from rlhf.models.memory import fits, smallest_fitting
 
-    defaults = pipeline_defaults()
-    needs = stage_memory(lambda name: parameters.get(name, defaults.get(name)))
+    defaults = pipeline_defaults(pipeline)
+    needs = stage_memory(lambda name: parameters.get(name, defaults.get(name)), PIPELINE_STAGES[pipeline])
     if needs is None:
         return {}
     chosen = {}
@@ -209,24 +224,24 @@ def chosen_machines(parameters: dict, given: dict) -> dict[str, str]:
     return chosen
 
 
-def machine_lines(parameters: dict) -> list[str]:
+def machine_lines(parameters: dict, pipeline: str = "rlhf") -> list[str]:
     """One line per accelerated stage: its estimated memory a GPU and the GPU it will run on."""
     from rlhf.models.memory import gib
 
-    defaults = pipeline_defaults()
+    defaults = pipeline_defaults(pipeline)
     value = lambda name: parameters.get(name, defaults.get(name))  # noqa: E731
-    needs = stage_memory(value)
+    needs = stage_memory(value, PIPELINE_STAGES[pipeline])
     if needs is None:
         return []
     return [f"{stage.replace('_', ' ')}: about {gib(parts['total'])} a GPU, on {value(f'{stage}_accelerator_type')}"
             for stage, parts in needs.items()]
 
 
-def _check_machines(value) -> list[str]:
+def _check_machines(value, stages: dict[str, str]) -> list[str]:
     """A stage whose accelerator cannot hold it, with the estimate and the smallest accelerator that can."""
     from rlhf.models.memory import fits, gib, smallest_fitting
 
-    needs = stage_memory(value)
+    needs = stage_memory(value, stages)
     if needs is None:
         return []
     problems = []
@@ -243,7 +258,7 @@ def _check_machines(value) -> list[str]:
     return problems
 
 
-def _check_vertex(value) -> list[str]:
+def _check_vertex(value, stages: dict[str, str]) -> list[str]:
     problems = []
     if str(value("accelerator_type")).upper() != "GPU":
         problems.append(f"accelerator_type={value('accelerator_type')!r}: this pipeline's stages run on GPUs (its "
@@ -253,7 +268,11 @@ def _check_vertex(value) -> list[str]:
         uri = value(name) or ""
         if uri and not uri.startswith("gs://"):
             problems.append(f"{name}={uri!r}: Vertex AI reads datasets from gs:// URIs; upload it and pass the URI")
-    for stage in ACCELERATED_STAGES:
+    checkpoint = value("model_checkpoint") or ""
+    if checkpoint and not checkpoint.startswith("gs://"):
+        problems.append(f"model_checkpoint={checkpoint!r}: a local directory is not visible to Vertex AI; copy it "
+                        "to gs://BUCKET/DIR and pass that")
+    for stage in stages:
         kind, count = value(f"{stage}_accelerator_type"), value(f"{stage}_accelerator_count")
         if kind not in VERTEX_GPUS:
             problems.append(f"{stage}_accelerator_type={kind!r}: not a GPU the image can use; one of "
@@ -264,7 +283,7 @@ def _check_vertex(value) -> list[str]:
             problems.append(f"{stage}_cpu_limit={value(f'{stage}_cpu_limit')!r}: a number of CPUs, such as 8 or 500m")
         if not _MEMORY.fullmatch(value(f"{stage}_memory_limit")):
             problems.append(f"{stage}_memory_limit={value(f'{stage}_memory_limit')!r}: a size, such as 32G")
-    problems += _check_machines(value)
+    problems += _check_machines(value, stages)
     if value("deploy_model") and not value("model_display_name"):
         problems.append("deploy_model=True: needs model_display_name (the model is uploaded, then deployed)")
     return problems

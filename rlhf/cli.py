@@ -129,10 +129,12 @@ def cmd_prepare_model(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    """Compile rlhf_pipeline to YAML (what `python compile.py` does)."""
-    from rlhf.pipeline.compiler import compile_pipeline
+    """Compile rlhf_pipeline, or with --pipeline infer the bulk-inference pipeline, to YAML (what `python
+    compile.py` does for both)."""
+    from rlhf.pipeline.compiler import COMPILED, compile_pipeline
 
-    print(f"Wrote {compile_pipeline(Path(args.output))}")
+    output = Path(args.output or COMPILED[args.pipeline].name)
+    print(f"Wrote {compile_pipeline(output, args.pipeline)}")
     return 0
 
 
@@ -147,7 +149,7 @@ def _vertex_settings(args):
         labels[key] = value
     return VertexSettings(
         project=args.project or "", location=args.location, pipeline_root=args.pipeline_root or "",
-        display_name=args.display_name, job_id=getattr(args, "job_id", None) or "",
+        display_name=args.display_name or f"{args.pipeline}-pipeline", job_id=getattr(args, "job_id", None) or "",
         service_account=args.service_account or "", network=args.network or "", labels=labels,
         enable_caching=False if args.no_caching else None,
         encryption_spec_key_name=args.encryption_spec_key_name or "", image=args.image or "",
@@ -157,32 +159,33 @@ def _vertex_settings(args):
 def _vertex_job(args, schedule=None):
     """The settings and the job's request body and id, or a UsageError listing every problem."""
     from rlhf.data.storage import bucket_exists
-    from rlhf.pipeline.compiler import PIPELINE_YAML
+    from rlhf.pipeline.compiler import COMPILED
     from rlhf.pipeline.parameters import ParameterError, machine_lines, resolve_parameters
     from rlhf.pipeline.vertex import build_job, check_settings
 
     settings = _vertex_settings(args)
     problems = check_settings(settings, schedule)
     try:
-        parameters = resolve_parameters(Path(args.params) if args.params else None, args.set or [], {}, "vertex")
+        parameters = resolve_parameters(Path(args.params) if args.params else None, args.set or [], {}, "vertex",
+                                        args.pipeline)
     except ParameterError as error:
         problems += error.problems
         parameters = {}
     if problems:
         raise UsageError("cannot submit:\n" + "\n".join(f"  {p}" for p in problems))
-    for line in machine_lines(parameters):
+    for line in machine_lines(parameters, args.pipeline):
         print(f"memory estimate: {line}", file=sys.stderr)
     # The job's own project, region and key also serve the upload stage unless given as parameters.
     parameters.setdefault("project", settings.project)
     parameters.setdefault("location", settings.location)
     if settings.encryption_spec_key_name:
         parameters.setdefault("encryption_spec_key_name", settings.encryption_spec_key_name)
-    if settings.image:
+    if settings.image and args.pipeline == "rlhf":
         parameters.setdefault("serving_container_image", settings.image)
     if not args.dry_run and not bucket_exists(settings.pipeline_root):
         raise UsageError(f"--pipeline-root {settings.pipeline_root}: the bucket does not exist (or these credentials "
                          "cannot see it); create it in the job's region first")
-    template = Path(args.template) if args.template else PIPELINE_YAML
+    template = Path(args.template) if args.template else COMPILED[args.pipeline]
     if not template.is_file():
         raise UsageError(f"--template {template}: no such file; run `rlhf compile` first")
     return (settings, *build_job(template, parameters, settings))
@@ -400,9 +403,8 @@ def cmd_infer(args) -> int:
     Writes JSONL rows {input_text, prediction, inputs: {inputs_pretokenized}}."""
     from rlhf.data.datasets import write_jsonl
     from rlhf.evaluation.config import InferenceConfig
-    from rlhf.evaluation.inference import bulk_infer
+    from rlhf.evaluation.inference import bulk_infer, model_to_infer
     from rlhf.models.reference import resolve_model_reference
-    from rlhf.rl.policy import ADAPTER_DIR, read_policy_spec
     from rlhf.training.distributed import join
 
     _refuse_to_overwrite("--output", args.output)
@@ -410,23 +412,17 @@ def cmd_infer(args) -> int:
     rows = _read_rows_or_exit(args.eval_dataset, "eval", args.on_invalid)
     if args.policy and args.adapter:
         raise UsageError("give --policy or --adapter, not both")
-    reference, instruction = args.large_model_reference, args.instruction
-    chat_template = chat_template_choice(args.plain_text)
-    adapter = Path(args.adapter) if args.adapter else None
-    if adapter and not (adapter / "adapter_config.json").is_file():
-        raise UsageError(f"--adapter {args.adapter}: not a peft adapter directory (no adapter_config.json)")
-    if args.policy:
-        # The policy's prompt format (instruction, chat template) unless the flags say otherwise.
-        spec = read_policy_spec(Path(args.policy))
-        reference, adapter = spec.large_model_reference, Path(args.policy) / ADAPTER_DIR
-        instruction = spec.instruction if instruction is None else instruction
-        if not args.plain_text:
-            chat_template = spec.use_chat_template
+    # A policy names its base model and prompt format (instruction, chat template), unless the flags say otherwise.
+    target = (model_to_infer("", args.policy, Path(), "--policy") if args.policy else
+              model_to_infer(args.large_model_reference, args.adapter or "", Path(), "--adapter"))
+    instruction = target.instruction if args.instruction is None else args.instruction
+    chat_template = (target.use_chat_template if args.policy and not args.plain_text
+                     else chat_template_choice(args.plain_text))
     config = _stage_config(InferenceConfig, args, instruction=instruction or "", use_chat_template=chat_template)
     launched = _in_processes(args)
     if launched is not None:
         return launched
-    outputs = bulk_infer(rows, resolve_model_reference(reference), config, adapter)
+    outputs = bulk_infer(rows, resolve_model_reference(target.large_model_reference), config, target.adapter)
     if not join().main:
         return 0
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -686,6 +682,7 @@ def cmd_run(args) -> int:
     return 0
 
 
+PIPELINES = ("rlhf", "infer")  # the compiled pipelines: `rlhf_pipeline` and `infer_pipeline`
 VERTEX_JOB_NOTES = ("Parameters as for `rlhf run` (--params, --set), with the pipeline's own defaults; checked "
                     "before anything is sent. Credentials come from the environment (Application Default "
                     "Credentials) and are never printed. --dry-run prints the exact request body and touches no "
@@ -738,8 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", metavar="DIR", help="where the run goes (default runs/run-DATE-TIME)")
 
     compile_ = _command(commands, "compile", cmd_compile, "write the compiled Kubeflow pipeline YAML")
-    compile_.add_argument("--output", metavar="FILE", default="pipeline.yaml",
-                          help="where to write it (default: pipeline.yaml in the current directory)")
+    compile_.add_argument("--pipeline", choices=PIPELINES, default="rlhf",
+                          help="rlhf (default): the tuning pipeline; infer: bulk inference only")
+    compile_.add_argument("--output", metavar="FILE",
+                          help="where to write it (default: pipeline.yaml or infer_pipeline.yaml in the current "
+                               "directory)")
 
     for name, summary in (("submit", "submit the compiled pipeline to Vertex AI Pipelines"),
                           ("schedule", "schedule the compiled pipeline on Vertex AI Pipelines (cron)")):
@@ -752,7 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
         vertex.add_argument("--pipeline-root", metavar="gs://BUCKET/PATH", help="where the run's artifacts go (required)")
         vertex.add_argument("--params", metavar="FILE.yaml", help="pipeline parameters as a YAML mapping")
         vertex.add_argument("--set", action="append", metavar="NAME=VALUE", help="one pipeline parameter (repeatable)")
-        vertex.add_argument("--display-name", default="rlhf-pipeline", help="the run's name in the console")
+        vertex.add_argument("--pipeline", choices=PIPELINES, default="rlhf",
+                            help="rlhf (default): tune; infer: bulk inference only (GCPC's infer_pipeline)")
+        vertex.add_argument("--display-name", help="the run's name in the console (default: rlhf-pipeline or "
+                                                   "infer-pipeline)")
         if name == "submit":
             vertex.add_argument("--job-id", help="the job's id (default: made from the display name and time)")
         vertex.add_argument("--service-account", help="run-as service account (default: the project's compute account)")

@@ -156,7 +156,7 @@ def test_a_training_component_given_two_accelerators_trains_as_two_processes(alo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampling", [[], ["--sample", "--temperature", "1.5"]], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [[], ["--sampling-strategy", "temperature_sampling", "--temperature", "1.5"]], ids=["greedy", "sampled"])
 def test_bulk_inference_in_two_processes_writes_what_one_process_writes(tiny_model_dir, tmp_path, sampling):
     from rlhf.data.datasets import read_jsonl, write_jsonl
 

@@ -28,7 +28,7 @@ from rlhf.settings import PLAIN_TEXT, RUN_OPTIONS
 STAGES = [("train-reward-model", RewardTrainingConfig, "reward_model"),
           ("train-policy", PPOConfig, "reinforcement_learning")]
 # The commands that generate: settings the pipeline has go by its names, the sampling options by their own.
-GENERATING = [("infer", InferenceConfig, {"sample", "temperature", "top_p"}),
+GENERATING = [("infer", InferenceConfig, {"sampling_strategy", "temperature", "top_p"}),
               ("generate-candidates", CandidateConfig, {"temperatures", "top_p", "max_attempts"})]
 
 

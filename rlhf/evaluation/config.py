@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from rlhf.settings import SHARED_PARAMETERS, PromptSettings
 
+SAMPLING_STRATEGIES = ("greedy", "temperature_sampling")
+
 
 @dataclass
 class InferenceConfig(PromptSettings):
@@ -16,11 +18,17 @@ class InferenceConfig(PromptSettings):
     parameter_names = {"batch_size": "inference_batch_size", **SHARED_PARAMETERS}
 
     batch_size: int = 8  # prompts per generate call
-    sample: bool = False  # sample instead of decoding greedily (Vertex's bulk inferrer is greedy)
+    sampling_strategy: str = "greedy"  # greedy, as Vertex's bulk inferrer, or temperature_sampling (GCPC's names)
     temperature: float = 1.0  # sampling temperature, when sampling
     top_p: float = 1.0  # nucleus sampling, when sampling
     seed: int = 0  # seed of the sampling
 
     def stage_problems(self, say) -> list[str]:
+        strategy = ([] if self.sampling_strategy in SAMPLING_STRATEGIES else
+                    [f"{say('sampling_strategy')} must be one of {', '.join(SAMPLING_STRATEGIES)}"])
         return (self.below_one(("target_sequence_length", "prompt_sequence_length", "batch_size"), say)
-                + self.sampling_problems(say))
+                + self.sampling_problems(say) + strategy)
+
+    @property
+    def greedy(self) -> bool:
+        return self.sampling_strategy == "greedy"

@@ -7,18 +7,59 @@ Vertex shape too (`inputs.inputs_pretokenized`, `prediction`) so tools written f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlhf.data.prompts import PromptEncoder, PromptFormat
+from rlhf.data.storage import download_directory, is_gcs
 from rlhf.data.validation import user_input
+from rlhf.errors import UserError
 from rlhf.evaluation.config import InferenceConfig
 from rlhf.models.artifacts import refuse_pickles
 from rlhf.models.loading import in_float32, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.rl.decoding import generate
+from rlhf.rl.policy import ADAPTER_DIR, SPEC_FILE, read_policy_spec
 from rlhf.training.distributed import ALONE, Ranks, join, local_device, seed_of
 from rlhf.training.progress import Progress
+
+
+@dataclass
+class ModelToInfer:
+    """What bulk inference runs: a base model, with a tuned adapter or without."""
+
+    large_model_reference: str  # the base model
+    adapter: Path | None = None  # a peft LoRA adapter over it
+    instruction: str | None = None  # the tuned policy's instruction; None where there is no policy
+    use_chat_template: bool | None = None  # the tuned policy's prompt format; None: the tokenizer's
+
+
+def model_to_infer(large_model_reference: str, checkpoint: str, scratch: Path,
+                   name: str = "model_checkpoint") -> ModelToInfer:
+    """The base model alone (no `checkpoint`), or with a checkpoint: a tuned policy (`rlhf train-policy`'s
+    output, or the pipeline's policy artifact), whose base model it names, or any peft adapter directory over
+    `large_model_reference`. A gs:// checkpoint is copied into `scratch` first. `name`: the setting's, in errors."""
+    if not checkpoint:
+        return ModelToInfer(large_model_reference)
+    directory = Path(checkpoint)
+    if is_gcs(checkpoint):
+        directory = scratch / "checkpoint"
+        download_directory(checkpoint, directory)
+    if (directory / SPEC_FILE).is_file():
+        spec = read_policy_spec(directory)
+        if large_model_reference and large_model_reference != spec.large_model_reference:
+            raise UserError(f"{name} {checkpoint}: a policy tuned from {spec.large_model_reference!r}, not "
+                            f"{large_model_reference!r}; give its base model, or leave large_model_reference empty")
+        return ModelToInfer(spec.large_model_reference, directory / ADAPTER_DIR, spec.instruction,
+                            spec.use_chat_template)
+    if (directory / "adapter_config.json").is_file():
+        if not large_model_reference:
+            raise UserError(f"{name} {checkpoint}: a LoRA adapter; give the base model it adapts as "
+                            "large_model_reference")
+        return ModelToInfer(large_model_reference, directory)
+    raise UserError(f"{name} {checkpoint}: neither a tuned policy (no {SPEC_FILE}) nor a peft adapter "
+                    "(no adapter_config.json)")
 
 
 def load_generator(model_path: str, adapter_dir: Path | None, placement):
@@ -69,7 +110,7 @@ class Generator:
                 torch.manual_seed(seed_of(config.seed, number))
             rollout = generate(self.model, [prompts[i] for i in batch], config.target_sequence_length,
                                self.stop_ids, self.tokenizer.pad_token_id, config.temperature,
-                               config.top_p, greedy=not config.sample)
+                               config.top_p, greedy=config.greedy)
             for index, completion, ended in zip(batch, rollout.completions(), rollout.ended.tolist()):
                 row = rows[index]
                 output = {key: row[key] for key in ("input_text", "messages") if key in row}

@@ -147,7 +147,8 @@ def kv_cache_bytes(shape: ModelShape, rows: int, length: int, value_bytes: int) 
 
 
 def stage_bytes(shape: ModelShape, stage: str, value, value_bytes: int = 2) -> dict[str, int]:
-    """Bytes per process of `stage` (reward_model, reinforcement_learning or inference), by what holds them;
+    """Bytes per process of `stage` (reward_model, reinforcement_learning, inference with the evaluation, or
+    bulk_inference alone), by what holds them;
     `value(name)` gives a pipeline parameter's value."""
     length = value("prompt_sequence_length") + value("target_sequence_length")
     weights = shape.parameters * value_bytes
@@ -169,10 +170,11 @@ def stage_bytes(shape: ModelShape, stage: str, value, value_bytes: int = 2) -> d
         parts = {"weights": 2 * weights,  # the policy (its reference: the adapter off) and the reward model
                  "adapter state": adapter * ADAPTER_STATE_BYTES,
                  "activations or sampling": max(training, sampling)}
-    elif stage == "inference":
+    elif stage in ("inference", "bulk_inference"):
         rows = value("inference_batch_size")
-        # The evaluation runs on the bulk-inference machine and holds the reward model and the policy at once.
-        parts = {"weights": 2 * weights,
+        # In `rlhf_pipeline` the evaluation runs on the bulk-inference machine and holds the reward model and the
+        # policy at once; `infer_pipeline`'s bulk inference alone holds one model.
+        parts = {"weights": (2 if stage == "inference" else 1) * weights,
                  "sampling": kv_cache_bytes(shape, rows, length, value_bytes) + rows * shape.vocabulary * 4}
     else:
         raise ValueError(f"no estimate for stage {stage!r}")
