@@ -12,6 +12,8 @@ def evaluate(
     policy: Input[Model],
     run_parameters: dict,
     seed: int,
+    huggingface_token_secret: str,
+    project: str,
     evaluation: Output[Artifact],
     metrics: Output[Metrics],
     report: Output[HTML],
@@ -25,6 +27,9 @@ def evaluate(
 
     from rlhf.data.datasets import read_jsonl
     from rlhf.evaluation.compare import REPORT_HTML, REPORT_MARKDOWN, evaluate_run
+    from rlhf.vertex.secrets import use_hub_token
+
+    use_hub_token(huggingface_token_secret, project)
 
     def shown(text):  # KFP puts each parameter into the dict as text: '64.0', 'false', 'gs://...'
         try:

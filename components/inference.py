@@ -13,6 +13,8 @@ def bulk_inference(
     prompt_sequence_length: int,
     batch_size: int,
     processes: int,
+    huggingface_token_secret: str,
+    project: str,
     predictions: Output[Dataset],
 ):
     """Greedy completions for every prompt, in order, in one process per accelerator; the base model, or the
@@ -22,7 +24,9 @@ def bulk_inference(
     from rlhf.components.processes import run_stage
     from rlhf.models.reference import resolve_model_reference
     from rlhf.rl.policy import ADAPTER_DIR, read_policy_spec
+    from rlhf.vertex.secrets import use_hub_token
 
+    use_hub_token(huggingface_token_secret, project)
     spec = read_policy_spec(Path(policy.path))
     settings = {"target_sequence_length": target_sequence_length, "prompt_sequence_length": prompt_sequence_length,
                 "batch_size": batch_size, "instruction": spec.instruction, "use_chat_template": spec.use_chat_template}
@@ -48,6 +52,8 @@ def infer_prompts(
     seed: int,
     on_invalid: str,
     processes: int,
+    huggingface_token_secret: str,
+    project: str,
     predictions: Output[Dataset],
 ) -> str:
     """`infer_pipeline`'s one stage: the prompts checked (every problem as `FILE:LINE: ...`, before any model
@@ -62,10 +68,12 @@ def infer_prompts(
     from rlhf.evaluation.inference import model_to_infer
     from rlhf.models.reference import resolve_model_reference
     from rlhf.settings import chat_template_choice
+    from rlhf.vertex.secrets import use_hub_token
 
     dataset = read_dataset(prompt_dataset, "prompt", on_invalid)
     if dataset.problems:
         raise SystemExit("dataset validation failed:\n" + "\n".join(str(p) for p in dataset.problems))
+    use_hub_token(huggingface_token_secret, project)
     with tempfile.TemporaryDirectory() as scratch:
         target = model_to_infer(large_model_reference, model_checkpoint, Path(scratch))
         prompts = Path(scratch) / "prompts.jsonl"

@@ -46,6 +46,8 @@ def train_policy(
     gradient_checkpointing: bool,
     beta: float,
     processes: int,
+    huggingface_token_secret: str,
+    project: str,
     policy: Output[Model],
     metrics: Output[Metrics],
 ):
@@ -56,7 +58,9 @@ def train_policy(
     from rlhf.components.processes import run_stage
     from rlhf.rl.config import PPOConfig
     from rlhf.training.stopping import Interrupted
+    from rlhf.vertex.secrets import use_hub_token
 
+    use_hub_token(huggingface_token_secret, project)
     # Each setting is the input of its field's name (the pipeline maps its parameters onto them).
     settings = {name: inputs[name] for name in PPOConfig.parameter_names}
     result = run_stage("policy", processes, settings=settings, plain_text=plain_text, prompts=prompts.path,

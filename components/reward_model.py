@@ -26,6 +26,8 @@ def train_reward_model(
     seed: int,
     gradient_checkpointing: bool,
     processes: int,
+    huggingface_token_secret: str,
+    project: str,
     reward_model: Output[Model],
     metrics: Output[Metrics],
 ):
@@ -35,7 +37,9 @@ def train_reward_model(
     from rlhf.components.processes import run_stage
     from rlhf.reward.config import RewardTrainingConfig
     from rlhf.training.stopping import Interrupted
+    from rlhf.vertex.secrets import use_hub_token
 
+    use_hub_token(huggingface_token_secret, project)
     # Each setting is the input of its field's name (the pipeline maps its parameters onto them).
     settings = {name: inputs[name] for name in RewardTrainingConfig.parameter_names}
     result = run_stage("reward_model", processes, settings=settings, plain_text=plain_text,

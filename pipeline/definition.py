@@ -77,6 +77,7 @@ def build_pipeline(retries: int = RETRIES):
         accelerator_type: str = "GPU",
         tensorboard_resource_id: str = "",
         encryption_spec_key_name: str = "",
+        huggingface_token_secret: str = "",
         reward_model_train_steps: int = 1000,
         reward_model_train_epochs: int = 0,
         reward_model_batch_size: int = 64,
@@ -191,6 +192,8 @@ def build_pipeline(retries: int = RETRIES):
                             "reward_model_train_steps": steps.outputs["reward_model_steps"],
                             "reinforcement_learning_train_steps": steps.outputs["reinforcement_learning_steps"]},
             seed=seed,
+            huggingface_token_secret=huggingface_token_secret,
+            project=project,
         ).set_display_name("evaluate")
         _on_machine(evaluation, inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
                     inference_memory_limit, retries)
@@ -237,6 +240,7 @@ def build_infer_pipeline(retries: int = RETRIES):
         accelerator_type: str = "GPU",
         location: str = "us-central1",
         encryption_spec_key_name: str = "",
+        huggingface_token_secret: str = "",
         plain_text: bool = False,
         on_invalid: str = "fail",
         seed: int = 0,
@@ -252,6 +256,7 @@ def build_infer_pipeline(retries: int = RETRIES):
             sampling_strategy=sampling_strategy, target_sequence_length=target_sequence_length,
             prompt_sequence_length=prompt_sequence_length, batch_size=inference_batch_size, seed=seed,
             on_invalid=on_invalid, processes=inference_accelerator_count,
+            huggingface_token_secret=huggingface_token_secret, project=project,
         ).set_display_name("bulk inference")
         _on_machine(inference, inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
                     inference_memory_limit, retries)

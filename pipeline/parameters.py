@@ -13,6 +13,7 @@ import yaml
 from rlhf.errors import UserError
 from rlhf.models.reference import ModelReferenceError, classify_model_reference, context_length
 from rlhf.settings import PLAIN_TEXT
+from rlhf.vertex.secrets import secret_problem
 
 # (steps, epochs): epochs, when given, define the steps; giving both is ambiguous.
 STEP_PARAMETERS = (("reward_model_train_steps", "reward_model_train_epochs"),
@@ -135,6 +136,9 @@ def check_parameters(parameters: dict, given: dict, target: str, pipeline: str =
     # The stages' own checks (the same the CLI's commands run), on the settings as each stage will get them,
     # before any stage runs.
     problems += [problem for config, names in stage_configs(value, pipeline) for problem in config.problems(names)]
+    secret = value("huggingface_token_secret")
+    if secret and secret_problem(secret):
+        problems.append(secret_problem(secret))
     if target == "vertex":
         problems += _check_vertex(value, PIPELINE_STAGES[pipeline])
     else:

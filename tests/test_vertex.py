@@ -2,6 +2,7 @@
 server playing the Vertex API, with real service-account credentials from the environment; dry runs."""
 
 import json
+import os
 
 import pytest
 
@@ -253,3 +254,50 @@ def test_tensorboard_resource_ids_are_read_in_both_forms():
     assert parse_tensorboard("456", "p1", "us-central1") == ("p1", "us-central1", "456")
     with pytest.raises(ValueError, match="expected a number or projects/"):
         parse_tensorboard("my-board", "p1", "us-central1")
+
+
+def test_a_hub_token_comes_from_secret_manager_into_the_stage_and_is_never_printed(credentials, monkeypatch, capfd):
+    from rlhf.errors import UserError
+    from rlhf.vertex.secrets import HUB_TOKEN_VARIABLE, read_secret, use_hub_token
+
+    vertex, env, _ = credentials
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(HUB_TOKEN_VARIABLE, raising=False)
+    vertex.secrets["projects/p1/secrets/hf-token/versions/latest"] = "hf_loopbackLatest123"
+    vertex.secrets["projects/p1/secrets/hf-token/versions/2"] = "hf_loopbackSecond456"
+    use_hub_token("", "p1", vertex.url)  # no secret named: nothing is read
+    assert HUB_TOKEN_VARIABLE not in os.environ and vertex.requests == []
+    use_hub_token("hf-token", "p1", vertex.url)
+    assert os.environ[HUB_TOKEN_VARIABLE] == "hf_loopbackLatest123"
+    assert read_secret("projects/p1/secrets/hf-token/versions/2", api_endpoint=vertex.url) == "hf_loopbackSecond456"
+    access = [r for r in vertex.requests if r.path.endswith(":access")]
+    assert [r.path for r in access] == ["/v1/projects/p1/secrets/hf-token/versions/latest:access",
+                                        "/v1/projects/p1/secrets/hf-token/versions/2:access"]
+    assert all(r.headers["authorization"] == f"Bearer {ACCESS_TOKEN}" for r in access)
+    with pytest.raises(UserError, match=r"refused to read projects/p1/secrets/other/versions/latest \(HTTP 404\)"):
+        read_secret("other", "p1", vertex.url)
+    captured = capfd.readouterr()
+    assert "hf_loopback" not in captured.out + captured.err
+
+
+def test_every_stage_that_loads_a_model_gets_the_secrets_name_and_a_bad_name_is_refused():
+    import yaml
+
+    from rlhf.pipeline.compiler import COMPILED
+
+    for pipeline, stages in (("rlhf", ("train-reward-model", "train-policy", "bulk-inference", "bulk-inference-2",
+                                       "evaluate")), ("infer", ("infer-prompts",))):
+        spec = yaml.safe_load(COMPILED[pipeline].read_text())
+        assert spec["root"]["inputDefinitions"]["parameters"]["huggingface_token_secret"]["defaultValue"] == ""
+        tasks = spec["root"]["dag"]["tasks"]
+        for stage in stages:
+            given = tasks[stage]["inputs"]["parameters"]["huggingface_token_secret"]
+            assert given == {"componentInputParameter": "huggingface_token_secret"}, (pipeline, stage)
+    sent = rlhf("submit", "--dry-run", *submit_args("bucket-x", "--set", "large_model_reference=llama-2-7b",
+                                                    "--set", "huggingface_token_secret=hf-token"))
+    assert sent.returncode == 0, sent.stderr
+    assert json.loads(sent.stdout)["runtimeConfig"]["parameterValues"]["huggingface_token_secret"] == "hf-token"
+    refused = rlhf("submit", "--dry-run", *submit_args("bucket-x", "--set", "huggingface_token_secret=hf_abc/def"))
+    assert refused.returncode == 2
+    assert "huggingface_token_secret='hf_abc/def': expected a secret id" in refused.stderr

@@ -1,8 +1,10 @@
 """A loopback HTTP server that plays the parts of the Vertex AI REST API (and Google's OAuth token
-endpoint) that submit, schedule, upload and deploy call, and records every request it gets."""
+endpoint, and Secret Manager's access call) that submit, schedule, upload, deploy and the stages call, and
+records every request it gets."""
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ class VertexLoopback:
     def __init__(self):
         self.requests: list[Request] = []
         self.resources: dict[str, dict] = {}
+        self.secrets: dict[str, str] = {}  # Secret Manager's secret versions by resource name: their values
         loopback = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -79,6 +82,11 @@ class VertexLoopback:
         if path == "/token":
             return 200, {"access_token": ACCESS_TOKEN, "expires_in": 3600, "token_type": "Bearer"}
         parent = path[len("/v1/"):]
+        if method == "GET" and parent.endswith(":access"):  # Secret Manager: a secret version's value
+            name = parent[: -len(":access")]
+            if name not in self.secrets:
+                return 404, {"error": {"code": 404, "message": f"Secret [{name}] not found or has no versions."}}
+            return 200, {"name": name, "payload": {"data": base64.b64encode(self.secrets[name].encode()).decode()}}
         if method == "GET":
             parent = parent.split("@")[0]  # models/42@1 names version 1 of model 42
             return (200, self.resources[parent]) if parent in self.resources else (404, {"error": {"code": 404}})
