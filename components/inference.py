@@ -67,7 +67,6 @@ def infer_prompts(
     from rlhf.data.validation import read_dataset
     from rlhf.evaluation.inference import model_to_infer
     from rlhf.models.reference import resolve_model_reference
-    from rlhf.settings import chat_template_choice
     from rlhf.vertex.secrets import use_hub_token
 
     dataset = read_dataset(prompt_dataset, "prompt", on_invalid)
@@ -78,11 +77,9 @@ def infer_prompts(
         target = model_to_infer(large_model_reference, model_checkpoint, Path(scratch))
         prompts = Path(scratch) / "prompts.jsonl"
         write_jsonl(prompts, dataset.rows)
-        chat_template = target.use_chat_template if target.instruction is not None and not plain_text else (
-            chat_template_choice(plain_text))
         settings = {"target_sequence_length": target_sequence_length, "prompt_sequence_length": prompt_sequence_length,
                     "batch_size": batch_size, "sampling_strategy": sampling_strategy, "seed": seed,
-                    "instruction": instruction or target.instruction or "", "use_chat_template": chat_template}
+                    **target.prompt_format(instruction, plain_text)}
         result = run_stage("bulk_inference", processes, settings=settings, prompts=str(prompts),
                            model=resolve_model_reference(target.large_model_reference),
                            adapter=str(target.adapter) if target.adapter else None, output=predictions.path)

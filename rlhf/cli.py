@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from rlhf.errors import RunFailure, UserError
-from rlhf.settings import PLAIN_TEXT, PromptSettings, chat_template_choice, cpu_precision
+from rlhf.settings import PLAIN_TEXT, PromptSettings, cpu_precision
 
 MAX_PROBLEM_LINES = 200
 
@@ -415,10 +415,7 @@ def cmd_infer(args) -> int:
     # A policy names its base model and prompt format (instruction, chat template), unless the flags say otherwise.
     target = (model_to_infer("", args.policy, Path(), "--policy") if args.policy else
               model_to_infer(args.large_model_reference, args.adapter or "", Path(), "--adapter"))
-    instruction = target.instruction if args.instruction is None else args.instruction
-    chat_template = (target.use_chat_template if args.policy and not args.plain_text
-                     else chat_template_choice(args.plain_text))
-    config = _stage_config(InferenceConfig, args, instruction=instruction or "", use_chat_template=chat_template)
+    config = _stage_config(InferenceConfig, args, **target.prompt_format(args.instruction, args.plain_text))
     launched = _in_processes(args)
     if launched is not None:
         return launched

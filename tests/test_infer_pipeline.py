@@ -64,8 +64,7 @@ def test_the_local_pipeline_writes_what_rlhf_infer_writes_for_the_base_model_and
     settings = dict(prompt_dataset=prompts, target_sequence_length=8, prompt_sequence_length=64)
     for name, checkpoint, flags in (("base", "", ["--large-model-reference", str(tiny_model_dir)]),
                                     ("tuned", str(tiny_policy), ["--policy", str(tiny_policy)])):
-        task = infer_pipeline(large_model_reference=str(tiny_model_dir) if not checkpoint else "",
-                              model_checkpoint=checkpoint, **settings)
+        task = infer_pipeline(large_model_reference=str(tiny_model_dir), model_checkpoint=checkpoint, **settings)
         written = task.outputs["output_prediction_gcs_path"]
         expected = tmp_path / f"{name}.jsonl"
         cli = rlhf("infer", "--eval-dataset", prompts, "--output", str(expected), "--target-sequence-length", "8",

@@ -20,7 +20,8 @@ from rlhf.evaluation.config import InferenceConfig
 from rlhf.models.artifacts import refuse_pickles
 from rlhf.models.loading import in_float32, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.rl.decoding import generate
-from rlhf.rl.policy import ADAPTER_DIR, SPEC_FILE, read_policy_spec
+from rlhf.rl.policy import ADAPTER_DIR, SPEC_FILE, PolicySpec, read_policy_spec
+from rlhf.settings import chat_template_choice
 from rlhf.training.distributed import ALONE, Ranks, join, local_device, seed_of
 from rlhf.training.progress import Progress
 
@@ -31,8 +32,15 @@ class ModelToInfer:
 
     large_model_reference: str  # the base model
     adapter: Path | None = None  # a peft LoRA adapter over it
-    instruction: str | None = None  # the tuned policy's instruction; None where there is no policy
-    use_chat_template: bool | None = None  # the tuned policy's prompt format; None: the tokenizer's
+    policy: PolicySpec | None = None  # where the checkpoint is a tuned policy: its settings
+
+    def prompt_format(self, instruction: str | None, plain_text: bool) -> dict:
+        """The instruction and chat-template choice to infer with: the ones given (an empty instruction is none
+        given), else a tuned policy's own (as it was tuned), else none and the tokenizer's template."""
+        tuned = self.policy is not None
+        return {"instruction": instruction or (self.policy.instruction if tuned else ""),
+                "use_chat_template": (self.policy.use_chat_template if tuned and not plain_text
+                                      else chat_template_choice(plain_text))}
 
 
 def model_to_infer(large_model_reference: str, checkpoint: str, scratch: Path,
@@ -46,13 +54,14 @@ def model_to_infer(large_model_reference: str, checkpoint: str, scratch: Path,
     if is_gcs(checkpoint):
         directory = scratch / "checkpoint"
         download_directory(checkpoint, directory)
+    if not directory.is_dir():
+        raise UserError(f"{name} {checkpoint}: no such directory")
     if (directory / SPEC_FILE).is_file():
         spec = read_policy_spec(directory)
         if large_model_reference and large_model_reference != spec.large_model_reference:
             raise UserError(f"{name} {checkpoint}: a policy tuned from {spec.large_model_reference!r}, not "
-                            f"{large_model_reference!r}; give its base model, or leave large_model_reference empty")
-        return ModelToInfer(spec.large_model_reference, directory / ADAPTER_DIR, spec.instruction,
-                            spec.use_chat_template)
+                            f"{large_model_reference!r}; give the base model it was tuned from")
+        return ModelToInfer(spec.large_model_reference, directory / ADAPTER_DIR, spec)
     if (directory / "adapter_config.json").is_file():
         if not large_model_reference:
             raise UserError(f"{name} {checkpoint}: a LoRA adapter; give the base model it adapts as "
