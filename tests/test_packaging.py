@@ -27,7 +27,7 @@ def test_the_wheel_compiles_and_submits_from_outside_the_checkout(tmp_path):
     source = tmp_path / "source"
     for name in ("rlhf", "pipeline", "components"):
         shutil.copytree(REPO / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md", "pipeline.yaml"):
+    for name in ("pyproject.toml", "README.md", "pipeline.yaml", "infer_pipeline.yaml"):
         shutil.copy(REPO / name, source / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
                             "--wheel-dir", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
@@ -36,7 +36,7 @@ def test_the_wheel_compiles_and_submits_from_outside_the_checkout(tmp_path):
     wheel = next((tmp_path / "dist").glob("rlhf_pipeline-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names if not name.startswith("rlhf_pipeline-")} == {"rlhf"}
-    assert {"rlhf/pipeline/pipeline.yaml", "rlhf/labeling/templates/labeling.html",
+    assert {"rlhf/pipeline/pipeline.yaml", "rlhf/pipeline/infer_pipeline.yaml", "rlhf/labeling/templates/labeling.html",
             "rlhf/evaluation/templates/report.html", "rlhf/sample_data/preference.jsonl",
             "rlhf/sample_data/README.md"} <= set(names)
 
@@ -72,6 +72,11 @@ def test_the_wheel_compiles_and_submits_from_outside_the_checkout(tmp_path):
     body = json.loads(submitted.stdout)
     assert body["pipelineSpec"] == yaml.safe_load((REPO / "pipeline.yaml").read_text())
     assert body["runtimeConfig"]["parameterValues"]["kl_coeff"] == 0.05
+    inferred = subprocess.run([rlhf, "submit", "--dry-run", "--pipeline", "infer", "--project", "p1",
+                               "--pipeline-root", "gs://bucket-x/runs", "--set", "prompt_dataset=gs://bucket-x/p.jsonl"],
+                              cwd=elsewhere, capture_output=True, text=True)
+    assert inferred.returncode == 0, inferred.stderr
+    assert json.loads(inferred.stdout)["pipelineSpec"] == yaml.safe_load((REPO / "infer_pipeline.yaml").read_text())
 
 
 def _imported_distributions(folders: list[str]) -> dict[str, set[str]]:
