@@ -84,8 +84,8 @@ def _decoding(generator: Generator, parameters) -> InferenceConfig:
             raise BadRequest("parameters.temperature: a number of at least 0 (0 means greedy)")
         if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1:
             raise BadRequest("parameters.top_p: a number above 0 and at most 1")
-        config = dataclasses.replace(config, sample=temperature != 0, temperature=float(temperature or 1.0),
-                                     top_p=float(top_p))
+        config = dataclasses.replace(config, sampling_strategy="temperature_sampling" if temperature else "greedy",
+                                     temperature=float(temperature or 1.0), top_p=float(top_p))
     return config
 
 

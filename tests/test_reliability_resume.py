@@ -393,7 +393,7 @@ COMPONENT_RUN = textwrap.dedent("""
         learning_rate_multiplier=30.0, lora_dim=4, warmup_fraction=0.1, weight_decay=0.0, max_grad_norm=1.0,
         normalization_pairs=512, balance_lengths=False, prompt_sequence_length=64, target_sequence_length=32,
         instruction="", plain_text=False, seed=0, gradient_checkpointing=False, processes=1,
-        reward_model=Model(uri=output + "/reward_model"),
+        huggingface_token_secret="", project="", reward_model=Model(uri=output + "/reward_model"),
         metrics=Metrics(uri=output + "/metrics"))
 """).format(steps=REWARD_STEPS)
 
