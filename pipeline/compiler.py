@@ -14,6 +14,5 @@ def compile_pipeline(output: Path, pipeline: str = "rlhf") -> Path:
 
     from rlhf.pipeline import definition
 
-    function = definition.infer_pipeline if pipeline == "infer" else definition.rlhf_pipeline
-    compiler.Compiler().compile(function, str(output))
+    compiler.Compiler().compile(definition.PIPELINES[pipeline], str(output))
     return output

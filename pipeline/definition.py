@@ -267,3 +267,6 @@ def build_infer_pipeline(retries: int = RETRIES):
 
 
 infer_pipeline = build_infer_pipeline()
+
+# The compiled pipelines by the name `--pipeline` takes.
+PIPELINES = {"rlhf": rlhf_pipeline, "infer": infer_pipeline}

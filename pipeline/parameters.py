@@ -45,14 +45,19 @@ PIPELINE_STAGES = {"rlhf": {stage: stage for stage in ACCELERATED_STAGES}, "infe
 def pipeline_parameters(pipeline: str = "rlhf") -> dict[str, inspect.Parameter]:
     from rlhf.pipeline import definition
 
-    function = definition.infer_pipeline if pipeline == "infer" else definition.rlhf_pipeline
-    return dict(inspect.signature(function.pipeline_func).parameters)
+    return dict(inspect.signature(definition.PIPELINES[pipeline].pipeline_func).parameters)
 
 
 def pipeline_defaults(pipeline: str = "rlhf") -> dict:
     """The pipeline's own defaults (sized for Vertex AI); required parameters are absent."""
     return {name: p.default for name, p in pipeline_parameters(pipeline).items()
             if p.default is not inspect.Parameter.empty}
+
+
+def parameter_values(parameters: dict, pipeline: str = "rlhf"):
+    """`value(name)`: the parameter as given, else the pipeline's default (None for a required one not given)."""
+    defaults = pipeline_defaults(pipeline)
+    return lambda name: parameters.get(name, defaults.get(name))
 
 
 def _coerce(name: str, value, parameter: inspect.Parameter):
@@ -120,8 +125,7 @@ def resolve_parameters(params_file: Path | None, assignments: list[str], default
 def check_parameters(parameters: dict, given: dict, target: str, pipeline: str = "rlhf") -> list[str]:
     """Every problem with the parameters, one line each; empty when they are fine."""
     problems = []
-    defaults = pipeline_defaults(pipeline)
-    value = lambda name: parameters.get(name, defaults.get(name))  # noqa: E731
+    value = parameter_values(parameters, pipeline)
 
     def require(condition: bool, name: str, what: str) -> None:
         if not condition:
@@ -137,8 +141,8 @@ def check_parameters(parameters: dict, given: dict, target: str, pipeline: str =
     # before any stage runs.
     problems += [problem for config, names in stage_configs(value, pipeline) for problem in config.problems(names)]
     secret = value("huggingface_token_secret")
-    if secret and secret_problem(secret):
-        problems.append(secret_problem(secret))
+    if secret and (problem := secret_problem(secret)):
+        problems.append(problem)
     if target == "vertex":
         problems += _check_vertex(value, PIPELINE_STAGES[pipeline])
     else:
@@ -214,7 +218,7 @@ def chosen_machines(parameters: dict, given: dict, pipeline: str = "rlhf") -> di
     from rlhf.models.memory import fits, smallest_fitting
 
     defaults = pipeline_defaults(pipeline)
-    needs = stage_memory(lambda name: parameters.get(name, defaults.get(name)), PIPELINE_STAGES[pipeline])
+    needs = stage_memory(parameter_values(parameters, pipeline), PIPELINE_STAGES[pipeline])
     if needs is None:
         return {}
     chosen = {}
@@ -232,8 +236,7 @@ def machine_lines(parameters: dict, pipeline: str = "rlhf") -> list[str]:
     """One line per accelerated stage: its estimated memory a GPU and the GPU it will run on."""
     from rlhf.models.memory import gib
 
-    defaults = pipeline_defaults(pipeline)
-    value = lambda name: parameters.get(name, defaults.get(name))  # noqa: E731
+    value = parameter_values(parameters, pipeline)
     needs = stage_memory(value, PIPELINE_STAGES[pipeline])
     if needs is None:
         return []

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from rlhf.errors import RunFailure, UserError
+from rlhf.pipeline.compiler import COMPILED
 from rlhf.settings import PLAIN_TEXT, PromptSettings, cpu_precision
 
 MAX_PROBLEM_LINES = 200
@@ -131,7 +132,7 @@ def cmd_prepare_model(args) -> int:
 def cmd_compile(args) -> int:
     """Compile rlhf_pipeline, or with --pipeline infer the bulk-inference pipeline, to YAML (what `python
     compile.py` does for both)."""
-    from rlhf.pipeline.compiler import COMPILED, compile_pipeline
+    from rlhf.pipeline.compiler import compile_pipeline
 
     output = Path(args.output or COMPILED[args.pipeline].name)
     print(f"Wrote {compile_pipeline(output, args.pipeline)}")
@@ -159,7 +160,6 @@ def _vertex_settings(args):
 def _vertex_job(args, schedule=None):
     """The settings and the job's request body and id, or a UsageError listing every problem."""
     from rlhf.data.storage import bucket_exists
-    from rlhf.pipeline.compiler import COMPILED
     from rlhf.pipeline.parameters import ParameterError, machine_lines, resolve_parameters
     from rlhf.pipeline.vertex import build_job, check_settings
 
@@ -679,7 +679,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-PIPELINES = ("rlhf", "infer")  # the compiled pipelines: `rlhf_pipeline` and `infer_pipeline`
+PIPELINES = tuple(COMPILED)  # rlhf (`rlhf_pipeline`) and infer (`infer_pipeline`)
 VERTEX_JOB_NOTES = ("Parameters as for `rlhf run` (--params, --set), with the pipeline's own defaults; checked "
                     "before anything is sent. Credentials come from the environment (Application Default "
                     "Credentials) and are never printed. --dry-run prints the exact request body and touches no "

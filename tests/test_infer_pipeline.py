@@ -35,6 +35,15 @@ def test_the_committed_infer_pipeline_yaml_is_fresh_and_has_gcpcs_parameters_and
     assert task["retryPolicy"]["maxRetryCount"] == 2
 
 
+def test_the_settings_both_pipelines_take_have_one_default():
+    from rlhf.pipeline.parameters import pipeline_defaults
+
+    tuning, inference = pipeline_defaults("rlhf"), pipeline_defaults("infer")
+    shared = set(tuning) & set(inference)
+    assert len(shared) >= 15
+    assert {name: inference[name] for name in shared} == {name: tuning[name] for name in shared}
+
+
 @pytest.fixture
 def local_runner(tmp_path):
     from kfp import local
