@@ -1,6 +1,6 @@
 """The stages as the components run them: in the component's own process on one accelerator, or as one
 process per accelerator (`rlhf.training.distributed.launch`) each running this module, when the pipeline
-gives the stage several (`*_accelerator_count`).
+gives the stage several (`*_accelerator_count`) or several machines (`*_replica_count`, `CLUSTER_SPEC`).
 
 `python -m rlhf.components.processes STAGE ARGUMENTS.json RESULT.json` is one such process: STAGE is one of
 `STAGES`, ARGUMENTS.json holds its keyword arguments, and rank 0 writes what it returns to RESULT.json.
@@ -67,19 +67,26 @@ STAGES = {"reward_model": train_reward_model, "policy": train_policy, "bulk_infe
 
 def run_stage(stage: str, processes: int, **arguments) -> dict:
     """What the stage returns (a trainer: its metrics, or `{"interrupted": True, "step": N}` when it stopped at
-    a checkpoint), run here for one process, else in `processes` processes."""
+    a checkpoint), run here for one process on one machine, else in `processes` processes on each machine of
+    `CLUSTER_SPEC`. On a replica of a custom job other than the chief, the stage's task ends here."""
     from rlhf.errors import RunFailure
-    from rlhf.training.distributed import launch
+    from rlhf.training.distributed import Machines, launch
 
-    if processes == 1:
+    machines = Machines.from_environment()
+    if processes == 1 and machines.count == 1:
         return STAGES[stage](**arguments)
     with tempfile.TemporaryDirectory() as scratch:
         given, result = Path(scratch) / "arguments.json", Path(scratch) / "result.json"
         given.write_text(json.dumps(arguments))
         status = launch(processes, [stage, str(given), str(result)], module="rlhf.components.processes")
         if status not in (0, 75):
-            raise RunFailure(f"the {stage.replace('_', ' ')} stage's {processes} processes failed (status {status}); "
-                             "a training stage's checkpoint is kept, and running it again resumes from it")
+            raise RunFailure(f"the {stage.replace('_', ' ')} stage's {processes * machines.count} processes failed "
+                             f"(status {status}); a training stage's checkpoint is kept, and running it again "
+                             "resumes from it")
+        if machines.rank:
+            # The chief's first process (rank 0) wrote the stage's outputs, and KFP lets only the chief write the
+            # task's: this machine's part is done.
+            raise SystemExit(status)
         return json.loads(result.read_text())
 
 

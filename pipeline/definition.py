@@ -8,7 +8,8 @@ curves to Vertex AI TensorBoard. It returns the model's and the endpoint's resou
 
 The accelerator, CPU and memory settings apply on Vertex AI; the KFP local runner ignores them, but for one:
 training and bulk inference run one process per accelerator of their `*_accelerator_count` (data parallel),
-there too.
+there too. A training stage with `*_replica_count` above 1 runs on that many machines as a Vertex AI custom job
+(a branch of its own; KFP's local runner is given none).
 """
 
 import inspect
@@ -20,11 +21,13 @@ from rlhf.components.evaluate import evaluate
 from rlhf.components.image import IMAGE
 from rlhf.components.inference import bulk_inference, infer_prompts
 from rlhf.components.policy import train_policy
+from rlhf.components.replicas import on_replicas
 from rlhf.components.resolve_steps import resolve_steps
 from rlhf.components.reward_model import train_reward_model
 from rlhf.components.tensorboard import upload_tensorboard
 from rlhf.components.upload import skip_upload, upload_model
 from rlhf.components.validate import validate_datasets
+from rlhf.vertex.custom_job import MACHINE_SETTINGS
 
 # Accelerator stages are the ones a preempted or failed machine interrupts; their outputs hold checkpoints,
 # so a retry on the same output location resumes instead of starting over.
@@ -43,6 +46,26 @@ def _on_machine(task, accelerator_type, accelerator_count, cpu_limit, memory_lim
     task = (task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
             .set_cpu_limit(cpu_limit).set_memory_limit(memory_limit))
     return task.set_retry(num_retries=retries, backoff_duration=RETRY_BACKOFF) if retries else task
+
+
+def _on_machines(component, stage: str, parameters: dict, retries: int, display_name: str, **inputs) -> dict:
+    """A training stage on the machines its parameters (`<stage>_accelerator_*`, `_cpu_limit`, `_memory_limit`,
+    `_replica_count`) ask for: one machine as a task of its own, several as a custom job with worker pools
+    (`rlhf.components.replicas`); returns its output artifacts, from whichever ran."""
+    machine = {name: parameters[f"{stage}_{name}"] for name in MACHINE_SETTINGS}
+    replicas = parameters[f"{stage}_replica_count"]
+    with dsl.If(replicas == 1, name=f"{stage.replace('_', '-')}-on-one-machine"):
+        alone = _on_machine(component(**inputs).set_display_name(display_name), *machine.values(), retries)
+    with dsl.Else(name=f"{stage.replace('_', '-')}-on-replicas"):
+        launcher = on_replicas(component)(
+            **inputs, replica_count=replicas, location=parameters["location"],
+            encryption_spec_key_name=parameters["encryption_spec_key_name"],
+            **{f"machine_{name}": value for name, value in machine.items()},
+        ).set_display_name(f"{display_name} (several machines)")
+        if retries:
+            launcher.set_retry(num_retries=retries, backoff_duration=RETRY_BACKOFF)
+    return {name: dsl.OneOf(alone.outputs[name], launcher.outputs[name]) for name in alone.outputs
+            if name != "metrics"}
 
 
 def _from_parameters(component, parameters: dict, settings=None) -> dict:
@@ -127,10 +150,12 @@ def build_pipeline(retries: int = RETRIES):
         plain_text: bool = False,
         reward_model_accelerator_type: str = "NVIDIA_L4",
         reward_model_accelerator_count: int = 1,
+        reward_model_replica_count: int = 1,
         reward_model_cpu_limit: str = "8",
         reward_model_memory_limit: str = "32G",
         reinforcement_learning_accelerator_type: str = "NVIDIA_L4",
         reinforcement_learning_accelerator_count: int = 1,
+        reinforcement_learning_replica_count: int = 1,
         reinforcement_learning_cpu_limit: str = "8",
         reinforcement_learning_memory_limit: str = "32G",
         inference_accelerator_type: str = "NVIDIA_L4",
@@ -152,31 +177,27 @@ def build_pipeline(retries: int = RETRIES):
             prompt_count=validated.outputs["prompt_count"],
             **_from_parameters(resolve_steps, parameters),
         ).set_display_name("resolve steps")
-        reward_model = train_reward_model(
+        reward_model = _on_machines(train_reward_model, "reward_model", parameters, retries, "train reward model",
             train_pairs=validated.outputs["train_pairs"],
             held_out_pairs=validated.outputs["held_out_pairs"],
             train_steps=steps.outputs["reward_model_steps"],
             processes=reward_model_accelerator_count,
             **_from_parameters(train_reward_model, parameters, RewardTrainingConfig),
-        ).set_display_name("train reward model")
-        _on_machine(reward_model, reward_model_accelerator_type, reward_model_accelerator_count, reward_model_cpu_limit,
-                    reward_model_memory_limit, retries)
-        policy = train_policy(
+        )
+        policy = _on_machines(train_policy, "reinforcement_learning", parameters, retries, "train policy",
             prompts=validated.outputs["prompts"],
-            reward_model=reward_model.outputs["reward_model"],
+            reward_model=reward_model["reward_model"],
             train_pairs=validated.outputs["train_pairs"],
             held_out_pairs=validated.outputs["held_out_pairs"],
             train_steps=steps.outputs["reinforcement_learning_steps"],
             processes=reinforcement_learning_accelerator_count,
             **_from_parameters(train_policy, parameters, PPOConfig),
-        ).set_display_name("train policy")
-        _on_machine(policy, reinforcement_learning_accelerator_type, reinforcement_learning_accelerator_count,
-                    reinforcement_learning_cpu_limit, reinforcement_learning_memory_limit, retries)
+        )
         predictions = {}
         for side, tuned in (("base", False), ("tuned", True)):
             predictions[side] = bulk_inference(
                 prompts=validated.outputs["eval_prompts"],
-                policy=policy.outputs["policy"],
+                policy=policy["policy"],
                 use_tuned_adapter=tuned,
                 processes=inference_accelerator_count,
                 **_from_parameters(bulk_inference, parameters, InferenceConfig),
@@ -186,8 +207,8 @@ def build_pipeline(retries: int = RETRIES):
         evaluation = evaluate(
             base_predictions=predictions["base"].outputs["predictions"],
             tuned_predictions=predictions["tuned"].outputs["predictions"],
-            reward_model=reward_model.outputs["reward_model"],
-            policy=policy.outputs["policy"],
+            reward_model=reward_model["reward_model"],
+            policy=policy["policy"],
             run_parameters={**parameters,
                             "reward_model_train_steps": steps.outputs["reward_model_steps"],
                             "reinforcement_learning_train_steps": steps.outputs["reinforcement_learning_steps"]},
@@ -199,13 +220,13 @@ def build_pipeline(retries: int = RETRIES):
                     inference_memory_limit, retries)
         with dsl.If(model_display_name != "", name="upload-requested"):
             uploaded = upload_model(
-                policy=policy.outputs["policy"], **_from_parameters(upload_model, parameters),
+                policy=policy["policy"], **_from_parameters(upload_model, parameters),
             ).after(evaluation).set_display_name("upload model")
         with dsl.Else(name="no-upload"):
             skipped = skip_upload().set_display_name("no upload")
         with dsl.If(tensorboard_resource_id != "", name="tensorboard-requested"):
             upload_tensorboard(
-                reward_model=reward_model.outputs["reward_model"], policy=policy.outputs["policy"],
+                reward_model=reward_model["reward_model"], policy=policy["policy"],
                 **_from_parameters(upload_tensorboard, parameters),
             ).set_display_name("upload TensorBoard logs")
         return PipelineOutput(**{name: dsl.OneOf(uploaded.outputs[name], skipped.outputs[name])

@@ -255,11 +255,30 @@ def _find(root: Path, task: str, output: str) -> Path | None:
     return matches[-1] if matches else None
 
 
+def _branch_artifacts(cls, dag_outputs_spec, io_store) -> dict:
+    """The output artifacts of a DAG, where a `dsl.OneOf` (a training stage on one machine or on several) takes
+    the artifact of the branch that ran: what KFP's local runner does for a `dsl.OneOf` of parameters, and
+    Vertex AI Pipelines for both."""
+    outputs = {}
+    for key, spec in dag_outputs_spec.artifacts.items():
+        produced = []
+        for selector in spec.artifact_selectors:
+            try:
+                produced.append(io_store.get_task_output(selector.producer_subtask, selector.output_artifact_key))
+            except (KeyError, ValueError):  # a branch that did not run
+                continue
+        if len(produced) != 1:
+            raise RunFailure(f"the pipeline's output {key!r} came from {len(produced)} of its branches, not one")
+        outputs[key] = produced[0]
+    return outputs
+
+
 def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
     """Run the pipeline, or resume the one `output_dir` holds (see `resumes`); return the report's path.
     Raises RunError naming a failed stage and its log, or RunStopped when stopped on request."""
     from kfp import local
     from kfp.local import executor_input_utils
+    from kfp.local.orchestrator.orchestrator_utils import OrchestratorUtils
 
     from rlhf.evaluation.compare import COMPARISON_FILE, METRICS_FILE, REPORT_HTML, REPORT_MARKDOWN
     from rlhf.models.reference import resolve_model_reference
@@ -278,7 +297,9 @@ def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
 
     router = _StageRouter(logs, sys.stderr)
     real_stdout, run_name = sys.stdout, executor_input_utils.get_local_pipeline_resource_name
+    dag_artifacts = OrchestratorUtils.__dict__["get_dag_output_artifacts"]
     sys.stdout, executor_input_utils.get_local_pipeline_resource_name = router, _one_run_per_directory
+    OrchestratorUtils.get_dag_output_artifacts = classmethod(_branch_artifacts)
     started = time.monotonic()
     stop = _StopOnSignal()
     try:
@@ -299,6 +320,7 @@ def run_local(parameters: dict, output_dir: Path, echo=print) -> Path:
         raise RunError(f"the pipeline failed: {_ANSI.sub('', str(error))}") from None
     finally:
         sys.stdout, executor_input_utils.get_local_pipeline_resource_name = real_stdout, run_name
+        OrchestratorUtils.get_dag_output_artifacts = dag_artifacts
         if not router.closed:
             router.close()
 

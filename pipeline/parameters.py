@@ -5,7 +5,6 @@ before anything runs, so a bad value stops `rlhf run` or `rlhf submit` at once i
 from __future__ import annotations
 
 import inspect
-import re
 from pathlib import Path
 
 import yaml
@@ -13,6 +12,7 @@ import yaml
 from rlhf.errors import UserError
 from rlhf.models.reference import ModelReferenceError, classify_model_reference, context_length
 from rlhf.settings import PLAIN_TEXT
+from rlhf.vertex.custom_job import MACHINE_SETTINGS, cpu_count, machine_type, memory_bytes
 from rlhf.vertex.secrets import secret_problem
 
 # (steps, epochs): epochs, when given, define the steps; giving both is ambiguous.
@@ -24,8 +24,6 @@ ACCELERATED_STAGES = ("reward_model", "reinforcement_learning", "inference")
 # Accelerators the CUDA image can use on Vertex AI Pipelines (TPUs would need torch_xla, not in the image).
 VERTEX_GPUS = ("NVIDIA_TESLA_T4", "NVIDIA_L4", "NVIDIA_TESLA_V100", "NVIDIA_TESLA_P100", "NVIDIA_TESLA_A100",
                "NVIDIA_A100_80GB", "NVIDIA_H100_80GB", "NVIDIA_H100_MEGA_80GB", "NVIDIA_H200_141GB", "NVIDIA_B200")
-_CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")
-_MEMORY = re.compile(r"[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?")
 
 
 class ParameterError(UserError):
@@ -143,9 +141,16 @@ def check_parameters(parameters: dict, given: dict, target: str, pipeline: str =
     secret = value("huggingface_token_secret")
     if secret and (problem := secret_problem(secret)):
         problems.append(problem)
+    replicated = [name for name in pipeline_parameters(pipeline) if name.endswith("_replica_count")]
+    for name in replicated:
+        require(value(name) >= 1, name, "a stage runs on at least one machine")
     if target == "vertex":
         problems += _check_vertex(value, PIPELINE_STAGES[pipeline])
+        problems += _check_replicas(value, [name.removesuffix("_replica_count") for name in replicated])
     else:
+        for name in replicated:
+            require(value(name) <= 1, name, "several machines are a Vertex AI custom job; on this machine, give "
+                    "the stage several processes with its *_accelerator_count")
         for name in DATASET_PARAMETERS:
             require(not str(value(name) or "").startswith("/gcs/"), name,
                     "a /gcs/ path exists only inside Vertex AI; use the gs:// URI")
@@ -286,11 +291,25 @@ def _check_vertex(value, stages: dict[str, str]) -> list[str]:
                             f"{', '.join(VERTEX_GPUS)}")
         if count not in (1, 2, 4, 8):
             problems.append(f"{stage}_accelerator_count={count!r}: must be 1, 2, 4 or 8")
-        if not _CPU.fullmatch(value(f"{stage}_cpu_limit")):
-            problems.append(f"{stage}_cpu_limit={value(f'{stage}_cpu_limit')!r}: a number of CPUs, such as 8 or 500m")
-        if not _MEMORY.fullmatch(value(f"{stage}_memory_limit")):
-            problems.append(f"{stage}_memory_limit={value(f'{stage}_memory_limit')!r}: a size, such as 32G")
+        for limit, parse in (("cpu_limit", cpu_count), ("memory_limit", memory_bytes)):
+            try:
+                parse(value(f"{stage}_{limit}"))
+            except UserError as error:
+                problems.append(f"{stage}_{limit}={error}")
     problems += _check_machines(value, stages)
     if value("deploy_model") and not value("model_display_name"):
         problems.append("deploy_model=True: needs model_display_name (the model is uploaded, then deployed)")
+    return problems
+
+
+def _check_replicas(value, stages: list[str]) -> list[str]:
+    """A stage on several machines runs as a custom job, which names its machine type: one must carry the
+    stage's GPUs, CPUs and memory."""
+    problems = []
+    for stage in stages:
+        if value(f"{stage}_replica_count") > 1:
+            try:
+                machine_type(*(value(f"{stage}_{name}") for name in MACHINE_SETTINGS))
+            except UserError as error:
+                problems.append(f"{stage}_replica_count={value(f'{stage}_replica_count')}: {error}")
     return problems

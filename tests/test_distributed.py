@@ -233,3 +233,78 @@ def test_a_stage_process_closes_its_process_group_when_its_work_is_done(tiny_mod
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"status": 0, "group_open": False}
     assert len(read_jsonl(output)) == 4
+
+
+@pytest.mark.slow
+def test_a_stage_on_two_vertex_replicas_trains_as_two_processes_of_one(alone_and_parallel, tiny_model_dir, tmp_path):
+    """The pipeline's reward-model stage with reward_model_replica_count=2, run as Vertex AI runs it: the launcher
+    task's command with its placeholders filled in by KFP's own code (the executor input: inputs, and where the
+    outputs go) creates a custom job on the loopback Vertex AI API, which plays each replica as a local process
+    running the job's container command with the CLUSTER_SPEC Vertex AI gives it."""
+    from google.protobuf import json_format
+    from kfp import dsl
+    from kfp.local import executor_input_utils, placeholder_utils
+
+    from rlhf.components.replicas import on_replicas
+    from rlhf.components.reward_model import train_reward_model
+    from rlhf.data.datasets import write_jsonl
+    from rlhf.reward.config import RewardTrainingConfig
+    from tests.distributed_stage import REWARD_SETTINGS
+    from tests.vertex_loopback import VertexLoopback, write_service_account
+
+    rows = marker_pairs(48)
+    write_jsonl(tmp_path / "train.jsonl", rows[:40])
+    write_jsonl(tmp_path / "held_out.jsonl", rows[40:])
+    config = reward_config(**REWARD_SETTINGS)
+    launcher = on_replicas(train_reward_model)
+    arguments = {**{name: getattr(config, name) for name in RewardTrainingConfig.parameter_names},
+                 "plain_text": False, "large_model_reference": str(tiny_model_dir), "processes": 1,
+                 "huggingface_token_secret": "", "project": "p1", "replica_count": 2,
+                 "machine_accelerator_type": "NVIDIA_L4", "machine_accelerator_count": 1, "machine_cpu_limit": "8",
+                 "machine_memory_limit": "32G", "location": "us-central1", "encryption_spec_key_name": "",
+                 **{name: dsl.Dataset(name=name, uri=str(tmp_path / f"{file}.jsonl"), metadata={})
+                    for name, file in (("train_pairs", "train"), ("held_out_pairs", "held_out"))}}
+    component = launcher.pipeline_spec.components[f"comp-{launcher.name}"]
+    executor_input = executor_input_utils.construct_executor_input(component, arguments, str(tmp_path / "task"),
+                                                                   block_input_artifact=False)
+    given = executor_input_utils.executor_input_to_dict(executor_input, component)
+    container = json_format.MessageToDict(launcher.pipeline_spec)["deploymentSpec"]["executors"][
+        f"exec-{launcher.name}"]["container"]
+    command = placeholder_utils.replace_placeholders([*container["command"], *container["args"]], given, "pipeline",
+                                                     "task", str(tmp_path / "root"), "run-1")
+    path = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # `python3` is this environment's
+    replicas = []
+
+    def play(job: dict) -> dict:
+        """Vertex AI's part: every replica of every worker pool, told where the others are."""
+        pools = job["jobSpec"]["workerPoolSpecs"]
+        cluster = {f"workerpool{i}": [f"127.0.0.1:{free_port()}" for _ in range(int(pool["replicaCount"]))]
+                   for i, pool in enumerate(pools)}
+        for i, pool in enumerate(pools):
+            for index in range(int(pool["replicaCount"])):
+                spec = {"cluster": cluster, "task": {"type": f"workerpool{i}", "index": index}, "environment": "cloud"}
+                replicas.append(subprocess.Popen(
+                    pool["containerSpec"]["command"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    env={**os.environ, **ONE_THREAD, **path, "CLUSTER_SPEC": json.dumps(spec)}))
+        ended = [replica.communicate(timeout=900) for replica in replicas]
+        failed = [err[-2000:] for replica, (_, err) in zip(replicas, ended) if replica.returncode]
+        return {"state": "JOB_STATE_FAILED" if failed else "JOB_STATE_SUCCEEDED",
+                "error": {"message": "\n".join(failed)}}
+
+    with VertexLoopback() as vertex:
+        write_service_account(tmp_path / "key.json", f"{vertex.url}/token")
+        vertex.run_custom_job = play
+        separator = command.index("--")
+        result = subprocess.run([*command[:separator], "--api-endpoint", vertex.url, "--poll-seconds", "0.5",
+                                 *command[separator:]], capture_output=True, text=True, timeout=900,
+                                env={**os.environ, **path, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "key.json")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [replica.returncode for replica in replicas] == [0, 0]
+    # The chief's task wrote the stage's outputs where the pipeline looks for them: the model, trained as two
+    # processes of one machine train it, and its metrics.
+    outputs = given["outputs"]["artifacts"]
+    parallel, parallel_metrics = alone_and_parallel["reward", 2]
+    trained = Path(outputs["reward_model"]["artifacts"][0]["uri"])
+    assert_same_tensors(trained_tensors(trained, "reward"), trained_tensors(parallel, "reward"), 1e-6)
+    reported = json.loads(Path(given["outputs"]["outputFile"]).read_text())["artifacts"]["metrics"]["artifacts"][0]
+    assert reported["metadata"]["final_rank_loss"] == pytest.approx(parallel_metrics["final_rank_loss"])

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from rlhf.pipeline.compiler import PIPELINE_YAML, compile_pipeline
+from tests import compiled
 from tests.conftest import REPO as REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -56,20 +57,31 @@ def test_yaml_loads_back_with_its_parameters_and_tasks():
     assert parameters["prompt_sequence_length"]["defaultValue"] == 512
     assert parameters["target_sequence_length"]["defaultValue"] == 64
     assert "defaultValue" not in parameters["preference_dataset"]
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"validate-datasets", "resolve-steps", "train-reward-model", "train-policy",
-                          "bulk-inference", "bulk-inference-2", "evaluate", "condition-branches-1", "condition-4"}
-    assert tasks["resolve-steps"]["dependentTasks"] == ["validate-datasets"]
-    assert sorted(tasks["train-reward-model"]["dependentTasks"]) == ["resolve-steps", "validate-datasets"]
-    assert "train-reward-model" in tasks["train-policy"]["dependentTasks"]
-    assert {"bulk-inference", "bulk-inference-2", "train-reward-model", "train-policy"} <= set(
-        tasks["evaluate"]["dependentTasks"])
+    tasks = compiled.tasks(spec)
+    stages = {"validate-datasets", "resolve-steps", "train-reward-model", "train-reward-model-on-replicas",
+              "train-policy", "train-policy-on-replicas", "bulk-inference", "bulk-inference-2", "evaluate",
+              "upload-model", "skip-upload", "upload-tensorboard"}
+    assert {name for name in tasks if not name.startswith("condition-")} == stages
+    assert tasks["resolve-steps"][1]["dependentTasks"] == ["validate-datasets"]
+    # Each training stage runs on one machine or on several (a branch each); what comes after takes the
+    # artifact of the branch that ran.
+    for stage in ("train-reward-model", "train-reward-model-on-replicas"):
+        assert compiled.source(spec, stage, "train_steps") == {"taskOutputParameter": {
+            "producerTask": "resolve-steps", "outputParameterKey": "reward_model_steps"}}
+        assert compiled.producers(spec, stage, "train_pairs") == {"validate-datasets"}
+    for stage in ("train-policy", "train-policy-on-replicas"):
+        assert compiled.producers(spec, stage, "reward_model") == {"train-reward-model",
+                                                                   "train-reward-model-on-replicas"}
+    assert compiled.producers(spec, "evaluate", "policy") == {"train-policy", "train-policy-on-replicas"}
+    assert compiled.producers(spec, "evaluate", "base_predictions") == {"bulk-inference"}
     # Training and bulk inference run one process per accelerator they are given.
     for task, count in (("train-reward-model", "reward_model_accelerator_count"),
+                        ("train-reward-model-on-replicas", "reward_model_accelerator_count"),
                         ("train-policy", "reinforcement_learning_accelerator_count"),
+                        ("train-policy-on-replicas", "reinforcement_learning_accelerator_count"),
                         ("bulk-inference", "inference_accelerator_count"),
                         ("bulk-inference-2", "inference_accelerator_count")):
-        assert tasks[task]["inputs"]["parameters"]["processes"]["componentInputParameter"] == count
+        assert compiled.source(spec, task, "processes") == {"componentInputParameter": count}
 
 
 @pytest.fixture
@@ -110,10 +122,14 @@ def test_the_image_installs_the_pinned_torch_and_every_package():
 
 def test_local_runs_do_not_retry_failed_stages():
     """The local runner honours retry policies: a deterministic failure, or a Ctrl-C, must not be retried."""
+    from google.protobuf import json_format
+
     from rlhf.pipeline.definition import build_pipeline, rlhf_pipeline
 
     def retried(pipeline):
-        return {name for name, task in pipeline.pipeline_spec.root.dag.tasks.items() if task.HasField("retry_policy")}
+        spec = json_format.MessageToDict(pipeline.pipeline_spec)
+        return {name for name, (_, task) in compiled.tasks(spec).items() if "retryPolicy" in task}
 
-    assert {"train-reward-model", "train-policy", "evaluate"} <= retried(rlhf_pipeline)
+    assert {"train-reward-model", "train-reward-model-on-replicas", "train-policy", "train-policy-on-replicas",
+            "evaluate"} <= retried(rlhf_pipeline)
     assert retried(build_pipeline(retries=0)) == set()

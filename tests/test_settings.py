@@ -24,6 +24,7 @@ from rlhf.pipeline.parameters import (
 from rlhf.reward.config import RewardTrainingConfig
 from rlhf.rl.config import PPOConfig
 from rlhf.settings import PLAIN_TEXT, RUN_OPTIONS
+from tests import compiled
 
 STAGES = [("train-reward-model", RewardTrainingConfig, "reward_model"),
           ("train-policy", PPOConfig, "reinforcement_learning")]
@@ -50,15 +51,16 @@ def test_pipeline_defaults_equal_the_stage_dataclasses_defaults():
 
 @pytest.mark.parametrize("task,settings,_", STAGES)
 def test_every_parameter_reaches_its_own_field_in_the_compiled_pipeline(task, settings, _):
-    spec = yaml.safe_load(PIPELINE_YAML.read_text())
-    given = spec["root"]["dag"]["tasks"][task]["inputs"]["parameters"]
-    # Each field is the stage's input of the same name, fed by the pipeline parameter that names it; the steps
-    # come resolved from steps or epochs.
-    fed = {field: given[field].get("componentInputParameter") for field in settings.parameter_names
-           if field in given and field != "train_steps"}
-    assert fed == {field: name for field, name in settings.parameter_names.items() if field != "train_steps"}
-    assert given["train_steps"]["taskOutputParameter"]["producerTask"] == "resolve-steps"
-    assert given[PLAIN_TEXT]["componentInputParameter"] == PLAIN_TEXT
+    spec = compiled.load(PIPELINE_YAML)
+    # Each field is the stage's input of the same name, fed by the pipeline parameter that names it, on one
+    # machine and on several; the steps come resolved from steps or epochs.
+    for runs in (task, f"{task}-on-replicas"):
+        given = compiled.tasks(spec)[runs][1]["inputs"]["parameters"]
+        fed = {field: compiled.source(spec, runs, field).get("componentInputParameter")
+               for field in settings.parameter_names if field in given and field != "train_steps"}
+        assert fed == {field: name for field, name in settings.parameter_names.items() if field != "train_steps"}
+        assert compiled.source(spec, runs, "train_steps")["taskOutputParameter"]["producerTask"] == "resolve-steps"
+        assert compiled.source(spec, runs, PLAIN_TEXT) == {"componentInputParameter": PLAIN_TEXT}
     assert set(settings.parameter_names.values()) <= set(spec["root"]["inputDefinitions"]["parameters"])
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from rlhf.pipeline.compiler import PIPELINE_YAML
+from tests import compiled
 from tests.conftest import rlhf
 from tests.vertex_loopback import ACCESS_TOKEN, VertexLoopback, write_service_account
 
@@ -52,8 +53,7 @@ def test_submit_dry_run_prints_the_job_body_and_sends_nothing():
     assert values["serving_container_image"] == IMAGE
     spec = body["pipelineSpec"]
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {IMAGE}
-    tasks = spec["root"]["dag"]["tasks"]
-    assert all(task["cachingOptions"].get("enableCache") is not True for task in tasks.values())
+    assert all(task["cachingOptions"].get("enableCache") is not True for _, task in compiled.tasks(spec).values())
     resources = spec["deploymentSpec"]["executors"]["exec-train-policy"]["container"]["resources"]
     assert "reinforcement_learning_accelerator_type" in resources["accelerator"]["resourceType"]
 
@@ -220,19 +220,25 @@ def test_the_compiled_pipeline_uploads_and_deploys_only_when_asked():
     import yaml
 
     spec = yaml.safe_load(PIPELINE_YAML.read_text())
-    tasks = spec["root"]["dag"]["tasks"]
-    conditions = {name: task.get("triggerPolicy", {}).get("condition", "") for name, task in tasks.items()
-                  if name.startswith("condition-") and not name.startswith("condition-branches")}
-    assert len(conditions) == 1 and "tensorboard_resource_id" in list(conditions.values())[0]
+    tasks = compiled.tasks(spec)
+
+    def branch(task: str) -> tuple[str, str]:
+        """The group of branches a task's branch is in (a root task), and the branch's condition."""
+        scope, runs = next(every for every in tasks.values() if every[1]["componentRef"]["name"] == tasks[task][0])
+        return scope, runs["triggerPolicy"]["condition"]
+
+    group, condition = branch("upload-tensorboard")
+    assert group == "root" and "tensorboard_resource_id" in condition
     # The upload runs where a model_display_name is given; either way the pipeline returns GCPC's two outputs,
     # the names the upload returned or empty ones.
-    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
-    upload_condition = [t["triggerPolicy"]["condition"] for t in branches.values()]
-    assert len(upload_condition) == 2 and all("model_display_name" in c for c in upload_condition)
+    (upload_group, upload_condition), (skip_group, skip_condition) = branch("upload-model"), branch("skip-upload")
+    assert upload_group == skip_group and "model_display_name" in upload_condition
+    assert skip_condition == f"!({upload_condition})"  # the other branch
+    branches = spec["components"][upload_group]["dag"]["tasks"]
     outputs = spec["root"]["dag"]["outputs"]["parameters"]
     assert set(outputs) == {"model_resource_name", "endpoint_resource_name"}
     assert set(spec["root"]["outputDefinitions"]["parameters"]) == set(outputs)
-    branch_outputs = spec["components"]["comp-condition-branches-1"]["dag"]["outputs"]["parameters"]
+    branch_outputs = spec["components"][upload_group]["dag"]["outputs"]["parameters"]
     for output in outputs.values():
         key = output["valueFromParameter"]["outputParameterKey"]
         sources = branch_outputs[key]["valueFromOneof"]["parameterSelectors"]
@@ -242,8 +248,9 @@ def test_the_compiled_pipeline_uploads_and_deploys_only_when_asked():
             "encryption_spec_key_name"} <= set(parameters)
     assert parameters["reward_model_train_steps"]["defaultValue"] == 1000
     assert parameters["reinforcement_learning_train_steps"]["defaultValue"] == 1000
-    for task in ("train-reward-model", "train-policy", "bulk-inference", "bulk-inference-2", "evaluate"):
-        assert tasks[task]["retryPolicy"]["maxRetryCount"] == 2, task
+    for task in ("train-reward-model", "train-reward-model-on-replicas", "train-policy", "train-policy-on-replicas",
+                 "bulk-inference", "bulk-inference-2", "evaluate"):
+        assert tasks[task][1]["retryPolicy"]["maxRetryCount"] == 2, task
 
 
 def test_tensorboard_resource_ids_are_read_in_both_forms():
@@ -290,10 +297,10 @@ def test_every_stage_that_loads_a_model_gets_the_secrets_name_and_a_bad_name_is_
                                        "evaluate")), ("infer", ("infer-prompts",))):
         spec = yaml.safe_load(COMPILED[pipeline].read_text())
         assert spec["root"]["inputDefinitions"]["parameters"]["huggingface_token_secret"]["defaultValue"] == ""
-        tasks = spec["root"]["dag"]["tasks"]
         for stage in stages:
-            given = tasks[stage]["inputs"]["parameters"]["huggingface_token_secret"]
-            assert given == {"componentInputParameter": "huggingface_token_secret"}, (pipeline, stage)
+            for runs in (stage, f"{stage}-on-replicas") if stage.startswith("train-") else (stage,):
+                given = compiled.source(spec, runs, "huggingface_token_secret")
+                assert given == {"componentInputParameter": "huggingface_token_secret"}, (pipeline, runs)
     sent = rlhf("submit", "--dry-run", *submit_args("bucket-x", "--set", "large_model_reference=llama-2-7b",
                                                     "--set", "huggingface_token_secret=hf-token"))
     assert sent.returncode == 0, sent.stderr

@@ -1,6 +1,6 @@
 """A loopback HTTP server that plays the parts of the Vertex AI REST API (and Google's OAuth token
-endpoint, and Secret Manager's access call) that submit, schedule, upload, deploy and the stages call, and
-records every request it gets."""
+endpoint, and Secret Manager's access call) that submit, schedule, upload, deploy, the stages and the custom-job
+launcher call, and records every request it gets."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ class VertexLoopback:
         self.requests: list[Request] = []
         self.resources: dict[str, dict] = {}
         self.secrets: dict[str, str] = {}  # Secret Manager's secret versions by resource name: their values
+        # A custom job's states, one more each time it is read after its creation; or `run_custom_job`, which
+        # plays the job (its replicas) in a thread and returns its final resource fields.
+        self.custom_job_states = ["JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
+        self.run_custom_job = None
+        self._pending_states: dict[str, list[str]] = {}
         loopback = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -87,12 +92,27 @@ class VertexLoopback:
             if name not in self.secrets:
                 return 404, {"error": {"code": 404, "message": f"Secret [{name}] not found or has no versions."}}
             return 200, {"name": name, "payload": {"data": base64.b64encode(self.secrets[name].encode()).decode()}}
+        if method == "GET" and self._pending_states.get(parent):
+            self.resources[parent]["state"] = self._pending_states[parent].pop(0)
         if method == "GET":
             parent = parent.split("@")[0]  # models/42@1 names version 1 of model 42
             return (200, self.resources[parent]) if parent in self.resources else (404, {"error": {"code": 404}})
         if method == "POST" and parent.endswith("/pipelineJobs"):
             job_id = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("pipelineJobId", "job-1")
             return 200, self._create(f"{parent}/{job_id}", body, state="PIPELINE_STATE_PENDING")
+        if method == "POST" and parent.endswith("/customJobs"):
+            job = self._create(f"{parent}/{len(self.resources) + 1}", body, state="JOB_STATE_PENDING")
+            if self.run_custom_job:
+                job["state"] = "JOB_STATE_RUNNING"
+                threading.Thread(target=lambda: job.update(self.run_custom_job(job)), daemon=True).start()
+            else:
+                self._pending_states[job["name"]] = list(self.custom_job_states)
+            return 200, job
+        if method == "POST" and parent.endswith(":cancel"):
+            job = self.resources[parent[: -len(":cancel")]]
+            self._pending_states.pop(job["name"], None)
+            job["state"] = "JOB_STATE_CANCELLED"
+            return 200, {}
         if method == "POST" and parent.endswith("/schedules"):
             return 200, self._create(f"{parent}/1234", body, state="ACTIVE")
         if method == "POST" and parent.endswith("/models:upload"):

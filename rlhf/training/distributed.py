@@ -128,25 +128,27 @@ STOP_GRACE_SECONDS = 1800
 class Machines:
     """The machines a stage runs on and how their processes meet: this one alone, or the replicas Vertex AI
     describes in `CLUSTER_SPEC` (the chief in worker pool 0, the others in worker pool 1), which meet at the
-    chief's address."""
+    chief's address. The chief is machine 0, so its first process is rank 0, the one that writes the outputs:
+    KFP lets only the chief write a task's outputs."""
 
     count: int
     meeting_point: str  # host:port of the rendezvous
-    hosts_meeting: bool  # whether this machine serves the rendezvous
+    rank: int  # this machine's place among them: its processes' ranks follow those of the machines before it
     run_id: str  # the same on every machine of the run
 
     @classmethod
     def from_environment(cls) -> Machines:
         spec = os.environ.get("CLUSTER_SPEC")
         if not spec:
-            return cls(1, "localhost:0", True, f"rlhf-{os.getpid()}")
+            return cls(1, "localhost:0", 0, f"rlhf-{os.getpid()}")
         cluster = json.loads(spec)
         pools = cluster["cluster"]
-        hosts = pools.get("workerpool0", []) + pools.get("workerpool1", [])
+        chiefs, workers = pools.get("workerpool0", []), pools.get("workerpool1", [])
         task = cluster["task"]
-        chief = task["type"] == "workerpool0" and int(task.get("index", 0)) == 0
+        index = int(task.get("index", 0))
+        rank = index if task["type"] == "workerpool0" else len(chiefs) + index
         digest = hashlib.sha256(json.dumps(pools, sort_keys=True).encode()).hexdigest()[:12]
-        return cls(len(hosts), hosts[0], chief, f"rlhf-{digest}")
+        return cls(len(chiefs) + len(workers), (chiefs + workers)[0], rank, f"rlhf-{digest}")
 
 
 def launch(processes: int, argv: list[str], module: str = "rlhf.cli") -> int:
@@ -161,9 +163,12 @@ def launch(processes: int, argv: list[str], module: str = "rlhf.cli") -> int:
     # Each process would otherwise start a thread per core, and the processes would fight over the cores.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     machines = Machines.from_environment()
+    # One machine: a rendezvous on any free port. Several: each machine's place is fixed (a static rendezvous at
+    # the chief's address, which CLUSTER_SPEC gives with its port), where a dynamic one would order them at will.
+    rendezvous = (dict(rdzv_backend="c10d", rdzv_configs={"is_host": True}) if machines.count == 1 else
+                  dict(rdzv_backend="static", rdzv_configs={"rank": machines.rank}))
     config = LaunchConfig(min_nodes=machines.count, max_nodes=machines.count, nproc_per_node=processes,
-                          run_id=machines.run_id, rdzv_backend="c10d", rdzv_endpoint=machines.meeting_point,
-                          rdzv_configs={"is_host": machines.hosts_meeting}, max_restarts=0,
+                          run_id=machines.run_id, rdzv_endpoint=machines.meeting_point, **rendezvous, max_restarts=0,
                           logs_specs=DefaultLogsSpecs(local_ranks_filter={0}), shutdown_timeout=STOP_GRACE_SECONDS)
     try:
         elastic_launch(config, sys.executable)("-m", module, *argv)
