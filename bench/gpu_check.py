@@ -11,7 +11,8 @@ CPU too, where every line it prints says CPU. It prints, and writes to bench/res
   the training pass itself (`Policy.roll_out`);
 - the reward model's shared-prefix packing against each completion run alone, in that precision;
 - generation tokens/s, reward-model pairs/s and PPO episodes/s of the real trainers on this device;
-- peak memory (the GPU's allocator on CUDA, the process's resident set on a CPU).
+- peak memory (the GPU's allocator on CUDA, the process's resident set on a CPU), and the process's peak
+  resident set on the host.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         result.update(trainer_speed(model_path, args.device, args.steps, Path(work)))
     result["peak_memory_mb"] = _peak_memory_mb(placement.device)
+    # The host's too, on a GPU: the models load onto the GPU directly, so it should stay far below their size.
+    result["peak_host_memory_mb"] = _peak_memory_mb(torch.device("cpu"))
     result["seconds"] = time.perf_counter() - started
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

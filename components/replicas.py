@@ -9,7 +9,7 @@ import copy
 
 import yaml
 from google.protobuf import json_format
-from kfp import components
+from kfp import components, dsl
 
 # The launcher's inputs besides the stage's own (which include `project`): how many machines, and what each has.
 MACHINE_INPUTS = {
@@ -44,7 +44,9 @@ def on_replicas(component):
     spec["deploymentSpec"]["executors"][f"exec-{launcher}"] = {"container": {
         "image": stage["image"],
         "command": LAUNCHER,
-        "args": ["--display-name", name, "--project", _input("project"), "--location", _input("location"),
+        # The job is named after the pipeline run and the stage, as the console lists it beside the run.
+        "args": ["--display-name", f"{dsl.PIPELINE_JOB_NAME_PLACEHOLDER}-{name}",
+                 "--project", _input("project"), "--location", _input("location"),
                  "--replica-count", _input("replica_count"),
                  "--accelerator-type", _input("machine_accelerator_type"),
                  "--accelerator-count", _input("machine_accelerator_count"),

@@ -300,6 +300,9 @@ def test_a_stage_on_two_vertex_replicas_trains_as_two_processes_of_one(alone_and
                                 env={**os.environ, **path, "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "key.json")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert [replica.returncode for replica in replicas] == [0, 0]
+    (created,) = [r.body for r in vertex.api_requests() if r.method == "POST"]
+    assert created["displayName"] == "pipeline-train-reward-model"
+    assert [pool["replicaCount"] for pool in created["jobSpec"]["workerPoolSpecs"]] == [1, 1]
     # The chief's task wrote the stage's outputs where the pipeline looks for them: the model, trained as two
     # processes of one machine train it, and its metrics.
     outputs = given["outputs"]["artifacts"]

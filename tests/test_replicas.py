@@ -40,6 +40,7 @@ def test_the_compiled_pipeline_runs_a_stage_on_one_machine_or_as_a_custom_job_on
     assert runs["args"][runs["args"].index("--") + 1:] == stage["command"] + stage["args"]
     options = dict(zip(runs["args"][:runs["args"].index("--"):2], runs["args"][1:runs["args"].index("--"):2]))
     assert options["--replica-count"] == "{{$.inputs.parameters['replica_count']}}"
+    assert options["--display-name"] == "{{$.pipeline_job_name}}-" + task
     for option, name in (("--accelerator-type", "accelerator_type"), ("--accelerator-count", "accelerator_count"),
                          ("--cpu-limit", "cpu_limit"), ("--memory-limit", "memory_limit")):
         fed = options[option].removeprefix("{{$.inputs.parameters['").removesuffix("']}}")

@@ -181,8 +181,11 @@ def _load(auto_class, path: str, placement: Placement, trust_remote_code: bool):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         _no_dropout_settings(config)
+        # On a GPU the weights go there shard by shard, so the host's memory never holds the model (a 7B one
+        # is 13.5 GB in bfloat16): the stage's `*_memory_limit` need not grow with the model.
+        on_gpu = {"device_map": {"": placement.device}} if placement.device.type == "cuda" else {}
         model = auto_class.from_pretrained(path, config=config, dtype=placement.dtype, use_safetensors=True,
-                                           trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+                                           trust_remote_code=trust_remote_code, attn_implementation="sdpa", **on_gpu)
     except Exception as error:  # transformers, safetensors and the OS each fail with their own types
         raise ModelLoadError(f"cannot load the model from {path}: {type(error).__name__}: {error}") from error
     disable_dropout(model)
