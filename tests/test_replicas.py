@@ -157,6 +157,22 @@ def test_a_failed_custom_job_fails_the_launcher_with_vertex_ais_reason(loopback)
     assert "Traceback" not in result.stderr
 
 
+def test_the_launcher_reads_again_through_passing_failures_and_cancels_a_job_it_loses(loopback):
+    vertex, env = loopback
+    vertex.failing_job_reads = 3
+    result = run_launcher(vertex.url, env)
+    assert result.returncode == 0, result.stderr
+    assert len([r for r in vertex.api_requests() if r.method == "GET"]) == 3 + 2
+    vertex.requests.clear()
+    vertex.failing_job_reads = 10**6  # Vertex AI unreachable from here on
+    lost = run_launcher(vertex.url, env)
+    assert lost.returncode == 1 and "Traceback" not in lost.stderr
+    assert "Vertex AI did not answer GET" in lost.stderr and "(HTTP 503: " in lost.stderr
+    assert "it was cancelled, and running the stage again resumes from its checkpoint" in lost.stderr
+    (cancelled,) = [r for r in vertex.api_requests() if r.path.endswith(":cancel")]
+    assert vertex.resources[cancelled.path[len("/v1/"):-len(":cancel")]]["state"] == "JOB_STATE_CANCELLED"
+
+
 def test_a_stopped_launcher_cancels_its_custom_job(loopback):
     vertex, env = loopback
     vertex.custom_job_states = ["JOB_STATE_RUNNING"] * 10**6  # runs until cancelled

@@ -39,6 +39,7 @@ class VertexLoopback:
         # plays the job (its replicas) in a thread and returns its final resource fields.
         self.custom_job_states = ["JOB_STATE_RUNNING", "JOB_STATE_SUCCEEDED"]
         self.run_custom_job = None
+        self.failing_job_reads = 0  # how many reads of a custom job fail (HTTP 503) before they answer again
         self._pending_states: dict[str, list[str]] = {}
         loopback = self
 
@@ -92,6 +93,9 @@ class VertexLoopback:
             if name not in self.secrets:
                 return 404, {"error": {"code": 404, "message": f"Secret [{name}] not found or has no versions."}}
             return 200, {"name": name, "payload": {"data": base64.b64encode(self.secrets[name].encode()).decode()}}
+        if method == "GET" and "/customJobs/" in parent and self.failing_job_reads:
+            self.failing_job_reads -= 1
+            return 503, {"error": {"code": 503, "message": "The service is currently unavailable."}}
         if method == "GET" and self._pending_states.get(parent):
             self.resources[parent]["state"] = self._pending_states[parent].pop(0)
         if method == "GET":

@@ -26,6 +26,7 @@ from rlhf.errors import RunFailure, UserError
 
 FINAL_STATES = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_EXPIRED")
 POLL_SECONDS = 30.0
+TRIES = 6  # reads of a job's state before its launcher gives up (about a minute of waits at the default backoff)
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,16 @@ def worker_pool_specs(image: str, command: list[str], replica_count: int, machin
 class CustomJobs:
     """Vertex AI's custom jobs in one project and region, over REST."""
 
-    def __init__(self, project: str, location: str, api_endpoint: str = ""):
+    def __init__(self, project: str, location: str, api_endpoint: str = "", backoff_seconds: float = 2.0):
         import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
         from google.auth.transport.requests import AuthorizedSession
 
-        credentials, default_project = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        try:
+            credentials, default_project = google.auth.default(
+                scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        except DefaultCredentialsError as error:
+            raise UserError(f"no Google Cloud credentials here: {error}") from None
         self.project = project or default_project
         if not self.project:
             raise UserError("project: the custom job needs a project; give `project` or run where the environment "
@@ -129,12 +135,28 @@ class CustomJobs:
         self.location = location
         self.api = f"{api_endpoint or f'https://{location}-aiplatform.googleapis.com'}/v1"
         self.session = AuthorizedSession(credentials)
+        self.backoff_seconds = backoff_seconds
 
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
-        response = self.session.request(method, f"{self.api}/{path}", json=body, timeout=60)
-        if response.status_code != 200:
-            raise RunFailure(f"Vertex AI refused {method} {path} (HTTP {response.status_code}): {response.text[:500]}")
-        return response.json()
+        """One request; a read that fails for a passing reason (no connection, HTTP 429 or 5xx) is tried again,
+        up to TRIES times, waiting twice as long each time: a job runs for hours, and one dropped read must not
+        fail its stage."""
+        import requests
+
+        for attempt in range(TRIES if method == "GET" else 1):
+            if attempt:
+                time.sleep(self.backoff_seconds * 2 ** (attempt - 1))
+            try:
+                response = self.session.request(method, f"{self.api}/{path}", json=body, timeout=60)
+            except requests.RequestException as error:
+                problem = f"{type(error).__name__}: {error}"
+                continue
+            if response.status_code == 200:
+                return response.json()
+            problem = f"HTTP {response.status_code}: {response.text[:500]}"
+            if response.status_code != 429 and response.status_code < 500:
+                break
+        raise RunFailure(f"Vertex AI did not answer {method} {path} ({problem})")
 
     def create(self, display_name: str, pools: list[dict], encryption_spec_key_name: str = "") -> dict:
         body = {"displayName": display_name, "jobSpec": {"workerPoolSpecs": pools}}
@@ -174,6 +196,15 @@ def run_custom_job(jobs: CustomJobs, display_name: str, pools: list[dict], encry
                 print(f"custom job {name}: {state} ({time.monotonic() - started:.0f} s)", flush=True)
             time.sleep(poll_seconds)
             job = jobs.get(name)
+    except RunFailure as error:
+        # A retry of the stage starts a new job on the same checkpoint: this one must not run on beside it.
+        print(f"custom job {name}: its state cannot be read; cancelling it", flush=True)
+        try:
+            jobs.cancel(name)
+            outcome = "it was cancelled, and running the stage again resumes from its checkpoint"
+        except RunFailure:
+            outcome = "cancelling it failed too: cancel it in the console before running the stage again"
+        raise RunFailure(f"custom job {name}: {error}; {outcome}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"custom job {name}: {job['state']} ({time.monotonic() - started:.0f} s)", flush=True)
@@ -205,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                                arguments.memory_limit)
         pools = worker_pool_specs(arguments.image, arguments.command, arguments.replica_count, machine,
                                   arguments.accelerator_type, arguments.accelerator_count)
-        run_custom_job(CustomJobs(arguments.project, arguments.location, arguments.api_endpoint),
+        jobs = CustomJobs(arguments.project, arguments.location, arguments.api_endpoint,
+                          backoff_seconds=min(2.0, arguments.poll_seconds))
+        run_custom_job(jobs,
                        arguments.display_name, pools, arguments.encryption_spec_key_name, arguments.poll_seconds)
     except (UserError, RunFailure) as error:
         print(f"rlhf: {error}", file=sys.stderr)
