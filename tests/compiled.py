@@ -42,7 +42,7 @@ def producers(spec: dict, task: str, artifact: str) -> set[str]:
 
 
 def _leaves(spec: dict, task: str, output: str) -> set[str]:
-    component = spec["components"].get(f"comp-{task}", {})
+    component = spec["components"][tasks(spec)[task][1]["componentRef"]["name"]]
     if "dag" not in component:
         return {task}
     selectors = component["dag"]["outputs"]["artifacts"][output]["artifactSelectors"]
