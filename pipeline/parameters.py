@@ -238,15 +238,23 @@ def chosen_machines(parameters: dict, given: dict, pipeline: str = "rlhf") -> di
 
 
 def machine_lines(parameters: dict, pipeline: str = "rlhf") -> list[str]:
-    """One line per accelerated stage: its estimated memory a GPU and the GPU it will run on."""
+    """One line per accelerated stage: its estimated memory a GPU, the GPU it will run on, and for a stage on
+    several machines, how many and which."""
     from rlhf.models.memory import gib
 
     value = parameter_values(parameters, pipeline)
     needs = stage_memory(value, PIPELINE_STAGES[pipeline])
     if needs is None:
         return []
-    return [f"{stage.replace('_', ' ')}: about {gib(parts['total'])} a GPU, on {value(f'{stage}_accelerator_type')}"
-            for stage, parts in needs.items()]
+    lines = []
+    for stage, parts in needs.items():
+        line = f"{stage.replace('_', ' ')}: about {gib(parts['total'])} a GPU, on {value(f'{stage}_accelerator_type')}"
+        replicas = value(f"{stage}_replica_count") or 1
+        if replicas > 1:
+            machine = machine_type(*(value(f"{stage}_{name}") for name in MACHINE_SETTINGS))
+            line += f", {replicas} machines of {machine}"
+        lines.append(line)
+    return lines
 
 
 def _check_machines(value, stages: dict[str, str]) -> list[str]:

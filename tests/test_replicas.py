@@ -203,6 +203,7 @@ def test_several_machines_are_checked_before_anything_runs():
                                                     "--set", "reward_model_accelerator_type=NVIDIA_A100_80GB"))
     assert sent.returncode == 0, sent.stderr
     assert json.loads(sent.stdout)["runtimeConfig"]["parameterValues"]["reward_model_replica_count"] == 4
+    assert "reward model: about 5.8 GiB a GPU, on NVIDIA_A100_80GB, 4 machines of a2-ultragpu-8g" in sent.stderr
     refused = rlhf("submit", "--dry-run", *submit_args("bucket-x", "--set", "reinforcement_learning_replica_count=2",
                                                        "--set", "reinforcement_learning_memory_limit=200G"))
     assert refused.returncode == 2

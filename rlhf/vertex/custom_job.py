@@ -5,7 +5,8 @@ machine. Each replica gets `CLUSTER_SPEC` from Vertex AI, and the stage's proces
 (`rlhf.training.distributed.Machines`).
 
 `python -m rlhf.vertex.custom_job [options] -- COMMAND...` is the launcher: the pipeline task that runs it needs
-no accelerator; it creates the job, reports its state until it ends, and cancels it when the task is stopped.
+no accelerator; it creates the job, reports its state until it ends, and cancels it when the task is stopped
+or the job's state can no longer be read.
 The job's replicas run COMMAND, the stage component's own command with its inputs and outputs already filled
 in by Vertex AI Pipelines, so the stage reads and writes the same Cloud Storage paths it would on one machine.
 
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                                   arguments.accelerator_type, arguments.accelerator_count)
         jobs = CustomJobs(arguments.project, arguments.location, arguments.api_endpoint,
                           backoff_seconds=min(2.0, arguments.poll_seconds))
-        run_custom_job(jobs,
-                       arguments.display_name, pools, arguments.encryption_spec_key_name, arguments.poll_seconds)
+        run_custom_job(jobs, arguments.display_name, pools, arguments.encryption_spec_key_name,
+                       arguments.poll_seconds)
     except (UserError, RunFailure) as error:
         print(f"rlhf: {error}", file=sys.stderr)
         return 1
