@@ -173,6 +173,16 @@ def test_the_launcher_reads_again_through_passing_failures_and_cancels_a_job_it_
     assert vertex.resources[cancelled.path[len("/v1/"):-len(":cancel")]]["state"] == "JOB_STATE_CANCELLED"
 
 
+def test_a_vertex_ai_endpoint_that_does_not_answer_is_one_line(loopback):
+    from tests.conftest import free_port
+
+    vertex, env = loopback
+    unreachable = run_launcher(f"http://127.0.0.1:{free_port()}", env)  # the token comes, the API does not
+    assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
+    assert "rlhf: Vertex AI did not answer POST projects/p1/locations/us-central1/customJobs (ConnectionError" in \
+        unreachable.stderr
+
+
 def test_a_stopped_launcher_cancels_its_custom_job(loopback):
     vertex, env = loopback
     vertex.custom_job_states = ["JOB_STATE_RUNNING"] * 10**6  # runs until cancelled

@@ -142,14 +142,12 @@ class CustomJobs:
         """One request; a read that fails for a passing reason (no connection, HTTP 429 or 5xx) is tried again,
         up to TRIES times, waiting twice as long each time: a job runs for hours, and one dropped read must not
         fail its stage."""
-        import requests
-
         for attempt in range(TRIES if method == "GET" else 1):
             if attempt:
                 time.sleep(self.backoff_seconds * 2 ** (attempt - 1))
             try:
                 response = self.session.request(method, f"{self.api}/{path}", json=body, timeout=60)
-            except requests.RequestException as error:
+            except OSError as error:  # requests' connection errors and timeouts are OSErrors
                 problem = f"{type(error).__name__}: {error}"
                 continue
             if response.status_code == 200:
