@@ -11,13 +11,13 @@ import yaml
 from google.protobuf import json_format
 from kfp import components, dsl
 
-# The launcher's inputs besides the stage's own (which include `project`): how many machines, and what each has.
+from rlhf.vertex.custom_job import MACHINE_SETTINGS
+
+# The launcher's inputs besides the stage's own (which include `project`): how many machines, what each has
+# (`machine_<setting>`, the stage's `<stage>_<setting>` parameters), and where the job runs.
 MACHINE_INPUTS = {
     "replica_count": "NUMBER_INTEGER",
-    "machine_accelerator_type": "STRING",
-    "machine_accelerator_count": "NUMBER_INTEGER",
-    "machine_cpu_limit": "STRING",
-    "machine_memory_limit": "STRING",
+    **{f"machine_{name}": "NUMBER_INTEGER" if name == "accelerator_count" else "STRING" for name in MACHINE_SETTINGS},
     "location": "STRING",
     "encryption_spec_key_name": "STRING",
 }
@@ -48,9 +48,8 @@ def on_replicas(component):
         "args": ["--display-name", f"{dsl.PIPELINE_JOB_NAME_PLACEHOLDER}-{name}",
                  "--project", _input("project"), "--location", _input("location"),
                  "--replica-count", _input("replica_count"),
-                 "--accelerator-type", _input("machine_accelerator_type"),
-                 "--accelerator-count", _input("machine_accelerator_count"),
-                 "--cpu-limit", _input("machine_cpu_limit"), "--memory-limit", _input("machine_memory_limit"),
+                 *(part for name in MACHINE_SETTINGS for part in (f"--{name.replace('_', '-')}",
+                                                                  _input(f"machine_{name}"))),
                  "--encryption-spec-key-name", _input("encryption_spec_key_name"), "--image", stage["image"],
                  # What every replica runs: the stage's command; Vertex AI Pipelines fills in its placeholders
                  # (the executor input, `{{$}}`, holds the inputs and the outputs' Cloud Storage locations).

@@ -251,8 +251,7 @@ def machine_lines(parameters: dict, pipeline: str = "rlhf") -> list[str]:
         line = f"{stage.replace('_', ' ')}: about {gib(parts['total'])} a GPU, on {value(f'{stage}_accelerator_type')}"
         replicas = value(f"{stage}_replica_count") or 1
         if replicas > 1:
-            machine = machine_type(*(value(f"{stage}_{name}") for name in MACHINE_SETTINGS))
-            line += f", {replicas} machines of {machine}"
+            line += f", {replicas} machines of {_replica_machine(value, stage)}"
         lines.append(line)
     return lines
 
@@ -317,7 +316,12 @@ def _check_replicas(value, stages: list[str]) -> list[str]:
     for stage in stages:
         if value(f"{stage}_replica_count") > 1:
             try:
-                machine_type(*(value(f"{stage}_{name}") for name in MACHINE_SETTINGS))
+                _replica_machine(value, stage)
             except UserError as error:
                 problems.append(f"{stage}_replica_count={value(f'{stage}_replica_count')}: {error}")
     return problems
+
+
+def _replica_machine(value, stage: str) -> str:
+    """The machine type each replica of a stage on several machines runs on."""
+    return machine_type(*(value(f"{stage}_{name}") for name in MACHINE_SETTINGS))
