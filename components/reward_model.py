@@ -25,6 +25,7 @@ def train_reward_model(
     plain_text: bool,
     seed: int,
     gradient_checkpointing: bool,
+    shard_weights: bool,
     processes: int,
     huggingface_token_secret: str,
     project: str,

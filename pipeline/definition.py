@@ -113,6 +113,7 @@ def build_pipeline(retries: int = RETRIES):
         reward_model_normalization_pairs: int = 512,
         reward_model_balance_lengths: bool = False,
         reward_model_gradient_checkpointing: bool = False,
+        reward_model_shard_weights: bool = False,
         sft_steps: int = 0,
         dpo_warmup_steps: int = 0,
         reinforcement_learning_train_steps: int = 1000,

@@ -270,7 +270,9 @@ def _check_machines(value, stages: dict[str, str]) -> list[str]:
             continue
         best = smallest_fitting(needed)
         remedy = (f"the smallest that holds it is {best}" if best else
-                  "no single GPU holds it; lower the batch or micro-batch sizes or turn gradient checkpointing on")
+                  "no single GPU holds it; lower the batch or micro-batch sizes or turn gradient checkpointing on"
+                  + (", or shard its weights over several GPUs (reward_model_shard_weights)"
+                     if stage == "reward_model" and not value("reward_model_shard_weights") else ""))
         detail = ", ".join(f"{part} {gib(size)}" for part, size in parts.items() if part != "total")
         problems.append(f"{name}={value(name)!r}: the {stage.replace('_', ' ')} stage needs about {gib(needed)} "
                         f"a GPU for {value('large_model_reference')} ({detail}); {remedy}")

@@ -1,6 +1,6 @@
 """A training stage on the tiny model for the data-parallel tests, started the way `rlhf --nproc-per-node N`
-starts one: `python -m tests.distributed_stage reward|policy|group|dpo MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`.
-The parent process launches PROCESSES processes of itself through `rlhf.training.distributed.launch`; each
+starts one: `python -m tests.distributed_stage STAGE MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`, STAGE
+one of reward, sharded-reward, policy, group, dpo, or shards (what each rank holds of sharded weights). The parent process launches PROCESSES processes of itself through `rlhf.training.distributed.launch`; each
 trains on its share. With `--signal`, rank R sends itself signal S (SIGKILL: a crashed machine; SIGTERM: a
 preempted one) when the trainer polls for a stop request for the K-th time, i.e. after step K."""
 
@@ -18,6 +18,9 @@ from rlhf.training.stopping import StopFlag
 from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, ppo_config, reward_config
 
 REWARD_SETTINGS = dict(train_steps=20, batch_size=8, checkpoint_every=2, micro_batch_tokens=256)
+# The backbone's weights sharded over the processes; batches of 7 pairs, so one rank's share of 4 takes two
+# micro-batches and the other's of 3 one, and the second makes an idle pass to keep in step.
+SHARDED_REWARD_SETTINGS = {**REWARD_SETTINGS, "batch_size": 7, "shard_weights": True}
 POLICY_SETTINGS = dict(train_steps=6, batch_size=16, micro_batch_size=4, ppo_minibatch_size=8, ppo_epochs=2,
                        target_sequence_length=6, checkpoint_every=2)
 # RLOO with groups of 4 over micro-batches of 2: every group's baseline needs rollouts of both ranks; after a
@@ -45,9 +48,27 @@ def stop_requests(rank: int, number: int, at: int):
     return requested
 
 
+def held_weights(model: str) -> dict:
+    """How many elements of the frozen and of the trained weights each rank holds once the reward model's
+    backbone (with a LoRA adapter) is sharded, and the totals."""
+    import torch
+
+    from rlhf.models.loading import Placement, add_lora, load_backbone
+    from rlhf.training.sharding import shard_frozen_weights
+
+    ranks = join()
+    backbone = add_lora(load_backbone(model, Placement(torch.device("cpu"), torch.float32)), 4)
+    totals = {kind: sum(p.numel() for p in backbone.parameters() if p.requires_grad == (kind == "trained"))
+              for kind in ("frozen", "trained")}
+    shard_frozen_weights(backbone, ranks, torch.device("cpu"))
+    held = {kind: sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in backbone.parameters()
+                      if p.requires_grad == (kind == "trained")) for kind in totals}
+    return {kind: {"held": [h[kind] for h in ranks.gather(held)], "total": totals[kind]} for kind in totals}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=("reward", "policy", "group", "dpo"))
+    parser.add_argument("stage", choices=("reward", "sharded-reward", "shards", "policy", "group", "dpo"))
     parser.add_argument("model")
     parser.add_argument("output")
     parser.add_argument("processes", type=int)
@@ -58,9 +79,12 @@ def main() -> int:
     if "LOCAL_RANK" not in os.environ:
         return launch(args.processes, sys.argv[1:], module="tests.distributed_stage")
     stop = stop_requests(args.rank, args.signal, args.at)
-    if args.stage == "reward":
+    if args.stage == "shards":
+        result = held_weights(args.model)
+    elif args.stage in ("reward", "sharded-reward"):
         rows = marker_pairs(48)
-        result = train_reward_model(reward_config(**REWARD_SETTINGS), rows[:40], rows[40:], args.model,
+        config = reward_config(**(SHARDED_REWARD_SETTINGS if args.stage == "sharded-reward" else REWARD_SETTINGS))
+        result = train_reward_model(config, rows[:40], rows[40:], args.model,
                                     Path(args.output), base_model_path=args.model, stop_requested=stop)
     elif args.stage == "dpo":
         rows = marker_pairs(48)

@@ -31,7 +31,7 @@ def stage(kind, model, output, processes, *extra):
 
 
 def trained_tensors(output, kind):
-    if kind == "reward":
+    if kind.endswith("reward"):
         return load_file(output / "head.safetensors") | load_file(output / "adapter" / "adapter_model.safetensors")
     return load_file(output / "adapter" / "adapter_model.safetensors")
 
@@ -47,7 +47,7 @@ def alone_and_parallel(tiny_model_dir, tmp_path_factory):
     """Each stage once in one process and once in two (module-scoped: the launches are the slow part)."""
     root = tmp_path_factory.mktemp("distributed")
     runs = {}
-    for kind in ("reward", "policy", "group", "dpo"):
+    for kind in ("reward", "sharded-reward", "policy", "group", "dpo"):
         for processes in (1, 2):
             output = root / f"{kind}-{processes}"
             result = stage(kind, tiny_model_dir, output, processes)
@@ -56,7 +56,6 @@ def alone_and_parallel(tiny_model_dir, tmp_path_factory):
     return runs
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind, metrics", [("reward", ("final_rank_loss", "final_train_accuracy", "eval_accuracy",
                                                         "eval_mean_margin", "score_mean", "score_std")),
                                            ("policy", ("final_reward", "final_kl", "initial_reward",
@@ -72,7 +71,7 @@ def test_two_processes_train_the_same_weights_and_metrics_as_one(alone_and_paral
         assert parallel_metrics[name] == pytest.approx(alone_metrics[name], rel=1e-5, abs=1e-6), name
     assert alone_metrics["steps"] == parallel_metrics["steps"]
     # The run learned (so the comparison is of weights that moved, not of the initial ones).
-    if kind == "reward":
+    if kind.endswith("reward"):
         assert parallel_metrics["eval_accuracy"] >= 0.75
     elif kind == "policy":
         assert parallel_metrics["final_reward"] > parallel_metrics["initial_reward"]
@@ -91,7 +90,7 @@ INTERRUPTIONS = {"stopped": (signal.SIGTERM, 3, 3, "Stopped at step 3; run the s
 
 @pytest.mark.slow
 @pytest.mark.parametrize("interruption", INTERRUPTIONS)
-@pytest.mark.parametrize("kind", ["reward", "policy", "dpo"])
+@pytest.mark.parametrize("kind", ["reward", "sharded-reward", "policy", "dpo"])
 def test_an_interrupted_rank_stops_the_stage_and_the_rerun_resumes_to_the_same_result(
         alone_and_parallel, tiny_model_dir, tmp_path, kind, interruption):
     number, at, kept, message = INTERRUPTIONS[interruption]
@@ -105,6 +104,21 @@ def test_an_interrupted_rank_stops_the_stage_and_the_rerun_resumes_to_the_same_r
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(step {kept} of" in resumed.stderr
     assert_same_tensors(trained_tensors(output, kind), trained_tensors(alone_and_parallel[kind, 2][0], kind), 0)
+
+
+@pytest.mark.slow
+def test_sharded_weights_are_split_between_the_processes_and_the_adapters_are_not(tiny_model_dir):
+    """Each of 2 processes holds half of the reward model's frozen backbone (a weight of an odd row count puts one
+    row more on the first) and the whole of every LoRA weight."""
+    result = stage("shards", tiny_model_dir, "-", 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    held = json.loads(result.stdout.strip().splitlines()[-1])
+    frozen, trained = held["frozen"], held["trained"]
+    assert sum(frozen["held"]) == frozen["total"]
+    assert all(abs(h - frozen["total"] / 2) <= 0.01 * frozen["total"] for h in frozen["held"]), frozen
+    assert trained["held"] == [trained["total"], trained["total"]] and trained["total"] > 0
+    alone = json.loads(stage("shards", tiny_model_dir, "-", 1).stdout.strip().splitlines()[-1])
+    assert alone["frozen"]["held"] == [frozen["total"]]
 
 
 @pytest.mark.slow

@@ -64,6 +64,28 @@ def test_the_course_model_needs_a_larger_gpu_than_the_default_model():
     assert smallest_fitting(10_000 * GIB) is None
 
 
+# llama-2-70b's public config.json values: 138 GB of bfloat16 weights.
+LLAMA_2_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+               "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "tie_word_embeddings": False}
+
+
+def test_sharded_weights_put_a_reward_model_only_the_largest_gpus_hold_on_smaller_ones():
+    shape = ModelShape.from_config(LLAMA_2_70B)
+    settings = {**pipeline_defaults(), "reward_model_gradient_checkpointing": True}
+    alone = stage_bytes(shape, "reward_model", settings.get)
+    assert alone["weights"] == 2 * shape.parameters and smallest_fitting(alone["total"]) == "NVIDIA_H200_141GB"
+    sharded = stage_bytes(shape, "reward_model", {**settings, "reward_model_shard_weights": True,
+                                                  "reward_model_accelerator_count": 8}.get)
+    # An eighth of the weights, and two layers whole while they compute.
+    assert sharded["weights"] == 2 * shape.parameters // 8 + 2 * 2 * shape.layer_parameters
+    assert smallest_fitting(sharded["total"]) == "NVIDIA_TESLA_A100"
+    # Over two machines of 8 GPUs each, a sixteenth.
+    replicas = stage_bytes(shape, "reward_model", {**settings, "reward_model_shard_weights": True,
+                                                   "reward_model_accelerator_count": 8,
+                                                   "reward_model_replica_count": 2}.get)
+    assert replicas["weights"] == 2 * shape.parameters // 16 + 2 * 2 * shape.layer_parameters
+
+
 def test_gradient_checkpointing_keeps_a_fraction_of_the_activations():
     shape = ModelShape.from_config(COURSE_CONFIGS["llama-2-7b"])
     full, checkpointed = (activation_bytes(shape, 4096, 2, on) for on in (False, True))

@@ -392,7 +392,7 @@ COMPONENT_RUN = textwrap.dedent("""
         large_model_reference=model, train_steps={steps}, batch_size=8, micro_batch_tokens=4096,
         learning_rate_multiplier=30.0, lora_dim=4, warmup_fraction=0.1, weight_decay=0.0, max_grad_norm=1.0,
         normalization_pairs=512, balance_lengths=False, prompt_sequence_length=64, target_sequence_length=32,
-        instruction="", plain_text=False, seed=0, gradient_checkpointing=False, processes=1,
+        instruction="", plain_text=False, seed=0, gradient_checkpointing=False, shard_weights=False, processes=1,
         huggingface_token_secret="", project="", reward_model=Model(uri=output + "/reward_model"),
         metrics=Metrics(uri=output + "/metrics"))
 """).format(steps=REWARD_STEPS)

@@ -127,6 +127,8 @@ def test_the_cli_flags_take_the_dataclass_defaults_and_docs(command, settings, _
       "reinforcement_learning_minibatch_size=8"], "reinforcement_learning_minibatch_size 8 must be a multiple"),
     (["policy_lora_dim=0"], "reinforcement learning: policy_lora_dim 0 must be at least 1: the reference model"),
     (["reward_lora_dim=-1"], "reward model: reward_lora_dim -1 must be 0"),
+    (["reward_lora_dim=0", "reward_model_shard_weights=true"],
+     "reward model: reward_model_shard_weights True shards frozen weights, and reward_lora_dim 0 trains them all"),
     (["temperature=0"], "reinforcement learning: temperature 0.0 must be above 0"),
     (["inference_batch_size=0"], "inference: inference_batch_size 0 must be at least 1"),
     (["eval_fraction=0"], "data: eval_fraction 0.0 must be above 0 and below 1"),

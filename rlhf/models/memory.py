@@ -80,6 +80,7 @@ class ModelShape:
     """What memory depends on in a decoder-only transformer's config."""
 
     parameters: int
+    layer_parameters: int  # one decoder layer's
     layers: int
     hidden: int
     intermediate: int  # the MLP's width
@@ -102,7 +103,8 @@ class ModelShape:
             mlp += 2 * config["intermediate_size"] + hidden
         norms = 2 * hidden
         embeddings = vocabulary * hidden * (1 if config.get("tie_word_embeddings", True) else 2)
-        return cls(parameters=layers * (attention + mlp + norms) + hidden + embeddings, layers=layers,
+        return cls(parameters=layers * (attention + mlp + norms) + hidden + embeddings,
+                   layer_parameters=attention + mlp + norms, layers=layers,
                    hidden=hidden, intermediate=config["intermediate_size"], query_width=query_width,
                    kv_width=kv_width, vocabulary=vocabulary)
 
@@ -153,6 +155,12 @@ def stage_bytes(shape: ModelShape, stage: str, value, value_bytes: int = 2) -> d
     length = value("prompt_sequence_length") + value("target_sequence_length")
     weights = shape.parameters * value_bytes
     if stage == "reward_model":
+        # Sharded over every GPU of the stage's machines, a process holds its share of the weights and, while
+        # computing, two layers whole: the one it runs and the next, gathered ahead.
+        shards = (value("reward_model_accelerator_count") * (value("reward_model_replica_count") or 1)
+                  if value("reward_model_shard_weights") else 1)
+        if shards > 1:
+            weights = math.ceil(weights / shards) + 2 * shape.layer_parameters * value_bytes
         parts = {"weights": weights,
                  "adapter state": shape.lora_parameters(value("reward_lora_dim")) * ADAPTER_STATE_BYTES,
                  "activations": activation_bytes(shape, value("reward_model_micro_batch_tokens"), value_bytes,

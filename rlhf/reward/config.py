@@ -22,7 +22,8 @@ class RewardTrainingConfig(StageSettings, PromptSettings):
         "warmup_fraction": "reward_model_warmup_fraction", "weight_decay": "reward_model_weight_decay",
         "max_grad_norm": "reward_model_max_grad_norm", "lora_dim": "reward_lora_dim",
         "normalization_pairs": "reward_model_normalization_pairs", "balance_lengths": "reward_model_balance_lengths",
-        "gradient_checkpointing": "reward_model_gradient_checkpointing", **SHARED_PARAMETERS}
+        "gradient_checkpointing": "reward_model_gradient_checkpointing",
+        "shard_weights": "reward_model_shard_weights", **SHARED_PARAMETERS}
 
     train_steps: int = 1000  # optimizer steps (the pipeline turns epochs into steps before this)
     batch_size: int = 64  # preference pairs per optimizer step
@@ -38,6 +39,7 @@ class RewardTrainingConfig(StageSettings, PromptSettings):
     normalization_pairs: int = 512  # training pairs (a seeded sample) scored after training for the reward mean and std
     balance_lengths: bool = False  # train on a seeded subset where the longer candidate wins half the pairs
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
+    shard_weights: bool = False  # split the frozen backbone's weights over the stage's processes (FSDP): a model no GPU holds alone
 
     def learning_rate(self) -> float:
         return BASE_LEARNING_RATE * self.learning_rate_multiplier
@@ -48,4 +50,7 @@ class RewardTrainingConfig(StageSettings, PromptSettings):
                                say)
         if self.lora_dim < 0:
             found.append(f"{say('lora_dim')} must be 0 (full fine-tuning) or more")
+        if self.shard_weights and self.lora_dim == 0:
+            found.append(f"{say('shard_weights')} shards frozen weights, and {say('lora_dim')} trains them all: "
+                         "shard with a LoRA adapter (lora_dim above 0)")
         return found

@@ -24,6 +24,8 @@ from rlhf.models.artifacts import ModelSpec, read_spec_file, refuse_pickles, sav
 from rlhf.models.loading import Placement, in_float32, load_backbone, load_tokenizer, scalar_head
 from rlhf.reward.packing import PackedBatch, pack, packed_length, packing_problem
 from rlhf.training.batching import micro_batches
+from rlhf.training.distributed import ALONE, Ranks
+from rlhf.training.sharding import lockstep
 
 SPEC_FILE = "reward_model.json"
 HEAD_FILE = "head.safetensors"
@@ -74,16 +76,24 @@ class RewardModel(torch.nn.Module):
 
 @torch.no_grad()
 def score_packed(model: RewardModel, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int,
-                 max_tokens: int) -> torch.Tensor:
-    """Raw scores [rows, completions per row] for prompt rows and their completions, batched by length."""
+                 max_tokens: int, in_step: Ranks = ALONE) -> torch.Tensor:
+    """Raw scores [rows, completions per row] for prompt rows and their completions, batched by length.
+    `in_step`: the ranks that score together, each its share of the rows, when the model's weights are sharded
+    over them (`rlhf.training.sharding`); every one of them gets every score."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    lengths = [packed_length(p, c) for p, c in zip(prompts, completions)]
+    mine = in_step.share(list(range(len(prompts))))
+    lengths = [packed_length(prompts[i], completions[i]) for i in mine]
     scores = torch.empty(len(prompts), len(completions[0]) if completions else 0)
-    for group in micro_batches(lengths, max_tokens):
-        batch = pack([prompts[i] for i in group], [completions[i] for i in group], pad_id).to(device)
-        scores[group] = model(batch).cpu()
+    for group in lockstep(micro_batches(lengths, max_tokens), in_step):
+        rows = [mine[i] for i in group] if group is not None else [0]  # an idle pass scores the first row again
+        batch = pack([prompts[i] for i in rows], [completions[i] for i in rows], pad_id).to(device)
+        scored = model(batch).cpu()
+        if group is not None:
+            scores[rows] = scored
+    for rows, scored in in_step.gather((mine, scores[mine])):
+        scores[rows] = scored
     model.train(was_training)
     return scores
 

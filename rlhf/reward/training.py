@@ -38,7 +38,9 @@ from rlhf.reward.model import RewardModel, RewardModelSpec, require_exact_packin
 from rlhf.reward.packing import pack, packed_length
 from rlhf.training.batching import batch_indices, micro_batches, warmup_cosine
 from rlhf.training.checkpoints import finished_result
+from rlhf.training.distributed import ALONE, Ranks
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
+from rlhf.training.sharding import lockstep, shard_frozen_weights
 from rlhf.training.stage import start_stage
 
 
@@ -83,25 +85,32 @@ def pairwise_loss(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return -F.logsigmoid(margin), (margin > 0).float()
 
 
-def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, max_tokens: int) -> dict:
+def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, max_tokens: int,
+                   in_step: Ranks = ALONE) -> dict:
     if not pairs:
         return {"eval_pairs": 0}
-    scores = score_packed(model, [p.prompt for p in pairs], [[p.winner, p.loser] for p in pairs], pad_id, max_tokens)
+    scores = score_packed(model, [p.prompt for p in pairs], [[p.winner, p.loser] for p in pairs], pad_id, max_tokens,
+                          in_step)
     losses, correct = pairwise_loss(scores)
     return {"eval_pairs": len(pairs), "eval_accuracy": float(correct.mean()), "eval_rank_loss": float(losses.mean()),
             "eval_mean_margin": float((scores[:, 0] - scores[:, 1]).mean())}
 
 
 def train_step(model: RewardModel, pairs: list[EncodedPair], batch_size: int, pad_id: int, placement: Placement,
-               config: RewardTrainingConfig) -> tuple[float, float]:
+               config: RewardTrainingConfig, in_step: Ranks = ALONE, idle_pair: EncodedPair | None = None
+               ) -> tuple[float, float]:
     """Gradients of `pairs`' share of the batch's mean pairwise loss (the batch has `batch_size` pairs, on one
     rank or over several), accumulated over micro-batches of at most `micro_batch_tokens` padded tokens;
-    returns the summed loss and the number of pairs ranked right."""
+    returns the summed loss and the number of pairs ranked right. With the weights sharded over `in_step`, the
+    passes this rank owes the others are made on `idle_pair`, their loss weighted 0."""
     total_loss, total_correct = 0.0, 0.0
-    for group in micro_batches([p.length() for p in pairs], config.micro_batch_tokens):
-        micro = [pairs[i] for i in group]
+    for group in lockstep(micro_batches([p.length() for p in pairs], config.micro_batch_tokens), in_step):
+        micro = [pairs[i] for i in group] if group is not None else [idle_pair]
         packed = pack([p.prompt for p in micro], [[p.winner, p.loser] for p in micro], pad_id)
         losses, correct = pairwise_loss(model(packed.to(placement.device)))
+        if group is None:
+            (losses.sum() * 0.0).backward()
+            continue
         (losses.sum() / batch_size).backward()
         total_loss += float(losses.detach().sum())
         total_correct += float(correct.sum())
@@ -147,13 +156,19 @@ def train_reward_model(
     pad_id = tokenizer.pad_token_id
 
     torch.manual_seed(config.seed)
-    backbone = load_backbone(base_path, placement)
+    # Sharded weights load on the host and reach the GPU as each process's share.
+    backbone = load_backbone(base_path, Placement(torch.device("cpu"), placement.dtype)
+                             if config.shard_weights else placement)
     require_exact_packing(backbone, config)
     if config.lora_dim > 0:
         backbone = add_lora(backbone, config.lora_dim)
     if config.gradient_checkpointing:
         recompute_activations(backbone)
-    model = RewardModel.with_new_head(backbone, config.seed)
+    in_step = ranks if config.shard_weights and shard_frozen_weights(backbone, ranks, placement.device) else ALONE
+    if in_step.parallel and ranks.main:
+        print(f"reward model: each of {ranks.world_size} processes holds 1/{ranks.world_size} of the backbone's "
+              "weights", file=sys.stderr)
+    model = RewardModel.with_new_head(backbone.to(placement.device), config.seed)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate(), weight_decay=config.weight_decay)
@@ -164,7 +179,7 @@ def train_reward_model(
                       stop_requested, ranks=ranks) as loop:
         for step in loop.steps():
             batch = [train_pairs[i] for i in batch_indices(step, config.batch_size, len(train_pairs), config.seed)]
-            summed = train_step(model, ranks.share(batch), len(batch), pad_id, placement, config)
+            summed = train_step(model, ranks.share(batch), len(batch), pad_id, placement, config, in_step, batch[0])
             ranks.sum_gradients(trainable)
             rank_loss, accuracy = (total / len(batch) for total in ranks.total(list(summed)))
             require_finite(rank_loss, "reward model", step, loop.checkpoint_dir)
@@ -174,13 +189,16 @@ def train_reward_model(
                      items=len(batch), loss=f"{rank_loss:.3f}", acc=f"{accuracy:.2f}")
         if loop.interrupted:
             return loop.stopped()
-        if not ranks.main:
+        if not ranks.main and not in_step.parallel:
             return loop.result_of_main()
 
+        # Sharded weights score on every rank together; whole ones on rank 0 alone.
         normalisation = normalisation_sample(train_pairs, config.normalization_pairs, config.seed)
         scores = score_packed(model, [p.prompt for p in normalisation], [[p.winner, p.loser] for p in normalisation],
-                              pad_id, config.micro_batch_tokens)
-        evaluation = evaluate_pairs(model, held_out_pairs, pad_id, config.micro_batch_tokens)
+                              pad_id, config.micro_batch_tokens, in_step)
+        evaluation = evaluate_pairs(model, held_out_pairs, pad_id, config.micro_batch_tokens, in_step)
+        if not ranks.main:
+            return loop.result_of_main()
         if "eval_accuracy" in evaluation:
             loop.writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], config.train_steps)
         spec = RewardModelSpec(

@@ -53,6 +53,14 @@ class Ranks:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def most(self, value: float) -> float:
+        """The largest of the ranks' values."""
+        if not self.parallel:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on one."""
         return self.total([float(flag)])[0] > 0
