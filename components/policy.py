@@ -44,6 +44,7 @@ def train_policy(
     seed: int,
     export_merged: bool,
     gradient_checkpointing: bool,
+    shard_weights: bool,
     beta: float,
     processes: int,
     huggingface_token_secret: str,

@@ -39,12 +39,10 @@ def train_policy(settings: dict, plain_text: bool, prompts: str, reward_model: s
 
         return train_dpo(config, read_jsonl(Path(train_pairs)), read_jsonl(Path(held_out_pairs)),
                          large_model_reference, Path(output), stop_requested=StopFlag().install())
-    from rlhf.models.loading import pick_placement
     from rlhf.rl.ppo import train_policy as train
     from rlhf.rl.rewards import RewardModelReward
-    from rlhf.training.distributed import local_device
 
-    reward = RewardModelReward(Path(reward_model), pick_placement(local_device(config.device)))
+    reward = RewardModelReward.for_stage(Path(reward_model), config)
     warmup_pairs = read_jsonl(Path(train_pairs)) if config.warmup_steps() else []
     return train(config, read_jsonl(Path(prompts)), reward, large_model_reference, Path(output),
                  stop_requested=StopFlag().install(), train_pairs=warmup_pairs)

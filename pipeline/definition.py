@@ -143,6 +143,7 @@ def build_pipeline(retries: int = RETRIES):
         unfinished_reward: float = -2.0,
         export_merged_model: bool = False,
         reinforcement_learning_gradient_checkpointing: bool = False,
+        reinforcement_learning_shard_weights: bool = False,
         dpo_beta: float = 0.1,
         inference_batch_size: int = 8,
         prompt_sequence_length: int = 512,

@@ -258,7 +258,7 @@ def machine_lines(parameters: dict, pipeline: str = "rlhf") -> list[str]:
 
 def _check_machines(value, stages: dict[str, str]) -> list[str]:
     """A stage whose accelerator cannot hold it, with the estimate and the smallest accelerator that can."""
-    from rlhf.models.memory import fits, gib, smallest_fitting
+    from rlhf.models.memory import SHARDING, fits, gib, smallest_fitting
 
     needs = stage_memory(value, stages)
     if needs is None:
@@ -271,8 +271,8 @@ def _check_machines(value, stages: dict[str, str]) -> list[str]:
         best = smallest_fitting(needed)
         remedy = (f"the smallest that holds it is {best}" if best else
                   "no single GPU holds it; lower the batch or micro-batch sizes or turn gradient checkpointing on"
-                  + (", or shard its weights over several GPUs (reward_model_shard_weights)"
-                     if stage == "reward_model" and not value("reward_model_shard_weights") else ""))
+                  + (f", or shard its weights over several GPUs ({SHARDING[stage]})"
+                     if stage in SHARDING and not value(SHARDING[stage]) else ""))
         detail = ", ".join(f"{part} {gib(size)}" for part, size in parts.items() if part != "total")
         problems.append(f"{name}={value(name)!r}: the {stage.replace('_', ' ')} stage needs about {gib(needed)} "
                         f"a GPU for {value('large_model_reference')} ({detail}); {remedy}")

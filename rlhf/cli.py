@@ -374,12 +374,10 @@ def cmd_train_policy(args) -> int:
         metrics = train_dpo(config, data.train_pairs, data.held_out_pairs, reference, output_dir,
                             stop_requested=_stop_flag())
     else:
-        from rlhf.models.loading import pick_placement
         from rlhf.rl.ppo import train_policy
         from rlhf.rl.rewards import RewardModelReward
-        from rlhf.training.distributed import local_device
 
-        reward = RewardModelReward(Path(args.reward_model), pick_placement(local_device(args.device)))
+        reward = RewardModelReward.for_stage(Path(args.reward_model), config)
         metrics = train_policy(config, prompts, reward, reference, output_dir, stop_requested=_stop_flag(),
                                train_pairs=warmup_pairs)
     print(json.dumps(metrics, indent=2))

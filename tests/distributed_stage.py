@@ -1,8 +1,10 @@
 """A training stage on the tiny model for the data-parallel tests, started the way `rlhf --nproc-per-node N`
 starts one: `python -m tests.distributed_stage STAGE MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`, STAGE
-one of reward, sharded-reward, policy, group, dpo, or shards (what each rank holds of sharded weights). The parent process launches PROCESSES processes of itself through `rlhf.training.distributed.launch`; each
-trains on its share. With `--signal`, rank R sends itself signal S (SIGKILL: a crashed machine; SIGTERM: a
-preempted one) when the trainer polls for a stop request for the K-th time, i.e. after step K."""
+one of reward, sharded-reward, policy, sharded-policy (with --reward-model), group, sharded-group, dpo, or
+shards (what each rank holds of sharded weights). The parent process launches PROCESSES processes of itself
+through `rlhf.training.distributed.launch`; each trains on its share. With `--signal`, rank R sends itself
+signal S (SIGKILL: a crashed machine; SIGTERM: a preempted one) when the trainer polls for a stop request for
+the K-th time, i.e. after step K."""
 
 import argparse
 import json
@@ -13,6 +15,7 @@ from pathlib import Path
 from rlhf.reward.training import train_reward_model
 from rlhf.rl.dpo import train_dpo
 from rlhf.rl.ppo import train_policy
+from rlhf.rl.rewards import RewardModelReward
 from rlhf.training.distributed import join, launch, leave
 from rlhf.training.stopping import StopFlag
 from tests.conftest import PROMPTS, TargetTokenShare, marker_pairs, ppo_config, reward_config
@@ -23,10 +26,21 @@ REWARD_SETTINGS = dict(train_steps=20, batch_size=8, checkpoint_every=2, micro_b
 SHARDED_REWARD_SETTINGS = {**REWARD_SETTINGS, "batch_size": 7, "shard_weights": True}
 POLICY_SETTINGS = dict(train_steps=6, batch_size=16, micro_batch_size=4, ppo_minibatch_size=8, ppo_epochs=2,
                        target_sequence_length=6, checkpoint_every=2)
+# PPO with the policy's and the reward model's weights sharded, after 2 DPO warm-up steps: 3 micro-batches of 4
+# a step (2 on one rank, 1 on the other, which samples, scores and trains an idle pass to keep in step), one
+# micro-batch a minibatch. Completions of up to 32 tokens, so the pairs' winners and losers (which differ in their
+# last word) differ within the limit.
+SHARDED_POLICY_SETTINGS = {**POLICY_SETTINGS, "train_steps": 4, "batch_size": 12, "ppo_minibatch_size": 4,
+                           "dpo_warmup_steps": 2, "beta": 0.5, "prompt_sequence_length": 64,
+                           "target_sequence_length": 32, "shard_weights": True}
 # RLOO with groups of 4 over micro-batches of 2: every group's baseline needs rollouts of both ranks; after a
 # supervised warm-up of 2 steps of 16 pairs (a step's 16 rollouts), whose micro-batches of 2 the ranks share too.
 GROUP_SETTINGS = {**POLICY_SETTINGS, "tuning_method": "rloo", "batch_size": 4, "samples_per_prompt": 4,
                   "micro_batch_size": 2, "sft_steps": 2, "prompt_sequence_length": 64}
+# The same RLOO with the policy's weights sharded: 3 prompts of 4 samples, 3 micro-batches of 4 a step and of the
+# supervised warm-up's 12 pairs (2 on one rank, 1 on the other, which makes idle passes), one a minibatch.
+SHARDED_GROUP_SETTINGS = {**GROUP_SETTINGS, "batch_size": 3, "micro_batch_size": 4, "ppo_minibatch_size": 4,
+                          "shard_weights": True}
 # DPO with batches of 8 pairs in micro-batches of 2: each rank trains on 4 pairs of every batch.
 DPO_SETTINGS = dict(tuning_method="dpo", train_steps=8, batch_size=8, micro_batch_size=2, beta=0.5,
                     learning_rate_multiplier=30.0, warmup_fraction=0.0, prompt_sequence_length=64,
@@ -49,8 +63,9 @@ def stop_requests(rank: int, number: int, at: int):
 
 
 def held_weights(model: str) -> dict:
-    """How many elements of the frozen and of the trained weights each rank holds once the reward model's
-    backbone (with a LoRA adapter) is sharded, and the totals."""
+    """How many elements each rank holds of the decoder layers' frozen weights, of the other frozen weights
+    (embeddings, final norm) and of the trained ones (LoRA) once the reward model's backbone is sharded, with
+    the totals."""
     import torch
 
     from rlhf.models.loading import Placement, add_lora, load_backbone
@@ -58,20 +73,32 @@ def held_weights(model: str) -> dict:
 
     ranks = join()
     backbone = add_lora(load_backbone(model, Placement(torch.device("cpu"), torch.float32)), 4)
-    totals = {kind: sum(p.numel() for p in backbone.parameters() if p.requires_grad == (kind == "trained"))
-              for kind in ("frozen", "trained")}
+
+    def kind(name, parameter):
+        return "trained" if parameter.requires_grad else "layers" if ".layers." in name else "rest"
+
+    def count(local: bool) -> dict:
+        counts = dict.fromkeys(("layers", "rest", "trained"), 0)
+        for name, parameter in backbone.named_parameters():
+            counts[kind(name, parameter)] += (parameter.to_local() if local and hasattr(parameter, "to_local")
+                                              else parameter).numel()
+        return counts
+
+    totals = count(local=False)
     shard_frozen_weights(backbone, ranks, torch.device("cpu"))
-    held = {kind: sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in backbone.parameters()
-                      if p.requires_grad == (kind == "trained")) for kind in totals}
-    return {kind: {"held": [h[kind] for h in ranks.gather(held)], "total": totals[kind]} for kind in totals}
+    held = ranks.gather(count(local=True))
+    return {name: {"held": [h[name] for h in held], "total": totals[name]} for name in totals}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=("reward", "sharded-reward", "shards", "policy", "group", "dpo"))
+    parser.add_argument("stage", choices=("reward", "sharded-reward", "shards", "policy", "sharded-policy", "group",
+                                          "sharded-group", "dpo"))
     parser.add_argument("model")
     parser.add_argument("output")
     parser.add_argument("processes", type=int)
+    parser.add_argument("--reward-model", help="sharded-policy: the reward model it is scored by")
+    parser.add_argument("--batch-size", type=int, help="sharded-group: prompts a step instead of 3")
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--signal", type=int, default=0)
     parser.add_argument("--at", type=int, default=0)
@@ -90,9 +117,15 @@ def main() -> int:
         rows = marker_pairs(48)
         result = train_dpo(ppo_config(**DPO_SETTINGS), rows[:40], rows[40:], args.model, Path(args.output),
                            base_model_path=args.model, stop_requested=stop)
+    elif args.stage == "sharded-policy":
+        config = ppo_config(**SHARDED_POLICY_SETTINGS)
+        result = train_policy(config, PROMPTS, RewardModelReward.for_stage(Path(args.reward_model), config),
+                              args.model, Path(args.output), base_model_path=args.model, stop_requested=stop,
+                              train_pairs=marker_pairs(48))
     else:
-        settings = POLICY_SETTINGS if args.stage == "policy" else GROUP_SETTINGS
-        result = train_policy(ppo_config(**settings), PROMPTS, TargetTokenShare(), args.model,
+        settings = {"policy": POLICY_SETTINGS, "group": GROUP_SETTINGS, "sharded-group": SHARDED_GROUP_SETTINGS}
+        changed = {"batch_size": args.batch_size} if args.batch_size else {}
+        result = train_policy(ppo_config(**{**settings[args.stage], **changed}), PROMPTS, TargetTokenShare(), args.model,
                               Path(args.output), base_model_path=args.model, stop_requested=stop,
                               train_pairs=marker_pairs(48))
     if join().main:

@@ -76,14 +76,20 @@ def test_sharded_weights_put_a_reward_model_only_the_largest_gpus_hold_on_smalle
     assert alone["weights"] == 2 * shape.parameters and smallest_fitting(alone["total"]) == "NVIDIA_H200_141GB"
     sharded = stage_bytes(shape, "reward_model", {**settings, "reward_model_shard_weights": True,
                                                   "reward_model_accelerator_count": 8}.get)
-    # An eighth of the weights, and two layers whole while they compute.
-    assert sharded["weights"] == 2 * shape.parameters // 8 + 2 * 2 * shape.layer_parameters
+    # An eighth of the decoder layers, two layers whole while they compute, the embeddings, norm and head whole.
+    layers = shape.layers * shape.layer_parameters
+    whole = shape.parameters - layers
+    assert sharded["weights"] == 2 * (layers // 8 + 2 * shape.layer_parameters + whole)
     assert smallest_fitting(sharded["total"]) == "NVIDIA_TESLA_A100"
     # Over two machines of 8 GPUs each, a sixteenth.
     replicas = stage_bytes(shape, "reward_model", {**settings, "reward_model_shard_weights": True,
                                                    "reward_model_accelerator_count": 8,
                                                    "reward_model_replica_count": 2}.get)
-    assert replicas["weights"] == 2 * shape.parameters // 16 + 2 * 2 * shape.layer_parameters
+    assert replicas["weights"] == 2 * (layers // 16 + 2 * shape.layer_parameters + whole)
+    # The policy stage holds two models, the policy and the reward model, both sharded.
+    policy = stage_bytes(shape, "reinforcement_learning", {**settings, "reinforcement_learning_shard_weights": True,
+                                                           "reinforcement_learning_accelerator_count": 8}.get)
+    assert policy["weights"] == 2 * sharded["weights"]
 
 
 def test_gradient_checkpointing_keeps_a_fraction_of_the_activations():

@@ -72,6 +72,9 @@ GPU_MEMORY_MIB = {"NVIDIA_TESLA_T4": 15360, "NVIDIA_TESLA_P100": 16280, "NVIDIA_
                   "NVIDIA_L4": 23034, "NVIDIA_TESLA_A100": 40960, "NVIDIA_A100_80GB": 81920,
                   "NVIDIA_H100_80GB": 81559, "NVIDIA_H100_MEGA_80GB": 81559, "NVIDIA_H200_141GB": 143771,
                   "NVIDIA_B200": 183359}
+# The stages that can shard their frozen weights, and the parameter that asks for it.
+SHARDING = {"reward_model": "reward_model_shard_weights",
+            "reinforcement_learning": "reinforcement_learning_shard_weights"}
 CHOICE_ORDER = ("NVIDIA_L4", "NVIDIA_TESLA_A100", "NVIDIA_A100_80GB", "NVIDIA_H200_141GB", "NVIDIA_B200")
 
 
@@ -153,14 +156,8 @@ def stage_bytes(shape: ModelShape, stage: str, value, value_bytes: int = 2) -> d
     bulk_inference alone), by what holds them;
     `value(name)` gives a pipeline parameter's value."""
     length = value("prompt_sequence_length") + value("target_sequence_length")
-    weights = shape.parameters * value_bytes
+    weights = held_weights(shape, value_bytes, shards(stage, value))
     if stage == "reward_model":
-        # Sharded over every GPU of the stage's machines, a process holds its share of the weights and, while
-        # computing, two layers whole: the one it runs and the next, gathered ahead.
-        shards = (value("reward_model_accelerator_count") * (value("reward_model_replica_count") or 1)
-                  if value("reward_model_shard_weights") else 1)
-        if shards > 1:
-            weights = math.ceil(weights / shards) + 2 * shape.layer_parameters * value_bytes
         parts = {"weights": weights,
                  "adapter state": shape.lora_parameters(value("reward_lora_dim")) * ADAPTER_STATE_BYTES,
                  "activations": activation_bytes(shape, value("reward_model_micro_batch_tokens"), value_bytes,
@@ -189,6 +186,24 @@ def stage_bytes(shape: ModelShape, stage: str, value, value_bytes: int = 2) -> d
     parts["CUDA and the allocator"] = int(CUDA_RESERVED)
     parts["total"] = sum(parts.values())
     return parts
+
+
+def shards(stage: str, value) -> int:
+    """The processes a stage's frozen weights are split over: every GPU of its machines with
+    `*_shard_weights`, else 1 (each holds them all)."""
+    if stage not in SHARDING or not value(SHARDING[stage]):
+        return 1
+    return value(f"{stage}_accelerator_count") * (value(f"{stage}_replica_count") or 1)
+
+
+def held_weights(shape: ModelShape, value_bytes: int, shards: int) -> int:
+    """One process's bytes of one model's weights: all of them, or, sharded over `shards` processes
+    (`rlhf.training.sharding`), its share of the decoder layers, two layers whole while it computes (the one it
+    runs and the next, gathered ahead), and the embeddings, final norm and head, which stay whole."""
+    if shards == 1:
+        return shape.parameters * value_bytes
+    layers = shape.layers * shape.layer_parameters
+    return (math.ceil(layers / shards) + 2 * shape.layer_parameters + shape.parameters - layers) * value_bytes
 
 
 def fits(accelerator: str, needed: int) -> bool:

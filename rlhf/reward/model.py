@@ -78,22 +78,21 @@ class RewardModel(torch.nn.Module):
 def score_packed(model: RewardModel, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int,
                  max_tokens: int, in_step: Ranks = ALONE) -> torch.Tensor:
     """Raw scores [rows, completions per row] for prompt rows and their completions, batched by length.
-    `in_step`: the ranks that score together, each its share of the rows, when the model's weights are sharded
-    over them (`rlhf.training.sharding`); every one of them gets every score."""
+    `in_step`: the ranks the model's weights are sharded over (`rlhf.training.sharding`), each scoring rows of
+    its own, in step."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    mine = in_step.share(list(range(len(prompts))))
-    lengths = [packed_length(prompts[i], completions[i]) for i in mine]
+    lengths = [packed_length(p, c) for p, c in zip(prompts, completions)]
     scores = torch.empty(len(prompts), len(completions[0]) if completions else 0)
     for group in lockstep(micro_batches(lengths, max_tokens), in_step):
-        rows = [mine[i] for i in group] if group is not None else [0]  # an idle pass scores the first row again
-        batch = pack([prompts[i] for i in rows], [completions[i] for i in rows], pad_id).to(device)
+        # An idle pass scores the first row again, or a one-token stand-in on a rank without rows.
+        rows = group or [0]
+        batch = pack([prompts[i] for i in rows] if prompts else [[pad_id]],
+                     [completions[i] for i in rows] if prompts else [[[pad_id]]], pad_id).to(device)
         scored = model(batch).cpu()
         if group is not None:
-            scores[rows] = scored
-    for rows, scored in in_step.gather((mine, scores[mine])):
-        scores[rows] = scored
+            scores[group] = scored
     model.train(was_training)
     return scores
 

@@ -85,12 +85,24 @@ def pairwise_loss(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return -F.logsigmoid(margin), (margin > 0).float()
 
 
+def score_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, max_tokens: int,
+                in_step: Ranks = ALONE) -> torch.Tensor:
+    """Raw scores [pairs, 2] (winner, loser); with the weights sharded over `in_step`, each of its ranks scores
+    a share of the pairs and every rank gets every score."""
+    mine = in_step.share(list(range(len(pairs))))
+    scored = score_packed(model, [pairs[i].prompt for i in mine], [[pairs[i].winner, pairs[i].loser] for i in mine],
+                          pad_id, max_tokens, in_step)
+    scores = torch.empty(len(pairs), 2)
+    for rows, part in in_step.gather((mine, scored)):
+        scores[rows] = part
+    return scores
+
+
 def evaluate_pairs(model: RewardModel, pairs: list[EncodedPair], pad_id: int, max_tokens: int,
                    in_step: Ranks = ALONE) -> dict:
     if not pairs:
         return {"eval_pairs": 0}
-    scores = score_packed(model, [p.prompt for p in pairs], [[p.winner, p.loser] for p in pairs], pad_id, max_tokens,
-                          in_step)
+    scores = score_pairs(model, pairs, pad_id, max_tokens, in_step)
     losses, correct = pairwise_loss(scores)
     return {"eval_pairs": len(pairs), "eval_accuracy": float(correct.mean()), "eval_rank_loss": float(losses.mean()),
             "eval_mean_margin": float((scores[:, 0] - scores[:, 1]).mean())}
@@ -194,8 +206,7 @@ def train_reward_model(
 
         # Sharded weights score on every rank together; whole ones on rank 0 alone.
         normalisation = normalisation_sample(train_pairs, config.normalization_pairs, config.seed)
-        scores = score_packed(model, [p.prompt for p in normalisation], [[p.winner, p.loser] for p in normalisation],
-                              pad_id, config.micro_batch_tokens, in_step)
+        scores = score_pairs(model, normalisation, pad_id, config.micro_batch_tokens, in_step)
         evaluation = evaluate_pairs(model, held_out_pairs, pad_id, config.micro_batch_tokens, in_step)
         if not ranks.main:
             return loop.result_of_main()

@@ -33,7 +33,7 @@ class PPOConfig(StageSettings, PromptSettings):
         "export_merged": "export_merged_model",
         "gradient_checkpointing": "reinforcement_learning_gradient_checkpointing", "beta": "dpo_beta",
         "sft_steps": "sft_steps", "dpo_warmup_steps": "dpo_warmup_steps", "kl_target": "kl_target",
-        "kl_horizon": "kl_horizon",
+        "kl_horizon": "kl_horizon", "shard_weights": "reinforcement_learning_shard_weights",
         **SHARED_PARAMETERS}
 
     tuning_method: str = "ppo"  # ppo (value head, GAE), rloo (leave-one-out), grpo (group-normalised) or dpo (the pairs)
@@ -68,6 +68,7 @@ class PPOConfig(StageSettings, PromptSettings):
     export_merged: bool = False  # also write base + adapter merged into a plain model directory
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward pass: less memory, slower
     beta: float = 0.1  # dpo and its warm-up: scale of the implicit reward, beta * log(policy / reference); lower moves further
+    shard_weights: bool = False  # split the frozen weights (policy's, reward model's) over the stage's processes (FSDP)
 
     def warmup_steps(self) -> int:
         """Steps before the method's own: the supervised or the DPO warm-up (`validate` allows one of them)."""
@@ -133,6 +134,12 @@ class PPOConfig(StageSettings, PromptSettings):
         elif self.kl_target > 0 and self.kl_coeff == 0:
             found.append(f"{say('kl_target')} needs a {say('kl_coeff')} above 0 to start from (the controller "
                          "multiplies it)")
+        if self.shard_weights and self.export_merged:
+            found.append(f"{say('export_merged')}: a merged copy needs the whole base model in one process, which "
+                         f"{say('shard_weights')} splits; merge the adapter afterwards (`peft`'s merge_and_unload)")
+        if self.shard_weights and self.tuning_method == "dpo":
+            found.append(f"{say('shard_weights')}: not yet for {say('tuning_method')} (ppo, rloo and grpo, and their "
+                         "warm-ups, shard)")
         if self.kl_horizon < 1:
             found.append(f"{say('kl_horizon')} must be at least 1")
         found += self.sampling_problems(say)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from rlhf.models.loading import in_float32
 from rlhf.rl.cpu_decode_step import cpu_decode_step
 from rlhf.rl.rollouts import Rollout, completion_mask, left_pad, positions
+from rlhf.training.distributed import ALONE, Ranks
 
 
 @dataclass
@@ -125,10 +126,12 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
 
 @torch.no_grad()
 def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
-           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, keep_hidden: bool = False) -> Decoded:
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, keep_hidden: bool = False,
+           in_step: Ranks = ALONE) -> Decoded:
     """Sample (or greedily decode) up to `max_new_tokens` per prompt; a row stops at its first stop token
     (`stop_ids`: EOS and the model's other end-of-turn ids, see `modeling.stop_token_ids`) and is padded
-    after it, and decoding stops once every row has stopped."""
+    after it, and decoding stops once every row has stopped: every row of every rank of `in_step`, the ranks
+    the model's weights are sharded over (`rlhf.training.sharding`), which run each token's pass together."""
     if max_new_tokens < 1:
         raise ValueError(f"decoding needs at least one new token, got max_new_tokens={max_new_tokens}")
     device = next(model.parameters()).device
@@ -143,7 +146,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Seque
     tokens, log_probs, hidden = [], [], []
     written_out = None  # built once the prefill is done and a second token is wanted
     for index in range(max_new_tokens):
-        if index == 1:
+        if index == 1 and not in_step.parallel:  # the written-out step reads whole weights
             written_out = cpu_decode_step(model, len(prompts))
         if written_out is not None:
             logits, last_hidden = written_out(inputs[:, 0], position[:, 0], attention, cache)
@@ -158,7 +161,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Seque
         if keep_hidden:
             hidden.append(last_hidden)
         stopped |= torch.isin(chosen, stop)
-        if bool(stopped.all()):
+        if not in_step.any(not bool(stopped.all())):
             break
         inputs = chosen[:, None]
         attention = torch.cat([attention, torch.ones_like(inputs)], dim=1)

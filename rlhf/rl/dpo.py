@@ -58,6 +58,7 @@ from rlhf.training.loop import (
     require_finite,
     run_fingerprint,
 )
+from rlhf.training.sharding import lockstep
 from rlhf.training.stage import start_stage
 
 
@@ -97,19 +98,44 @@ class ReferenceLogProbs:
                                                          _packed([pairs[i]], self.pad_id, self.policy.device))[0]
         return torch.stack([self.known[i] for i in indices])
 
+    @torch.no_grad()
+    def share_out(self, indices: list[int], pairs: list[EncodedPair]) -> None:
+        """With the policy's weights sharded, the references of a step's pairs (`indices`, the whole batch) that
+        are not known yet, computed by the ranks together, each its share, alone and in step as `of` computes
+        them, and known to every rank after."""
+        in_step = self.policy.in_step
+        if not in_step.parallel:
+            return
+        missing = [i for i in dict.fromkeys(indices) if i not in self.known]
+        mine = in_step.share(missing)
+        computed = {}
+        with self.policy.reference_weights():
+            for i in lockstep(mine, in_step):
+                log_probs = completion_log_probs(self.policy.model, _packed([pairs[missing[0] if i is None else i]],
+                                                                            self.pad_id, self.policy.device))[0]
+                if i is not None:
+                    computed[i] = log_probs.cpu()
+        for part in in_step.gather(computed):
+            self.known.update({i: log_probs.to(self.policy.device) for i, log_probs in part.items()})
+
 
 def train_step(policy: Policy, indices: list[int], pairs: list[EncodedPair], reference: ReferenceLogProbs,
-               batch_size: int, config: PPOConfig) -> list[float]:
+               batch_size: int, config: PPOConfig, idle_pair: int = 0) -> list[float]:
     """Gradients of these pairs' share of the batch's mean DPO loss (the batch has `batch_size` pairs, on one rank
     or over several), over micro-batches of `micro_batch_size` pairs; returns the sums of the loss, of pairs
-    ranked right, and of the winner's and the loser's implicit rewards."""
+    ranked right, and of the winner's and the loser's implicit rewards. With the weights sharded, the passes
+    this rank owes the others are made on `idle_pair`, their loss weighted 0."""
     totals = [0.0, 0.0, 0.0, 0.0]
-    for start in range(0, len(indices), config.micro_batch_size):
-        micro = indices[start:start + config.micro_batch_size]
-        reference_log_probs = reference.of(micro, pairs)
-        log_probs = completion_log_probs(policy.model, _packed([pairs[i] for i in micro], policy.pad_id,
-                                                               policy.device))
+    micro_batches = [indices[start:start + config.micro_batch_size]
+                     for start in range(0, len(indices), config.micro_batch_size)]
+    for micro in lockstep(micro_batches, policy.in_step):
+        reference_log_probs = reference.of(micro or [idle_pair], pairs)
+        log_probs = completion_log_probs(policy.model, _packed([pairs[i] for i in micro or [idle_pair]],
+                                                               policy.pad_id, policy.device))
         losses, rewards = dpo_loss(log_probs, reference_log_probs, config.beta)
+        if micro is None:
+            (losses.sum() * 0.0).backward()
+            continue
         (losses.sum() / batch_size).backward()
         for slot, value in enumerate((losses.detach(), (rewards[:, 0] > rewards[:, 1]).float(), rewards[:, 0],
                                       rewards[:, 1])):
@@ -124,7 +150,8 @@ def dpo_step(policy: Policy, pairs: list[EncodedPair], step: int, config: PPOCon
     pairs, and the step's time)."""
     started = clock(policy.device)
     batch = batch_indices(step - first_step, config.pairs_per_step(), len(pairs), config.seed)
-    summed = train_step(policy, ranks.share(batch), pairs, reference, len(batch), config)
+    reference.share_out(batch, pairs)
+    summed = train_step(policy, ranks.share(batch), pairs, reference, len(batch), config, batch[0])
     trainable = [p for p in policy.model.parameters() if p.requires_grad]  # a value head has no part in it
     ranks.sum_gradients(trainable)
     loss, accuracy, chosen_reward, rejected_reward = (total / len(batch) for total in ranks.total(summed))

@@ -32,7 +32,7 @@ from rlhf.rl.decoding import adapter_merged, decode
 from rlhf.rl.prefix_cache import PrefixCache, worth_keeping
 from rlhf.rl.rollouts import Rollout, positions
 from rlhf.training.checkpoints import copy_weights, trainable_state
-from rlhf.training.distributed import Ranks
+from rlhf.training.distributed import ALONE, Ranks
 
 SPEC_FILE = "policy.json"
 ADAPTER_DIR = "adapter"
@@ -66,6 +66,7 @@ class Policy(torch.nn.Module):
         self.prompt_group = 1  # consecutive rollouts that share a prompt, packed together when above 1
         self.reference_prefixes: PrefixCache | None = None  # the reference's kept prompts, once asked for
         self.reference_adapter: dict[str, torch.Tensor] | None = None  # the reference's adapter; None: the base
+        self.in_step = ALONE  # the ranks its frozen weights are sharded over, which run every pass together
 
     @contextmanager
     def reference_weights(self) -> Iterator[None]:
@@ -116,7 +117,9 @@ class Policy(torch.nn.Module):
         must not change after its first pass (a warm-up's ends before it)."""
         causal_lm = self.model.get_base_model()
         config, dtype = causal_lm.config, next(causal_lm.parameters()).dtype
-        if worth_keeping(config, dtype, prompts, passes) and packing_problem(config, longest) is None:
+        # Sharded, the ranks would run the prompts' passes on different cache misses, out of step.
+        if (not self.in_step.parallel and worth_keeping(config, dtype, prompts, passes)
+                and packing_problem(config, longest) is None):
             self.reference_prefixes = PrefixCache(causal_lm.get_decoder())
         return self.reference_prefixes is not None
 
@@ -148,9 +151,10 @@ class Policy(torch.nn.Module):
         training pass without gradients, as OpenRLHF and verl recompute them after vLLM samples."""
         exact = in_float32(self.model)
         with_values = self.value_head is not None
-        with adapter_merged(self.model):
+        # Sharded weights are a rank's share: the adapter stays beside them.
+        with adapter_merged(self.model) if not self.in_step.parallel else nullcontext():
             decoded = decode(self.model, prompts, max_new_tokens, self.stop_ids, self.pad_id, temperature, top_p,
-                             keep_hidden=exact and with_values)
+                             keep_hidden=exact and with_values, in_step=self.in_step)
         if not exact:
             log_probs, _, values = self.evaluate(decoded.rollout, temperature, with_values=with_values)
             return decoded.rollout, log_probs, values

@@ -64,7 +64,7 @@ import torch
 
 from rlhf.data.validation import user_input
 from rlhf.errors import UserError
-from rlhf.models.loading import load_causal_lm, machine, recompute_activations, stop_token_ids
+from rlhf.models.loading import Placement, load_causal_lm, machine, recompute_activations, stop_token_ids
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.dpo import ReferenceLogProbs, dpo_step
@@ -84,6 +84,7 @@ from rlhf.training.loop import (
     require_finite,
     run_fingerprint,
 )
+from rlhf.training.sharding import lockstep, shard_frozen_weights
 from rlhf.training.stage import start_stage
 
 
@@ -233,7 +234,12 @@ def roll_out(policy: Policy, prompt_rows: list[dict], prompts: list[list[int]], 
     experiences, batch_rows, numbers = [], [], []
     mine = ranks.share(list(enumerate(range(0, len(chosen), config.micro_batch_size))))
     per_pass = config.micro_batches_per_rollout_pass()
-    for first_group in range(0, len(mine), per_pass):
+    for first_group in lockstep(list(range(0, len(mine), per_pass)), policy.in_step):
+        if first_group is None:  # a pass the ranks sharing the weights owe each other: the first prompts, unused
+            prompt_indices = chosen[:config.micro_batch_size]
+            collect(policy, [prompt_rows[i] for i in prompt_indices], [prompts[i] for i in prompt_indices],
+                    reward_fn, config)
+            continue
         groups = mine[first_group:first_group + per_pass]
         indices = [i for _, first in groups for i in chosen[first:first + config.micro_batch_size]]
         rows = [prompt_rows[i] for i in indices]
@@ -310,11 +316,15 @@ LOGGED_LOSSES = ("policy_loss", "value_loss", "entropy", "approx_kl", "clip_frac
 
 
 def minibatch_gradients(policy: Policy, group: list[Experience], tokens: float, config: PPOConfig, step: int,
-                        checkpoint_dir: Path, totals: dict[str, float]) -> None:
+                        checkpoint_dir: Path, totals: dict[str, float], idle: Experience) -> None:
     """Accumulate the gradients of this rank's part of one minibatch's joint loss (token mean over the
     minibatch's `tokens` on all ranks), a micro-batch at a time; adds each micro-batch's token sums to
-    `totals`."""
-    for experience in group:
+    `totals`. With the weights sharded, the passes this rank owes the others are made on `idle`."""
+    for experience in lockstep(group, policy.in_step):
+        if experience is None:  # a pass the ranks sharing the weights owe each other: it counts 0
+            losses = ppo_losses(policy, idle, config)
+            ((losses["policy_loss"] + losses["value_loss"]) * 0.0).backward()
+            continue
         losses = ppo_losses(policy, experience, config)
         loss = (losses["policy_loss"] + config.value_loss_coeff * losses["value_loss"]) / tokens
         require_finite(float(loss.detach()), "reinforcement learning", step, checkpoint_dir)
@@ -346,7 +356,7 @@ def ppo_update(policy: Policy, experiences: list[Experience], numbers: list[int]
             minibatch = order[first:first + micro_per_minibatch].tolist()
             minibatch_tokens = sum(tokens[number] for number in minibatch)
             minibatch_gradients(policy, [held[n] for n in minibatch if n in held], minibatch_tokens, config, step,
-                                checkpoint_dir, totals)
+                                checkpoint_dir, totals, experiences[0] if experiences else None)
             ranks.sum_gradients([p for group in clipped for p in group])
             token_count += minibatch_tokens
             norms = [total + norm for total, norm in
@@ -467,12 +477,26 @@ def train_policy(
     ranks, placement, base_path, tokenizer, encoder = start_stage(config, large_model_reference, base_model_path)
     prompts = [encoder.encode_prompt(r) for r in prompt_rows]
     warmup_pairs = encode_pairs(train_pairs, encoder)
+    micro_batches_per_step = config.rollouts_per_step() // config.micro_batch_size
+    if config.shard_weights and micro_batches_per_step < ranks.world_size:
+        # A rank without a micro-batch would have no rollout to make the update's idle passes with.
+        raise UserError(f"reinforcement learning: sharded over {ranks.world_size} processes, a step needs at least "
+                        f"as many micro-batches; it has {micro_batches_per_step}: raise the batch size or lower the "
+                        "micro-batch size")
 
     torch.manual_seed(config.seed)
-    model = load_causal_lm(base_path, placement)
+    # Sharded weights load on the host and reach the GPU as each process's share.
+    model = load_causal_lm(base_path, Placement(torch.device("cpu"), placement.dtype) if config.shard_weights
+                           else placement)
     policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         recompute_activations(policy.model)
+    if config.shard_weights and shard_frozen_weights(policy.model, ranks, placement.device):
+        policy.in_step = ranks
+        if ranks.main:
+            print(f"policy: each of {ranks.world_size} processes holds 1/{ranks.world_size} of the model's weights",
+                  file=sys.stderr)
+    policy.to(placement.device)
     # The frozen passes keep the prompts when the run comes back to them (rlhf/rl/prefix_cache.py).
     passes = config.train_steps * config.rollouts_per_step()
     if config.kl_coeff > 0:

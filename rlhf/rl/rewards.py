@@ -14,6 +14,8 @@ from rlhf.reward.packing import packing_problem
 from rlhf.rl.prefix_cache import PrefixCache, worth_keeping
 from rlhf.rl.rollouts import right_pad
 from rlhf.training.batching import micro_batches
+from rlhf.training.distributed import ALONE, Ranks
+from rlhf.training.sharding import shard_frozen_weights
 
 
 class RewardFunction(Protocol):
@@ -26,14 +28,31 @@ class RewardModelReward:
     """Scores from a trained reward model, normalised with the mean and std stored at training time."""
 
     def __init__(self, directory: Path, placement: Placement, base_model_path: str | None = None,
-                 max_tokens: int = 4096):
-        self.loaded = load_reward_model(directory, placement, base_model_path)
+                 max_tokens: int = 4096, in_step: Ranks = ALONE):
+        """`in_step`: the ranks to shard the reward model's weights over (`rlhf.training.sharding`), which then
+        score every batch together, each its share; loaded on the host first, each keeps its share."""
+        sharded = in_step.parallel
+        self.loaded = load_reward_model(directory, Placement(torch.device("cpu"), placement.dtype) if sharded
+                                        else placement, base_model_path)
         self.loaded.model.requires_grad_(False)
+        if sharded:
+            shard_frozen_weights(self.loaded.model.backbone, in_step, placement.device)
+            self.loaded.model.to(placement.device)
+        self.in_step = in_step
         self.encoder = self.loaded.encoder()
         self.max_tokens = max_tokens
         self.name = f"reward_model:{Path(directory).resolve()}"
         self._prompt_ids: dict[str, list[int]] = {}
         self.prefixes: PrefixCache | None = None  # the kept prompts, once `keep_prompts` is called
+
+    @classmethod
+    def for_stage(cls, directory: Path, config) -> RewardModelReward:
+        """What a policy stage with `config` (its `device` and `shard_weights`) scores with."""
+        from rlhf.models.loading import pick_placement
+        from rlhf.training.distributed import join, local_device
+
+        return cls(Path(directory), pick_placement(local_device(config.device)),
+                   in_step=join() if config.shard_weights else ALONE)
 
     def keep_prompts(self, rows: list[dict], passes: int) -> bool:
         """From now on keep each prompt's keys and values and score only the completions over them
@@ -42,7 +61,8 @@ class RewardModelReward:
         spec, backbone = self.loaded.spec, self.loaded.model.backbone
         dtype = next(backbone.parameters()).dtype
         longest = spec.prompt_sequence_length + spec.target_sequence_length
-        if (worth_keeping(backbone.config, dtype, [self._prompt(r) for r in rows], passes)
+        # Sharded, the ranks would run the prompts' passes on different cache misses, out of step.
+        if (not self.in_step.parallel and worth_keeping(backbone.config, dtype, [self._prompt(r) for r in rows], passes)
                 and packing_problem(backbone.config, longest) is None):
             self.prefixes = PrefixCache(backbone)
         return self.prefixes is not None
@@ -64,7 +84,7 @@ class RewardModelReward:
         scores = score_packed(self.loaded.model, prompts[::group],
                               [[c[:limit] for c in completions[start:start + group]]
                                for start in range(0, len(rows), group)],
-                              self.loaded.tokenizer.pad_token_id, self.max_tokens)
+                              self.loaded.tokenizer.pad_token_id, self.max_tokens, self.in_step)
         return self.loaded.normalise(scores.flatten())
 
     @torch.no_grad()

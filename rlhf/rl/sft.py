@@ -26,6 +26,7 @@ from rlhf.rl.policy import Policy, completion_log_probs
 from rlhf.training.batching import batch_indices
 from rlhf.training.distributed import Ranks
 from rlhf.training.loop import clock, optimizer_step, require_finite
+from rlhf.training.sharding import lockstep
 
 
 def sft_gradients(policy: Policy, pairs: list[EncodedPair], indices: list[int], micro_batch_size: int,
@@ -35,9 +36,13 @@ def sft_gradients(policy: Policy, pairs: list[EncodedPair], indices: list[int], 
     batch_tokens = sum(len(pairs[i].winner) for i in indices)
     micro_batches = [indices[start:start + micro_batch_size] for start in range(0, len(indices), micro_batch_size)]
     summed = 0.0
-    for micro in ranks.share(micro_batches):
-        batch = pack([pairs[i].prompt for i in micro], [[pairs[i].winner] for i in micro], policy.pad_id)
+    for micro in lockstep(ranks.share(micro_batches), policy.in_step):
+        batch = pack([pairs[i].prompt for i in micro or micro_batches[0]],
+                     [[pairs[i].winner] for i in micro or micro_batches[0]], policy.pad_id)
         loss = -completion_log_probs(policy.model, batch.to(policy.device)).sum()
+        if micro is None:  # a pass the ranks sharing the weights owe each other: it counts 0
+            (loss * 0.0).backward()
+            continue
         (loss / batch_tokens).backward()
         summed += float(loss.detach())
     total, = ranks.total([summed])

@@ -1,8 +1,10 @@
 """Sharded weights (PyTorch's FSDP2, `fully_shard`): each of a stage's processes keeps 1/N of the frozen
-backbone's weights and gathers one layer's whole weights from the others only while it computes with them, so
-N GPUs together hold a model that none holds alone. What trains (the LoRA adapters, the heads) stays whole on
-every process, left out of the sharding, and its gradients are summed as in plain data parallelism
-(`Ranks.sum_gradients`): only the frozen weights are split, the training is unchanged.
+decoder layers' weights and gathers one layer's whole weights from the others only while it computes with it,
+so N GPUs together hold a model that none holds alone. What trains (the LoRA adapters, the heads) stays whole
+on every process, left out of the sharding, and its gradients are summed as in plain data parallelism
+(`Ranks.sum_gradients`): only frozen weights are split, the training is unchanged. The embeddings, the final
+norm and the language-model head stay whole too: the passes call the decoder and the head on their own (the
+head on the positions that predict completion tokens only), and a tied head is the embedding's own weight.
 
 What sharding asks of the loop: a layer's weights come from every process at once, so every process must run
 the same passes, forward and backward, in the same order. A rank whose share of a step cuts into fewer
@@ -18,29 +20,29 @@ from rlhf.training.distributed import Ranks
 
 
 def shard_frozen_weights(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> bool:
-    """Shard `model`'s frozen weights over the ranks, each decoder layer a unit gathered on its own and the rest
-    (embeddings, final norm) one more; the trainable parameters stay whole on every rank. Returns whether it
-    sharded (with one process there is nothing to share)."""
+    """Shard the frozen weights of `model`'s decoder layers over the ranks, each layer a unit gathered on its
+    own; the trainable parameters, the embeddings, the final norm and the head stay whole on every rank.
+    Returns whether it sharded (one process has nothing to share)."""
     if not ranks.parallel:
         return False
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (ranks.world_size,))
-    trained = {p for p in model.parameters() if p.requires_grad}
-    layer_kinds = set(_transformer(model)._no_split_modules or ())
-    layers = [m for m in model.modules() if type(m).__name__ in layer_kinds]
+    transformer = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
+    decoder = transformer.get_decoder()
+    layer_kinds = set(transformer._no_split_modules or ())
+    layers = [m for m in decoder.modules() if type(m).__name__ in layer_kinds]
     if not layers:
-        raise ValueError(f"{type(model).__name__} names no decoder layer (_no_split_modules) to shard by")
+        raise ValueError(f"{type(transformer).__name__} names no decoder layer (_no_split_modules) to shard by")
+    trained = {p for p in model.parameters() if p.requires_grad}
+    # Each layer its own root: no unit around them (the rest is whole), and a unit around the decoder would
+    # change its class, which `transformers` looks its output-capturing hooks up by (the hidden states the
+    # value head reads). A root keeps its weights gathered after its forward pass by default; these give
+    # them back, or each process would end the pass holding every layer.
     for layer in layers:
-        fully_shard(layer, mesh=mesh, ignored_params=trained)
-    fully_shard(_transformer(model), mesh=mesh, ignored_params=trained)
+        fully_shard(layer, mesh=mesh, ignored_params=trained, reshard_after_forward=True)
     return True
-
-
-def _transformer(model: torch.nn.Module) -> torch.nn.Module:
-    """The `transformers` model itself, under a peft wrapper when there is one."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def lockstep(groups: list, in_step: Ranks) -> list:
