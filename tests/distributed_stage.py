@@ -1,7 +1,7 @@
 """A training stage on the tiny model for the data-parallel tests, started the way `rlhf --nproc-per-node N`
 starts one: `python -m tests.distributed_stage STAGE MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`, STAGE
-one of reward, sharded-reward, policy, sharded-policy (with --reward-model), group, sharded-group, dpo, or
-shards (what each rank holds of sharded weights). The parent process launches PROCESSES processes of itself
+one of reward, sharded-reward, policy, sharded-policy (with --reward-model), group, sharded-group, dpo,
+sharded-dpo, or shards (what each rank holds of sharded weights). The parent process launches PROCESSES processes of itself
 through `rlhf.training.distributed.launch`; each trains on its share. With `--signal`, rank R sends itself
 signal S (SIGKILL: a crashed machine; SIGTERM: a preempted one) when the trainer polls for a stop request for
 the K-th time, i.e. after step K."""
@@ -45,6 +45,9 @@ SHARDED_GROUP_SETTINGS = {**GROUP_SETTINGS, "batch_size": 3, "micro_batch_size":
 DPO_SETTINGS = dict(tuning_method="dpo", train_steps=8, batch_size=8, micro_batch_size=2, beta=0.5,
                     learning_rate_multiplier=30.0, warmup_fraction=0.0, prompt_sequence_length=64,
                     target_sequence_length=32, checkpoint_every=2)
+# The same with the policy's weights sharded: batches of 5 pairs, 3 on one rank (2 micro-batches) and 2 on the
+# other (1, and an idle pass).
+SHARDED_DPO_SETTINGS = {**DPO_SETTINGS, "batch_size": 5, "shard_weights": True}
 
 
 def stop_requests(rank: int, number: int, at: int):
@@ -93,7 +96,7 @@ def held_weights(model: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", choices=("reward", "sharded-reward", "shards", "policy", "sharded-policy", "group",
-                                          "sharded-group", "dpo"))
+                                          "sharded-group", "dpo", "sharded-dpo"))
     parser.add_argument("model")
     parser.add_argument("output")
     parser.add_argument("processes", type=int)
@@ -113,9 +116,10 @@ def main() -> int:
         config = reward_config(**(SHARDED_REWARD_SETTINGS if args.stage == "sharded-reward" else REWARD_SETTINGS))
         result = train_reward_model(config, rows[:40], rows[40:], args.model,
                                     Path(args.output), base_model_path=args.model, stop_requested=stop)
-    elif args.stage == "dpo":
+    elif args.stage in ("dpo", "sharded-dpo"):
         rows = marker_pairs(48)
-        result = train_dpo(ppo_config(**DPO_SETTINGS), rows[:40], rows[40:], args.model, Path(args.output),
+        result = train_dpo(ppo_config(**(SHARDED_DPO_SETTINGS if args.stage == "sharded-dpo" else DPO_SETTINGS)),
+                           rows[:40], rows[40:], args.model, Path(args.output),
                            base_model_path=args.model, stop_requested=stop)
     elif args.stage == "sharded-policy":
         config = ppo_config(**SHARDED_POLICY_SETTINGS)

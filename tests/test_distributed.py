@@ -47,7 +47,8 @@ def alone_and_parallel(tiny_model_dir, tmp_path_factory):
     """Each stage once in one process and once in two (module-scoped: the launches are the slow part)."""
     root = tmp_path_factory.mktemp("distributed")
     runs = {}
-    for kind in ("reward", "sharded-reward", "policy", "sharded-policy", "group", "sharded-group", "dpo"):
+    for kind in ("reward", "sharded-reward", "policy", "sharded-policy", "group", "sharded-group", "dpo",
+                 "sharded-dpo"):
         for processes in (1, 2):
             output = root / f"{kind}-{processes}"
             scored_by = ["--reward-model", str(root / "reward-1")] if kind == "sharded-policy" else []
@@ -57,19 +58,24 @@ def alone_and_parallel(tiny_model_dir, tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("kind, metrics", [("reward", ("final_rank_loss", "final_train_accuracy", "eval_accuracy",
-                                                        "eval_mean_margin", "score_mean", "score_std")),
+REWARD_METRICS = ("final_rank_loss", "final_train_accuracy", "eval_accuracy", "eval_mean_margin", "score_mean",
+                  "score_std")
+DPO_METRICS = ("final_dpo_loss", "final_accuracy", "final_reward_margin", "eval_accuracy", "eval_mean_margin")
+
+
+# The sharded- kinds: each process holds half the decoder layers' weights (one process: all).
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, metrics", [("reward", REWARD_METRICS), ("sharded-reward", REWARD_METRICS),
                                            ("policy", ("final_reward", "final_kl", "initial_reward",
                                                        "final_ended_share")),
-                                           # The policy's and the reward model's weights sharded, a DPO warm-up
+                                           # PPO after a DPO warm-up, scored by the sharded reward model
                                            ("sharded-policy", ("final_reward", "final_kl", "initial_reward",
                                                                "final_dpo_warmup_loss")),
                                            ("group", ("final_reward", "final_kl", "initial_reward",
                                                       "final_sft_loss")),
                                            ("sharded-group", ("final_reward", "final_kl", "initial_reward",
                                                               "final_sft_loss")),
-                                           ("dpo", ("final_dpo_loss", "final_accuracy", "final_reward_margin",
-                                                    "eval_accuracy", "eval_mean_margin"))])
+                                           ("dpo", DPO_METRICS), ("sharded-dpo", DPO_METRICS)])
 def test_two_processes_train_the_same_weights_and_metrics_as_one(alone_and_parallel, kind, metrics):
     (alone, alone_metrics), (parallel, parallel_metrics) = alone_and_parallel[kind, 1], alone_and_parallel[kind, 2]
     assert_same_tensors(trained_tensors(alone, kind), trained_tensors(parallel, kind), 1e-5)
@@ -81,7 +87,7 @@ def test_two_processes_train_the_same_weights_and_metrics_as_one(alone_and_paral
         assert parallel_metrics["eval_accuracy"] >= 0.75
     elif kind == "policy":
         assert parallel_metrics["final_reward"] > parallel_metrics["initial_reward"]
-    elif kind == "dpo":
+    elif kind.endswith("dpo"):
         assert parallel_metrics["eval_accuracy"] >= 0.75
     else:  # a few steps are too few for the reward to rise reliably here; the adapter (B starts at 0) moved
         assert all(bool(t.abs().sum() > 0) for name, t in trained_tensors(parallel, kind).items() if "lora_B" in name)

@@ -132,8 +132,6 @@ def test_the_cli_flags_take_the_dataclass_defaults_and_docs(command, settings, _
     (["temperature=0"], "reinforcement learning: temperature 0.0 must be above 0"),
     (["reinforcement_learning_shard_weights=true", "export_merged_model=true"],
      "export_merged_model True: a merged copy needs the whole base model in one process"),
-    (["reinforcement_learning_shard_weights=true", "tuning_method=dpo"],
-     "reinforcement_learning_shard_weights True: not yet for tuning_method dpo"),
     (["inference_batch_size=0"], "inference: inference_batch_size 0 must be at least 1"),
     (["eval_fraction=0"], "data: eval_fraction 0.0 must be above 0 and below 1"),
     (["on_invalid=drop"], "data: on_invalid drop must be fail or skip"),

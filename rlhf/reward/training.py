@@ -40,7 +40,7 @@ from rlhf.training.batching import batch_indices, micro_batches, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.distributed import ALONE, Ranks
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
-from rlhf.training.sharding import lockstep, shard_frozen_weights
+from rlhf.training.sharding import loading_placement, lockstep, shard_frozen_weights
 from rlhf.training.stage import start_stage
 
 
@@ -168,9 +168,7 @@ def train_reward_model(
     pad_id = tokenizer.pad_token_id
 
     torch.manual_seed(config.seed)
-    # Sharded weights load on the host and reach the GPU as each process's share.
-    backbone = load_backbone(base_path, Placement(torch.device("cpu"), placement.dtype)
-                             if config.shard_weights else placement)
+    backbone = load_backbone(base_path, loading_placement(placement, config.shard_weights))
     require_exact_packing(backbone, config)
     if config.lora_dim > 0:
         backbone = add_lora(backbone, config.lora_dim)

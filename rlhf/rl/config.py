@@ -137,9 +137,6 @@ class PPOConfig(StageSettings, PromptSettings):
         if self.shard_weights and self.export_merged:
             found.append(f"{say('export_merged')}: a merged copy needs the whole base model in one process, which "
                          f"{say('shard_weights')} splits; merge the adapter afterwards (`peft`'s merge_and_unload)")
-        if self.shard_weights and self.tuning_method == "dpo":
-            found.append(f"{say('shard_weights')}: not yet for {say('tuning_method')} (ppo, rloo and grpo, and their "
-                         "warm-ups, shard)")
         if self.kl_horizon < 1:
             found.append(f"{say('kl_horizon')} must be at least 1")
         found += self.sampling_problems(say)

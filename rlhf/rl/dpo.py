@@ -58,7 +58,7 @@ from rlhf.training.loop import (
     require_finite,
     run_fingerprint,
 )
-from rlhf.training.sharding import lockstep
+from rlhf.training.sharding import loading_placement, lockstep, shard_frozen_weights
 from rlhf.training.stage import start_stage
 
 
@@ -165,20 +165,27 @@ def dpo_step(policy: Policy, pairs: list[EncodedPair], step: int, config: PPOCon
 
 @torch.no_grad()
 def evaluate_pairs(policy: Policy, pairs: list[EncodedPair], reference: ReferenceLogProbs, config: PPOConfig) -> dict:
-    """The implicit reward on held-out pairs: how often it ranks the winner above the loser, and its mean margin."""
+    """The implicit reward on held-out pairs: how often it ranks the winner above the loser, and its mean margin.
+    With the policy's weights sharded, every rank evaluates a share of the pairs, in step, and gets every margin."""
     if not pairs:
         return {"eval_pairs": 0}
+    in_step = policy.in_step
+    reference.share_out(list(range(len(pairs))), pairs)
     was_training = policy.training
     policy.eval()
-    margins = []
-    for start in range(0, len(pairs), config.micro_batch_size):
-        indices = list(range(start, min(start + config.micro_batch_size, len(pairs))))
-        log_probs = completion_log_probs(policy.model, _packed([pairs[i] for i in indices], policy.pad_id,
+    mine = in_step.share(list(range(len(pairs))))
+    margin = torch.empty(len(pairs))
+    micro_batches = [mine[start:start + config.micro_batch_size] for start in range(0, len(mine),
+                                                                                    config.micro_batch_size)]
+    for indices in lockstep(micro_batches, in_step):
+        log_probs = completion_log_probs(policy.model, _packed([pairs[i] for i in indices or [0]], policy.pad_id,
                                                                policy.device))
-        rewards = config.beta * (log_probs - reference.of(indices, pairs))
-        margins.append(rewards[:, 0] - rewards[:, 1])
+        rewards = config.beta * (log_probs - reference.of(indices or [0], pairs))
+        if indices is not None:
+            margin[indices] = (rewards[:, 0] - rewards[:, 1]).cpu()
+    for rows, part in in_step.gather((mine, margin[mine])):
+        margin[rows] = part
     policy.train(was_training)
-    margin = torch.cat(margins)
     return {"eval_pairs": len(pairs), "eval_accuracy": float((margin > 0).float().mean()),
             "eval_mean_margin": float(margin.mean())}
 
@@ -210,11 +217,14 @@ def train_dpo(
     held_out_pairs = encode_pairs(held_out_rows, encoder)
 
     torch.manual_seed(config.seed)
-    model = load_causal_lm(base_path, placement)
+    model = load_causal_lm(base_path, loading_placement(placement, config.shard_weights))
     require_exact_packing(model, config, "dpo")
     policy = Policy(add_lora(model, config.lora_dim), None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         recompute_activations(policy.model)
+    if config.shard_weights and shard_frozen_weights(policy.model, ranks, placement.device):
+        policy.in_step = ranks
+    policy.to(placement.device)
     policy.model.train()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate(),
                                   weight_decay=0.0)
@@ -239,11 +249,14 @@ def train_dpo(
                      acc=f"{record['accuracy']:.2f}")
         if loop.interrupted:
             return loop.stopped()
-        if not ranks.main:
+        if not ranks.main and not policy.in_step.parallel:
             return loop.result_of_main()
 
+        # Sharded weights evaluate on every rank together; whole ones on rank 0 alone.
         evaluation = evaluate_pairs(policy, held_out_pairs,
                                     ReferenceLogProbs(policy, tokenizer.pad_token_id), config)
+        if not ranks.main:
+            return loop.result_of_main()
         if "eval_accuracy" in evaluation:
             loop.writer.add_scalar("eval_accuracy", evaluation["eval_accuracy"], total_steps)
         dpo_history = loop.history[config.sft_steps:]

@@ -64,7 +64,7 @@ import torch
 
 from rlhf.data.validation import user_input
 from rlhf.errors import UserError
-from rlhf.models.loading import Placement, load_causal_lm, machine, recompute_activations, stop_token_ids
+from rlhf.models.loading import load_causal_lm, machine, recompute_activations, stop_token_ids
 from rlhf.reward.training import encode_pairs
 from rlhf.rl.config import PPOConfig
 from rlhf.rl.dpo import ReferenceLogProbs, dpo_step
@@ -84,7 +84,7 @@ from rlhf.training.loop import (
     require_finite,
     run_fingerprint,
 )
-from rlhf.training.sharding import lockstep, shard_frozen_weights
+from rlhf.training.sharding import loading_placement, lockstep, shard_frozen_weights
 from rlhf.training.stage import start_stage
 
 
@@ -485,9 +485,7 @@ def train_policy(
                         "micro-batch size")
 
     torch.manual_seed(config.seed)
-    # Sharded weights load on the host and reach the GPU as each process's share.
-    model = load_causal_lm(base_path, Placement(torch.device("cpu"), placement.dtype) if config.shard_weights
-                           else placement)
+    model = load_causal_lm(base_path, loading_placement(placement, config.shard_weights))
     policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         recompute_activations(policy.model)

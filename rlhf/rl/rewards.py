@@ -15,7 +15,7 @@ from rlhf.rl.prefix_cache import PrefixCache, worth_keeping
 from rlhf.rl.rollouts import right_pad
 from rlhf.training.batching import micro_batches
 from rlhf.training.distributed import ALONE, Ranks
-from rlhf.training.sharding import shard_frozen_weights
+from rlhf.training.sharding import loading_placement, shard_frozen_weights
 
 
 class RewardFunction(Protocol):
@@ -32,8 +32,7 @@ class RewardModelReward:
         """`in_step`: the ranks to shard the reward model's weights over (`rlhf.training.sharding`), which then
         score every batch together, each its share; loaded on the host first, each keeps its share."""
         sharded = in_step.parallel
-        self.loaded = load_reward_model(directory, Placement(torch.device("cpu"), placement.dtype) if sharded
-                                        else placement, base_model_path)
+        self.loaded = load_reward_model(directory, loading_placement(placement, sharded), base_model_path)
         self.loaded.model.requires_grad_(False)
         if sharded:
             shard_frozen_weights(self.loaded.model.backbone, in_step, placement.device)

@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import torch
 
+from rlhf.models.loading import Placement
 from rlhf.training.distributed import Ranks
+
+
+def loading_placement(placement: Placement, shard: bool) -> Placement:
+    """Where a model loads: its placement, or the host when its weights will be sharded, so a model no GPU
+    holds alone reaches each GPU as that process's share."""
+    return Placement(torch.device("cpu"), placement.dtype) if shard else placement
 
 
 def shard_frozen_weights(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> bool:
