@@ -76,7 +76,7 @@ def test_sharded_weights_put_a_reward_model_only_the_largest_gpus_hold_on_smalle
     assert alone["weights"] == 2 * shape.parameters and smallest_fitting(alone["total"]) == "NVIDIA_H200_141GB"
     sharded = stage_bytes(shape, "reward_model", {**settings, "reward_model_shard_weights": True,
                                                   "reward_model_accelerator_count": 8}.get)
-    # An eighth of the decoder layers, two layers whole while they compute, the embeddings, norm and head whole.
+    # An eighth of the decoder layers, room for two layers gathered whole, the embeddings, norm and head whole.
     layers = shape.layers * shape.layer_parameters
     whole = shape.parameters - layers
     assert sharded["weights"] == 2 * (layers // 8 + 2 * shape.layer_parameters + whole)

@@ -198,8 +198,9 @@ def shards(stage: str, value) -> int:
 
 def held_weights(shape: ModelShape, value_bytes: int, shards: int) -> int:
     """One process's bytes of one model's weights: all of them, or, sharded over `shards` processes
-    (`rlhf.training.sharding`), its share of the decoder layers, two layers whole while it computes (the one it
-    runs and the next, gathered ahead), and the embeddings, final norm and head, which stay whole."""
+    (`rlhf.training.sharding`), its share of the decoder layers, room for two layers whole (the one it computes
+    with is gathered whole; two, for the allocator's slack between one layer's and the next), and the embeddings,
+    final norm and head, which stay whole."""
     if shards == 1:
         return shape.parameters * value_bytes
     layers = shape.layers * shape.layer_parameters
