@@ -85,12 +85,11 @@ def score_packed(model: RewardModel, prompts: list[list[int]], completions: list
     device = next(model.parameters()).device
     lengths = [packed_length(p, c) for p, c in zip(prompts, completions)]
     scores = torch.empty(len(prompts), len(completions[0]) if completions else 0)
+    # An idle pass scores the first row again, or a one-token stand-in on a rank without rows.
+    idle = ([prompts[0]], [completions[0]]) if prompts else ([[pad_id]], [[[pad_id]]])
     for group in lockstep(micro_batches(lengths, max_tokens), in_step):
-        # An idle pass scores the first row again, or a one-token stand-in on a rank without rows.
-        rows = group or [0]
-        batch = pack([prompts[i] for i in rows] if prompts else [[pad_id]],
-                     [completions[i] for i in rows] if prompts else [[[pad_id]]], pad_id).to(device)
-        scored = model(batch).cpu()
+        rows = ([prompts[i] for i in group], [completions[i] for i in group]) if group is not None else idle
+        scored = model(pack(*rows, pad_id).to(device)).cpu()
         if group is not None:
             scores[group] = scored
     model.train(was_training)

@@ -58,7 +58,7 @@ from rlhf.training.loop import (
     require_finite,
     run_fingerprint,
 )
-from rlhf.training.sharding import loading_placement, lockstep, shard_frozen_weights
+from rlhf.training.sharding import loading_placement, lockstep
 from rlhf.training.stage import start_stage
 
 
@@ -222,9 +222,7 @@ def train_dpo(
     policy = Policy(add_lora(model, config.lora_dim), None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         recompute_activations(policy.model)
-    if config.shard_weights and shard_frozen_weights(policy.model, ranks, placement.device):
-        policy.in_step = ranks
-    policy.to(placement.device)
+    policy.place(placement.device, ranks, config.shard_weights)
     policy.model.train()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate(),
                                   weight_decay=0.0)

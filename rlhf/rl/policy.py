@@ -33,6 +33,7 @@ from rlhf.rl.prefix_cache import PrefixCache, worth_keeping
 from rlhf.rl.rollouts import Rollout, positions
 from rlhf.training.checkpoints import copy_weights, trainable_state
 from rlhf.training.distributed import ALONE, Ranks
+from rlhf.training.sharding import shard_frozen_weights
 
 SPEC_FILE = "policy.json"
 ADAPTER_DIR = "adapter"
@@ -129,6 +130,13 @@ class Policy(torch.nn.Module):
 
         head = value_head(causal_lm)
         return cls(add_lora(causal_lm, lora_dim), head, stop_ids, pad_id)
+
+    def place(self, device: torch.device, ranks: Ranks, shard: bool) -> None:
+        """Onto `device`; with `shard`, its frozen weights split over `ranks` first (`rlhf.training.sharding`),
+        which then run every pass together."""
+        if shard and shard_frozen_weights(self.model, ranks, device):
+            self.in_step = ranks
+        self.to(device)
 
     @property
     def device(self) -> torch.device:

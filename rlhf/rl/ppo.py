@@ -84,7 +84,7 @@ from rlhf.training.loop import (
     require_finite,
     run_fingerprint,
 )
-from rlhf.training.sharding import loading_placement, lockstep, shard_frozen_weights
+from rlhf.training.sharding import loading_placement, lockstep
 from rlhf.training.stage import start_stage
 
 
@@ -489,12 +489,10 @@ def train_policy(
     policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     if config.gradient_checkpointing:
         recompute_activations(policy.model)
-    if config.shard_weights and shard_frozen_weights(policy.model, ranks, placement.device):
-        policy.in_step = ranks
-        if ranks.main:
-            print(f"policy: each of {ranks.world_size} processes holds 1/{ranks.world_size} of the model's weights",
-                  file=sys.stderr)
-    policy.to(placement.device)
+    policy.place(placement.device, ranks, config.shard_weights)
+    if policy.in_step.parallel and ranks.main:
+        print(f"policy: each of {ranks.world_size} processes holds 1/{ranks.world_size} of the model's weights",
+              file=sys.stderr)
     # The frozen passes keep the prompts when the run comes back to them (rlhf/rl/prefix_cache.py).
     passes = config.train_steps * config.rollouts_per_step()
     if config.kl_coeff > 0:
