@@ -12,6 +12,8 @@ def evaluate(
     policy: Input[Model],
     run_parameters: dict,
     seed: int,
+    processes: int,
+    shard_weights: bool,
     huggingface_token_secret: str,
     project: str,
     evaluation: Output[Artifact],
@@ -20,13 +22,14 @@ def evaluate(
     report_markdown: Output[Markdown],
 ):
     """Base vs tuned: metrics.json, comparison.jsonl and the report, also shown in the KFP UI. `run_parameters`:
-    every pipeline parameter of the run, with the steps as resolved, listed in the report."""
+    every pipeline parameter of the run, with the steps as resolved, listed in the report. With `shard_weights`,
+    one process per accelerator, the reward model's and the policy's weights sharded over them; else one."""
     import json
     import shutil
     from pathlib import Path
 
-    from rlhf.data.datasets import read_jsonl
-    from rlhf.evaluation.compare import REPORT_HTML, REPORT_MARKDOWN, evaluate_run
+    from rlhf.components.processes import run_stage
+    from rlhf.evaluation.compare import REPORT_HTML, REPORT_MARKDOWN
     from rlhf.vertex.secrets import use_hub_token
 
     use_hub_token(huggingface_token_secret, project)
@@ -38,9 +41,10 @@ def evaluate(
             return text
         return int(value) if isinstance(value, float) and value.is_integer() else value
 
-    result = evaluate_run(read_jsonl(Path(base_predictions.path)), read_jsonl(Path(tuned_predictions.path)),
-                          Path(reward_model.path), Path(policy.path), Path(evaluation.path),
-                          {name: shown(text) for name, text in run_parameters.items()}, seed=seed)
+    result = run_stage("evaluate", processes if shard_weights else 1, base_predictions=base_predictions.path,
+                       tuned_predictions=tuned_predictions.path, reward_model=reward_model.path, policy=policy.path,
+                       output=evaluation.path, parameters={name: shown(text) for name, text in run_parameters.items()},
+                       seed=seed, shard_weights=shard_weights)
     shutil.copyfile(Path(evaluation.path) / REPORT_HTML, report.path)
     shutil.copyfile(Path(evaluation.path) / REPORT_MARKDOWN, report_markdown.path)
     for stage, values in result.items():

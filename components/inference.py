@@ -13,6 +13,7 @@ def bulk_inference(
     prompt_sequence_length: int,
     batch_size: int,
     processes: int,
+    shard_weights: bool,
     huggingface_token_secret: str,
     project: str,
     predictions: Output[Dataset],
@@ -29,7 +30,8 @@ def bulk_inference(
     use_hub_token(huggingface_token_secret, project)
     spec = read_policy_spec(Path(policy.path))
     settings = {"target_sequence_length": target_sequence_length, "prompt_sequence_length": prompt_sequence_length,
-                "batch_size": batch_size, "instruction": spec.instruction, "use_chat_template": spec.use_chat_template}
+                "batch_size": batch_size, "shard_weights": shard_weights, "instruction": spec.instruction,
+                "use_chat_template": spec.use_chat_template}
     adapter = str(Path(policy.path) / ADAPTER_DIR) if use_tuned_adapter else None
     result = run_stage("bulk_inference", processes, settings=settings, prompts=prompts.path,
                        model=resolve_model_reference(spec.large_model_reference), adapter=adapter,
@@ -52,6 +54,7 @@ def infer_prompts(
     seed: int,
     on_invalid: str,
     processes: int,
+    shard_weights: bool,
     huggingface_token_secret: str,
     project: str,
     predictions: Output[Dataset],
@@ -79,7 +82,7 @@ def infer_prompts(
         write_jsonl(prompts, dataset.rows)
         settings = {"target_sequence_length": target_sequence_length, "prompt_sequence_length": prompt_sequence_length,
                     "batch_size": batch_size, "sampling_strategy": sampling_strategy, "seed": seed,
-                    **target.prompt_format(instruction, plain_text)}
+                    "shard_weights": shard_weights, **target.prompt_format(instruction, plain_text)}
         result = run_stage("bulk_inference", processes, settings=settings, prompts=str(prompts),
                            model=resolve_model_reference(target.large_model_reference),
                            adapter=str(target.adapter) if target.adapter else None, output=predictions.path)

@@ -60,7 +60,17 @@ def bulk_inference(settings: dict, prompts: str, model: str, adapter: str | None
     return {"rows": len(rows)}
 
 
-STAGES = {"reward_model": train_reward_model, "policy": train_policy, "bulk_inference": bulk_inference}
+def evaluate(base_predictions: str, tuned_predictions: str, reward_model: str, policy: str, output: str,
+             parameters: dict, seed: int, shard_weights: bool) -> dict:
+    from rlhf.data.datasets import read_jsonl
+    from rlhf.evaluation.compare import evaluate_run
+
+    return evaluate_run(read_jsonl(Path(base_predictions)), read_jsonl(Path(tuned_predictions)), Path(reward_model),
+                        Path(policy), Path(output), parameters, seed=seed, shard_weights=shard_weights)
+
+
+STAGES = {"reward_model": train_reward_model, "policy": train_policy, "bulk_inference": bulk_inference,
+          "evaluate": evaluate}
 
 
 def run_stage(stage: str, processes: int, **arguments) -> dict:

@@ -1,5 +1,6 @@
-"""A training stage on several Vertex AI machines (`*_replica_count` above 1): the stage's component with the
-same inputs and outputs, whose task runs `rlhf.vertex.custom_job` instead, on a machine without accelerators.
+"""A training or bulk-inference stage on several Vertex AI machines (`*_replica_count` above 1): the stage's
+component with the same inputs and outputs, whose task runs `rlhf.vertex.custom_job` instead, on a machine
+without accelerators.
 That starts the stage's own container, with its inputs and outputs as Vertex AI Pipelines filled them in, on
 every replica of a custom job with worker pools (as GCPC's `create_custom_training_job_from_component` does),
 and waits for it. The pipeline chooses between this and the stage on one machine when it runs.

@@ -8,8 +8,8 @@ curves to Vertex AI TensorBoard. It returns the model's and the endpoint's resou
 
 The accelerator, CPU and memory settings apply on Vertex AI; the KFP local runner ignores them, but for one:
 training and bulk inference run one process per accelerator of their `*_accelerator_count` (data parallel),
-there too. A training stage with `*_replica_count` above 1 runs on that many machines as a Vertex AI custom job
-(a branch of its own; KFP's local runner is given none).
+there too. A training or bulk-inference stage with `*_replica_count` above 1 runs on that many machines as a
+Vertex AI custom job (a branch of its own; KFP's local runner is given none).
 """
 
 import inspect
@@ -48,15 +48,18 @@ def _on_machine(task, accelerator_type, accelerator_count, cpu_limit, memory_lim
     return task.set_retry(num_retries=retries, backoff_duration=RETRY_BACKOFF) if retries else task
 
 
-def _on_machines(component, stage: str, parameters: dict, retries: int, display_name: str, **inputs) -> dict:
-    """A training stage on the machines its parameters (`<stage>_accelerator_*`, `_cpu_limit`, `_memory_limit`,
+def _on_machines(component, stage: str, parameters: dict, retries: int, display_name: str, group: str = "",
+                 **inputs) -> dict:
+    """A stage on the machines its parameters (`<stage>_accelerator_*`, `_cpu_limit`, `_memory_limit`,
     `_replica_count`) ask for: one machine as a task of its own, several as a custom job with worker pools
-    (`rlhf.components.replicas`); returns its output artifacts, from whichever ran."""
+    (`rlhf.components.replicas`); returns its outputs, from whichever ran. `group` names the two branches (the
+    stage's name by default; a stage that runs more than once needs one per run)."""
     machine = {name: parameters[f"{stage}_{name}"] for name in MACHINE_SETTINGS}
     replicas = parameters[f"{stage}_replica_count"]
-    with dsl.If(replicas == 1, name=f"{stage.replace('_', '-')}-on-one-machine"):
+    group = group or stage.replace("_", "-")
+    with dsl.If(replicas == 1, name=f"{group}-on-one-machine"):
         alone = _on_machine(component(**inputs).set_display_name(display_name), *machine.values(), retries)
-    with dsl.Else(name=f"{stage.replace('_', '-')}-on-replicas"):
+    with dsl.Else(name=f"{group}-on-replicas"):
         launcher = on_replicas(component)(
             **inputs, replica_count=replicas, location=parameters["location"],
             encryption_spec_key_name=parameters["encryption_spec_key_name"],
@@ -146,6 +149,7 @@ def build_pipeline(retries: int = RETRIES):
         reinforcement_learning_shard_weights: bool = False,
         dpo_beta: float = 0.1,
         inference_batch_size: int = 8,
+        inference_shard_weights: bool = False,
         prompt_sequence_length: int = 512,
         target_sequence_length: int = 64,
         instruction: str = "",
@@ -162,6 +166,7 @@ def build_pipeline(retries: int = RETRIES):
         reinforcement_learning_memory_limit: str = "32G",
         inference_accelerator_type: str = "NVIDIA_L4",
         inference_accelerator_count: int = 1,
+        inference_replica_count: int = 1,
         inference_cpu_limit: str = "8",
         inference_memory_limit: str = "32G",
         serving_container_image: str = IMAGE,
@@ -197,24 +202,27 @@ def build_pipeline(retries: int = RETRIES):
         )
         predictions = {}
         for side, tuned in (("base", False), ("tuned", True)):
-            predictions[side] = bulk_inference(
+            predictions[side] = _on_machines(bulk_inference, "inference", parameters, retries,
+                f"bulk inference ({side})", group=f"bulk-inference-{side}",
                 prompts=validated.outputs["eval_prompts"],
                 policy=policy["policy"],
                 use_tuned_adapter=tuned,
                 processes=inference_accelerator_count,
                 **_from_parameters(bulk_inference, parameters, InferenceConfig),
-            ).set_display_name(f"bulk inference ({side})")
-            _on_machine(predictions[side], inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
-                        inference_memory_limit, retries)
+            )
+        # On one machine of the inference stage's kind, whatever its replica count: its GPUs hold the two models
+        # together (sharded over them with `inference_shard_weights`), and a few eval prompts need no more.
         evaluation = evaluate(
-            base_predictions=predictions["base"].outputs["predictions"],
-            tuned_predictions=predictions["tuned"].outputs["predictions"],
+            base_predictions=predictions["base"]["predictions"],
+            tuned_predictions=predictions["tuned"]["predictions"],
             reward_model=reward_model["reward_model"],
             policy=policy["policy"],
             run_parameters={**parameters,
                             "reward_model_train_steps": steps.outputs["reward_model_steps"],
                             "reinforcement_learning_train_steps": steps.outputs["reinforcement_learning_steps"]},
             seed=seed,
+            processes=inference_accelerator_count,
+            shard_weights=inference_shard_weights,
             huggingface_token_secret=huggingface_token_secret,
             project=project,
         ).set_display_name("evaluate")
@@ -268,22 +276,24 @@ def build_infer_pipeline(retries: int = RETRIES):
         on_invalid: str = "fail",
         seed: int = 0,
         inference_batch_size: int = 8,
+        inference_shard_weights: bool = False,
         inference_accelerator_type: str = "NVIDIA_L4",
         inference_accelerator_count: int = 1,
+        inference_replica_count: int = 1,
         inference_cpu_limit: str = "8",
         inference_memory_limit: str = "32G",
     ) -> InferOutput:
-        inference = infer_prompts(
+        given = dict(locals())
+        parameters = {name: given[name] for name in inspect.signature(infer_pipeline).parameters}
+        inference = _on_machines(infer_prompts, "inference", parameters, retries, "bulk inference",
             prompt_dataset=prompt_dataset, large_model_reference=large_model_reference,
             model_checkpoint=model_checkpoint, instruction=instruction, plain_text=plain_text,
             sampling_strategy=sampling_strategy, target_sequence_length=target_sequence_length,
             prompt_sequence_length=prompt_sequence_length, batch_size=inference_batch_size, seed=seed,
-            on_invalid=on_invalid, processes=inference_accelerator_count,
+            on_invalid=on_invalid, processes=inference_accelerator_count, shard_weights=inference_shard_weights,
             huggingface_token_secret=huggingface_token_secret, project=project,
-        ).set_display_name("bulk inference")
-        _on_machine(inference, inference_accelerator_type, inference_accelerator_count, inference_cpu_limit,
-                    inference_memory_limit, retries)
-        return InferOutput(output_prediction_gcs_path=inference.outputs["Output"])
+        )
+        return InferOutput(output_prediction_gcs_path=inference["Output"])
 
     return dsl.pipeline(name="infer-pipeline", description="Bulk inference of a language model on a prompt dataset.")(
         infer_pipeline)

@@ -431,17 +431,27 @@ def cmd_evaluate(args) -> int:
     to base on the tuned completions, lengths; writes metrics.json, comparison.jsonl, report.html and report.md."""
     from rlhf.data.datasets import DatasetError, read_jsonl
     from rlhf.evaluation.compare import REPORT_HTML, evaluate_run
+    from rlhf.training.distributed import join
 
     _refuse_to_overwrite("--output-dir", args.output_dir)
     output_dir = Path(args.output_dir)
+    if args.nproc_per_node > 1 and not args.shard_weights:
+        raise UsageError(f"--nproc-per-node {args.nproc_per_node}: the evaluation runs in several processes only to "
+                         "shard its models' weights over them; add --inference-shard-weights, or run one process")
     try:
         base, tuned = read_jsonl(Path(args.base_outputs)), read_jsonl(Path(args.tuned_outputs))
     except DatasetError as error:
         raise UsageError("the model outputs have problems:\n" + _problem_lines(error.problems)) from None
+    launched = _in_processes(args)
+    if launched is not None:
+        return launched
     metrics = evaluate_run(base, tuned,
                            Path(args.reward_model), Path(args.policy), output_dir,
                            {"base_outputs": args.base_outputs, "tuned_outputs": args.tuned_outputs,
-                            "reward_model": args.reward_model, "policy": args.policy}, args.device, args.seed)
+                            "reward_model": args.reward_model, "policy": args.policy}, args.device, args.seed,
+                           args.shard_weights)
+    if not join().main:
+        return 0
     print(json.dumps(metrics, indent=2))
     print(f"Report: {output_dir / REPORT_HTML}", file=sys.stderr)
     return 0
@@ -839,6 +849,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0,
                           help="seed of the bootstrap and of the KL's samples (default 0; the pipeline passes the run's)")
     _add_device(evaluate)
+    _add_settings(evaluate, InferenceConfig, only=("shard_weights",))
+    _add_processes(evaluate)
 
     candidates = _command(commands, "generate-candidates", cmd_generate_candidates,
                           "two candidate completions per prompt, ready for people to label")

@@ -1,7 +1,8 @@
 """A training stage on the tiny model for the data-parallel tests, started the way `rlhf --nproc-per-node N`
 starts one: `python -m tests.distributed_stage STAGE MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`, STAGE
 one of reward, sharded-reward, policy, sharded-policy (with --reward-model), group, sharded-group, dpo,
-sharded-dpo, or shards (what each rank holds of sharded weights). The parent process launches PROCESSES processes of itself
+sharded-dpo, or shards and inference-shards (what each rank holds of a sharded reward model's backbone, or of
+bulk inference's sharded model). The parent process launches PROCESSES processes of itself
 through `rlhf.training.distributed.launch`; each trains on its share. With `--signal`, rank R sends itself
 signal S (SIGKILL: a crashed machine; SIGTERM: a preempted one) when the trainer polls for a stop request for
 the K-th time, i.e. after step K."""
@@ -65,38 +66,45 @@ def stop_requests(rank: int, number: int, at: int):
     return requested
 
 
-def held_weights(model: str) -> dict:
+def held_weights(model: str, generator: bool) -> dict:
     """How many elements each rank holds of the decoder layers' frozen weights, of the other frozen weights
-    (embeddings, final norm) and of the trained ones (LoRA) once the reward model's backbone is sharded, with
-    the totals."""
+    (embeddings, final norm, head) and of the trained ones (LoRA) once the reward model's backbone is sharded,
+    or with `generator`, bulk inference's model (`load_generator`), with the totals."""
     import torch
 
+    from rlhf.evaluation.inference import load_generator
     from rlhf.models.loading import Placement, add_lora, load_backbone
     from rlhf.training.sharding import shard_frozen_weights
 
     ranks = join()
-    backbone = add_lora(load_backbone(model, Placement(torch.device("cpu"), torch.float32)), 4)
+    placement = Placement(torch.device("cpu"), torch.float32)
+    if generator:
+        whole = load_generator(model, None, placement)
+        backbone = load_generator(model, None, placement, in_step=ranks)
+    else:
+        whole = backbone = add_lora(load_backbone(model, placement), 4)
 
     def kind(name, parameter):
         return "trained" if parameter.requires_grad else "layers" if ".layers." in name else "rest"
 
-    def count(local: bool) -> dict:
+    def count(model: torch.nn.Module, local: bool) -> dict:
         counts = dict.fromkeys(("layers", "rest", "trained"), 0)
-        for name, parameter in backbone.named_parameters():
+        for name, parameter in model.named_parameters():
             counts[kind(name, parameter)] += (parameter.to_local() if local and hasattr(parameter, "to_local")
                                               else parameter).numel()
         return counts
 
-    totals = count(local=False)
-    shard_frozen_weights(backbone, ranks, torch.device("cpu"))
-    held = ranks.gather(count(local=True))
+    totals = count(whole, local=False)
+    if not generator:
+        shard_frozen_weights(backbone, ranks, torch.device("cpu"))
+    held = ranks.gather(count(backbone, local=True))
     return {name: {"held": [h[name] for h in held], "total": totals[name]} for name in totals}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=("reward", "sharded-reward", "shards", "policy", "sharded-policy", "group",
-                                          "sharded-group", "dpo", "sharded-dpo"))
+    parser.add_argument("stage", choices=("reward", "sharded-reward", "shards", "inference-shards", "policy",
+                                          "sharded-policy", "group", "sharded-group", "dpo", "sharded-dpo"))
     parser.add_argument("model")
     parser.add_argument("output")
     parser.add_argument("processes", type=int)
@@ -109,8 +117,8 @@ def main() -> int:
     if "LOCAL_RANK" not in os.environ:
         return launch(args.processes, sys.argv[1:], module="tests.distributed_stage")
     stop = stop_requests(args.rank, args.signal, args.at)
-    if args.stage == "shards":
-        result = held_weights(args.model)
+    if args.stage in ("shards", "inference-shards"):
+        result = held_weights(args.model, generator=args.stage == "inference-shards")
     elif args.stage in ("reward", "sharded-reward"):
         rows = marker_pairs(48)
         config = reward_config(**(SHARDED_REWARD_SETTINGS if args.stage == "sharded-reward" else REWARD_SETTINGS))

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
-from tests.conftest import PROMPTS, free_port, marker_pairs, reward_config, rlhf
+from tests.conftest import PROMPTS, adapted_policy, free_port, marker_pairs, reward_config, rlhf
 
 # One thread per process on both sides: the sums inside a matmul then run in the same order, so one process and
 # two differ only by the order of additions across ranks.
@@ -119,19 +119,20 @@ def test_an_interrupted_rank_stops_the_stage_and_the_rerun_resumes_to_the_same_r
 
 
 @pytest.mark.slow
-def test_sharded_weights_are_split_between_the_processes_and_the_rest_is_not(tiny_model_dir):
-    """Each of 2 processes holds half of the frozen decoder layers of the reward model's backbone (a weight of
-    an odd row count puts one row more on the first), and the whole of the embeddings, the final norm and
-    every LoRA weight."""
-    result = stage("shards", tiny_model_dir, "-", 2)
+@pytest.mark.parametrize("kind", ["shards", "inference-shards"])
+def test_sharded_weights_are_split_between_the_processes_and_the_rest_is_not(tiny_model_dir, kind):
+    """Each of 2 processes holds half of the frozen decoder layers of the reward model's backbone, or of bulk
+    inference's model (a weight of an odd row count puts one row more on the first), and the whole of the
+    embeddings, the final norm and every LoRA weight."""
+    result = stage(kind, tiny_model_dir, "-", 2)
     assert result.returncode == 0, result.stderr[-3000:]
     held = json.loads(result.stdout.strip().splitlines()[-1])
     layers = held["layers"]
     assert sum(layers["held"]) == layers["total"] > 0
     assert all(abs(h - layers["total"] / 2) <= 0.01 * layers["total"] for h in layers["held"]), layers
-    for whole in ("rest", "trained"):
+    for whole in ("rest", "trained") if kind == "shards" else ("rest",):
         assert held[whole]["held"] == [held[whole]["total"]] * 2 and held[whole]["total"] > 0
-    alone = json.loads(stage("shards", tiny_model_dir, "-", 1).stdout.strip().splitlines()[-1])
+    alone = json.loads(stage(kind, tiny_model_dir, "-", 1).stdout.strip().splitlines()[-1])
     assert alone["layers"]["held"] == [layers["total"]]
 
 
@@ -231,6 +232,102 @@ def test_the_bulk_inference_component_given_two_accelerators_writes_what_one_pro
         assert json.loads(result.stdout.strip().splitlines()[-1]) == {"rows": len(PROMPTS)}
         outputs[processes] = read_jsonl(Path(arguments["output"]))
     assert outputs[2] == outputs[1] and len(outputs[2]) == len(PROMPTS)
+
+
+@pytest.mark.slow
+def test_bulk_inference_on_two_vertex_machines_with_sharded_weights_writes_what_one_process_writes(tiny_model_dir,
+                                                                                                   tmp_path):
+    """The bulk-inference component on two Vertex AI replicas (inference_replica_count=2), one process each, told
+    where the other is by CLUSTER_SPEC, the model's weights sharded over them: 5 batches of 4, one an idle pass."""
+    from rlhf.data.datasets import read_jsonl, write_jsonl
+
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:20])
+    code = ("import json, sys\nfrom rlhf.components.processes import run_stage\n"
+            "print(json.dumps(run_stage('bulk_inference', 1, **json.loads(sys.argv[1]))))")
+
+    def arguments(name: str, sharded: bool) -> str:
+        return json.dumps({"settings": {"target_sequence_length": 8, "batch_size": 4, "shard_weights": sharded},
+                           "prompts": str(tmp_path / "prompts.jsonl"), "model": str(tiny_model_dir), "adapter": None,
+                           "output": str(tmp_path / name)})
+
+    alone = subprocess.run([sys.executable, "-c", code, arguments("alone.jsonl", False)], capture_output=True,
+                           text=True, timeout=900, env={**os.environ, **ONE_THREAD})
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    pools = {"workerpool0": [f"127.0.0.1:{free_port()}"], "workerpool1": [f"127.0.0.1:{free_port()}"]}
+    machines = []
+    for pool in pools:
+        spec = {"cluster": pools, "task": {"type": pool, "index": 0}, "environment": "cloud"}
+        machines.append(subprocess.Popen([sys.executable, "-c", code, arguments("replicas.jsonl", True)],
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env={**os.environ, **ONE_THREAD, "CLUSTER_SPEC": json.dumps(spec)}))
+    results = [machine.communicate(timeout=900) for machine in machines]
+    assert [machine.returncode for machine in machines] == [0, 0], [err[-2000:] for _, err in results]
+    assert "each of 2 processes holds 1/2 of the model's decoder layers" in results[0][1]
+    assert json.loads(results[0][0].strip().splitlines()[-1]) == {"rows": 20}
+    assert read_jsonl(tmp_path / "replicas.jsonl") == read_jsonl(tmp_path / "alone.jsonl")
+
+
+@pytest.fixture(scope="module")
+def policy_and_reward_model(tiny_model_dir, tmp_path_factory):
+    """A policy artifact whose adapter moves the tiny model, and a reward model to judge it by."""
+    from rlhf.models.loading import load_tokenizer
+    from rlhf.reward.training import train_reward_model
+    from rlhf.rl.policy import PolicySpec, save_policy
+
+    root = tmp_path_factory.mktemp("to-evaluate")
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    spec = PolicySpec(large_model_reference=str(tiny_model_dir), lora_dim=4, prompt_sequence_length=64,
+                      target_sequence_length=8, instruction="Summarize.", temperature=0.7)
+    save_policy(adapted_policy(tiny_model_dir, tokenizer.eos_token_id), spec, root / "policy", tokenizer, merged=False)
+    rows = marker_pairs(24)
+    train_reward_model(reward_config(train_steps=2), rows[:20], rows[20:], str(tiny_model_dir), root / "reward-model")
+    return root / "policy", root / "reward-model"
+
+
+@pytest.mark.slow
+def test_sharded_bulk_inference_and_evaluation_in_two_processes_give_what_one_process_gives(
+        policy_and_reward_model, tiny_model_dir, tmp_path):
+    """Bulk inference of the base and the tuned model, then the evaluation (reward model, KL of the tuned policy to
+    the base on sampled completions), each with its weights sharded over 2 processes, against 1 process unsharded.
+    20 prompts in batches of 4: one process generates 3 batches, the other 2 and an idle pass."""
+    from rlhf.data.datasets import read_jsonl, write_jsonl
+
+    policy, reward_model = policy_and_reward_model
+    write_jsonl(tmp_path / "prompts.jsonl", PROMPTS[:20])
+    written, evaluated = {}, {}
+    for processes in (1, 2):
+        sharded = ["--inference-shard-weights", "--nproc-per-node", "2"] if processes == 2 else []
+        outputs = {side: tmp_path / f"{side}-{processes}.jsonl" for side in ("base", "tuned")}
+        for side, model in (("base", ["--large-model-reference", str(tiny_model_dir)]), ("tuned", ["--policy", str(policy)])):
+            result = rlhf("infer", "--eval-dataset", str(tmp_path / "prompts.jsonl"), "--output", str(outputs[side]),
+                          "--inference-batch-size", "4", "--target-sequence-length", "8", *model, *sharded,
+                          env=ONE_THREAD)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert ("each of 2 processes holds 1/2 of the model's decoder layers" in result.stderr) == (processes == 2)
+            written[side, processes] = read_jsonl(outputs[side])
+        result = rlhf("evaluate", "--base-outputs", str(outputs["base"]), "--tuned-outputs", str(outputs["tuned"]),
+                      "--reward-model", str(reward_model), "--policy", str(policy), "--output-dir",
+                      str(tmp_path / f"evaluation-{processes}"), *sharded, env=ONE_THREAD)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("each of 2 processes holds 1/2 of the reward model's and the policy's" in result.stderr) == (
+            processes == 2)
+        evaluated[processes] = json.loads((tmp_path / f"evaluation-{processes}" / "metrics.json").read_text())
+    for side in ("base", "tuned"):
+        assert written[side, 2] == written[side, 1] and len(written[side, 2]) == 20
+    assert {r["prediction"] for r in written["base", 2]} != {r["prediction"] for r in written["tuned", 2]}
+    alone, parallel = evaluated[1]["evaluation"], evaluated[2]["evaluation"]
+    assert alone["kl_to_base"] > 0.01  # the adapter moves the model: a KL of 0 would compare nothing
+    for name, value in alone.items():
+        if isinstance(value, float):
+            assert parallel[name] == pytest.approx(value, rel=1e-5, abs=1e-5), name
+    assert parallel["kl_to_base_sampling"]["completions"] == alone["kl_to_base_sampling"]["completions"]
+
+
+def test_the_evaluation_runs_in_several_processes_only_to_shard_its_weights(tmp_path):
+    result = rlhf("evaluate", "--base-outputs", "b.jsonl", "--tuned-outputs", "t.jsonl", "--reward-model", "rm",
+                  "--policy", "p", "--output-dir", str(tmp_path / "out"), "--nproc-per-node", "2")
+    assert result.returncode == 2
+    assert "--nproc-per-node 2: the evaluation runs in several processes only to shard" in result.stderr
 
 
 # A process of a stage that exits with its process group open leaves gloo's connections to interpreter shutdown,

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from rlhf.pipeline.compiler import COMPILED, compile_pipeline
+from tests import compiled
 from tests.conftest import adapted_policy, rlhf
 
 pytestmark = pytest.mark.slow
@@ -30,8 +31,8 @@ def test_the_committed_infer_pipeline_yaml_is_fresh_and_has_gcpcs_parameters_and
             assert parameters[name]["defaultValue"] == default, name
     assert "defaultValue" not in parameters["prompt_dataset"]
     assert set(spec["root"]["outputDefinitions"]["parameters"]) == {"output_prediction_gcs_path"}
-    task = spec["root"]["dag"]["tasks"]["infer-prompts"]
-    assert task["inputs"]["parameters"]["processes"]["componentInputParameter"] == "inference_accelerator_count"
+    task = compiled.tasks(spec)["infer-prompts"][1]  # in the branch for one machine
+    assert compiled.source(spec, "infer-prompts", "processes") == {"componentInputParameter": "inference_accelerator_count"}
     assert task["retryPolicy"]["maxRetryCount"] == 2
 
 

@@ -90,6 +90,14 @@ def test_sharded_weights_put_a_reward_model_only_the_largest_gpus_hold_on_smalle
     policy = stage_bytes(shape, "reinforcement_learning", {**settings, "reinforcement_learning_shard_weights": True,
                                                            "reinforcement_learning_accelerator_count": 8}.get)
     assert policy["weights"] == 2 * sharded["weights"]
+    # The inference machine, which also runs the evaluation (both models), and bulk inference alone (one).
+    inference = {stage: stage_bytes(shape, stage, {**settings, "inference_shard_weights": True,
+                                                   "inference_accelerator_count": 8}.get)
+                 for stage in ("inference", "bulk_inference")}
+    assert inference["inference"]["weights"] == 2 * inference["bulk_inference"]["weights"] == 2 * sharded["weights"]
+    whole_on_one = stage_bytes(shape, "inference", {**settings, "inference_accelerator_count": 8}.get)
+    assert smallest_fitting(whole_on_one["total"]) is None
+    assert smallest_fitting(inference["inference"]["total"]) == "NVIDIA_A100_80GB"
 
 
 def test_gradient_checkpointing_keeps_a_fraction_of_the_activations():

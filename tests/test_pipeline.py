@@ -59,8 +59,9 @@ def test_yaml_loads_back_with_its_parameters_and_tasks():
     assert "defaultValue" not in parameters["preference_dataset"]
     tasks = compiled.tasks(spec)
     stages = {"validate-datasets", "resolve-steps", "train-reward-model", "train-reward-model-on-replicas",
-              "train-policy", "train-policy-on-replicas", "bulk-inference", "bulk-inference-2", "evaluate",
-              "upload-model", "skip-upload", "upload-tensorboard"}
+              "train-policy", "train-policy-on-replicas", "bulk-inference", "bulk-inference-2",
+              "bulk-inference-on-replicas", "bulk-inference-on-replicas-2", "evaluate", "upload-model", "skip-upload",
+              "upload-tensorboard"}
     assert {name for name in tasks if not name.startswith("condition-")} == stages
     assert tasks["resolve-steps"][1]["dependentTasks"] == ["validate-datasets"]
     # Each training stage runs on one machine or on several (a branch each); what comes after takes the
@@ -73,14 +74,19 @@ def test_yaml_loads_back_with_its_parameters_and_tasks():
         assert compiled.producers(spec, stage, "reward_model") == {"train-reward-model",
                                                                    "train-reward-model-on-replicas"}
     assert compiled.producers(spec, "evaluate", "policy") == {"train-policy", "train-policy-on-replicas"}
-    assert compiled.producers(spec, "evaluate", "base_predictions") == {"bulk-inference"}
-    # Training and bulk inference run one process per accelerator they are given.
+    assert compiled.producers(spec, "evaluate", "base_predictions") == {"bulk-inference", "bulk-inference-on-replicas"}
+    assert compiled.producers(spec, "evaluate", "tuned_predictions") == {"bulk-inference-2",
+                                                                         "bulk-inference-on-replicas-2"}
+    # Training, bulk inference and the evaluation run one process per accelerator they are given (the evaluation
+    # only to shard its weights).
     for task, count in (("train-reward-model", "reward_model_accelerator_count"),
                         ("train-reward-model-on-replicas", "reward_model_accelerator_count"),
                         ("train-policy", "reinforcement_learning_accelerator_count"),
                         ("train-policy-on-replicas", "reinforcement_learning_accelerator_count"),
                         ("bulk-inference", "inference_accelerator_count"),
-                        ("bulk-inference-2", "inference_accelerator_count")):
+                        ("bulk-inference-2", "inference_accelerator_count"),
+                        ("bulk-inference-on-replicas", "inference_accelerator_count"),
+                        ("evaluate", "inference_accelerator_count")):
         assert compiled.source(spec, task, "processes") == {"componentInputParameter": count}
 
 

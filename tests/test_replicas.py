@@ -12,21 +12,29 @@ import time
 import pytest
 
 from rlhf.errors import UserError
-from rlhf.pipeline.compiler import PIPELINE_YAML
+from rlhf.pipeline.compiler import COMPILED
 from rlhf.vertex.custom_job import cpu_count, machine_type, memory_bytes, worker_pool_specs
 from tests import compiled
 from tests.test_vertex import submit_args
 from tests.vertex_loopback import VertexLoopback, write_service_account
 
-STAGES = (("train-reward-model", "reward_model"), ("train-policy", "reinforcement_learning"))
+# Each stage on one machine or several, by its compiled pipeline, its task on one machine, the task that launches
+# it on several, and the prefix of its machine parameters. Bulk inference runs twice in `rlhf_pipeline` (base,
+# tuned) and once in `infer_pipeline`.
+STAGES = (("rlhf", "train-reward-model", "train-reward-model-on-replicas", "reward_model"),
+          ("rlhf", "train-policy", "train-policy-on-replicas", "reinforcement_learning"),
+          ("rlhf", "bulk-inference", "bulk-inference-on-replicas", "inference"),
+          ("rlhf", "bulk-inference-2", "bulk-inference-on-replicas-2", "inference"),
+          ("infer", "infer-prompts", "infer-prompts-on-replicas", "inference"))
 
 
-@pytest.mark.parametrize("task,prefix", STAGES)
-def test_the_compiled_pipeline_runs_a_stage_on_one_machine_or_as_a_custom_job_on_several(task, prefix):
-    spec = compiled.load(PIPELINE_YAML)
+@pytest.mark.parametrize("pipeline,task,launched,prefix", STAGES)
+def test_the_compiled_pipeline_runs_a_stage_on_one_machine_or_as_a_custom_job_on_several(pipeline, task, launched,
+                                                                                        prefix):
+    spec = compiled.load(COMPILED[pipeline])
     tasks = compiled.tasks(spec)
-    alone, launcher = tasks[task][1], tasks[f"{task}-on-replicas"][1]
-    scopes = {tasks[task][0], tasks[f"{task}-on-replicas"][0]}  # the branches' DAGs
+    alone, launcher = tasks[task][1], tasks[launched][1]
+    scopes = {tasks[task][0], tasks[launched][0]}  # the branches' DAGs
     branches = {name: t["triggerPolicy"]["condition"] for name, (_, t) in tasks.items()
                 if t["componentRef"]["name"] in scopes}
     assert len(branches) == 2 and all(f"{prefix}_replica_count" in c for c in branches.values())
@@ -40,16 +48,15 @@ def test_the_compiled_pipeline_runs_a_stage_on_one_machine_or_as_a_custom_job_on
     assert runs["args"][runs["args"].index("--") + 1:] == stage["command"] + stage["args"]
     options = dict(zip(runs["args"][:runs["args"].index("--"):2], runs["args"][1:runs["args"].index("--"):2]))
     assert options["--replica-count"] == "{{$.inputs.parameters['replica_count']}}"
-    assert options["--display-name"] == "{{$.pipeline_job_name}}-" + task
+    assert options["--display-name"] == "{{$.pipeline_job_name}}-" + launched.split("-on-replicas")[0]
     for option, name in (("--accelerator-type", "accelerator_type"), ("--accelerator-count", "accelerator_count"),
                          ("--cpu-limit", "cpu_limit"), ("--memory-limit", "memory_limit")):
         fed = options[option].removeprefix("{{$.inputs.parameters['").removesuffix("']}}")
-        assert compiled.source(spec, f"{task}-on-replicas", fed) == {"componentInputParameter": f"{prefix}_{name}"}
-    assert compiled.source(spec, f"{task}-on-replicas", "replica_count") == {
-        "componentInputParameter": f"{prefix}_replica_count"}
+        assert compiled.source(spec, launched, fed) == {"componentInputParameter": f"{prefix}_{name}"}
+    assert compiled.source(spec, launched, "replica_count") == {"componentInputParameter": f"{prefix}_replica_count"}
     # The same settings reach both: every input of the stage comes from the same place in either branch.
     for name in spec["components"][alone["componentRef"]["name"]]["inputDefinitions"]["parameters"]:
-        assert compiled.source(spec, task, name) == compiled.source(spec, f"{task}-on-replicas", name), name
+        assert compiled.source(spec, task, name) == compiled.source(spec, launched, name), name
     assert spec["root"]["inputDefinitions"]["parameters"][f"{prefix}_replica_count"]["defaultValue"] == 1
     assert "retryPolicy" in launcher
 

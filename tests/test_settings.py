@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from rlhf.cli import build_parser
 from rlhf.data.config import DataConfig
@@ -88,8 +87,10 @@ def test_the_cli_and_the_pipeline_set_the_same_settings_under_the_same_names(com
 ])
 def test_the_data_and_inference_steps_get_their_settings_from_the_parameters_that_name_them(task, settings,
                                                                                           not_inputs):
-    given = yaml.safe_load(PIPELINE_YAML.read_text())["root"]["dag"]["tasks"][task]["inputs"]["parameters"]
-    fed = {field: given[field]["componentInputParameter"] for field in settings.parameter_names if field in given}
+    spec = compiled.load(PIPELINE_YAML)
+    given = compiled.tasks(spec)[task][1]["inputs"]["parameters"]  # bulk inference: in its one-machine branch
+    fed = {field: compiled.source(spec, task, field)["componentInputParameter"] for field in settings.parameter_names
+           if field in given}
     assert fed == {field: name for field, name in settings.parameter_names.items() if field not in not_inputs}
 
 

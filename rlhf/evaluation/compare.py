@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from rlhf.models.loading import MACHINE_KEYS, machine, pick_placement, stop_toke
 from rlhf.reward.model import load_reward_model, score_packed
 from rlhf.rl.policy import Policy, PolicySpec
 from rlhf.rl.rollouts import Rollout
+from rlhf.training.distributed import ALONE, Ranks, join, local_device
 from rlhf.training.progress import Progress
 
 KL_BATCH = 8  # completions sampled per pass for the KL to base (32 a pass took as long per completion here)
@@ -88,21 +90,25 @@ def sampled_log_ratios(policy: Policy, prompts: list[list[int]],
 
 
 def kl_to_base(model, tokenizer, prompts: list[list[int]], spec: PolicySpec, seed: int,
-               samples_per_prompt: int = KL_SAMPLES_PER_PROMPT) -> tuple[float, float, int]:
+               samples_per_prompt: int = KL_SAMPLES_PER_PROMPT, in_step: Ranks = ALONE) -> tuple[float, float, int]:
     """KL(tuned || base) in nats per completion: the mean, over `samples_per_prompt` completions per prompt,
     of the summed per-token log-ratio (`sampled_log_ratios`). Returns the mean, its standard error and the
     number of completions. A prompt's completions are drawn in a row, and the base pass packs them after one
-    copy of their prompt where that is exact for the model (`Policy.pack_prompt_groups`)."""
+    copy of their prompt where that is exact for the model (`Policy.pack_prompt_groups`). `in_step`: the ranks
+    `model`'s weights are sharded over, each running every pass."""
     policy = Policy(model, None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+    policy.in_step = in_step
     policy.pack_prompt_groups(samples_per_prompt, spec.target_sequence_length, max(len(p) for p in prompts))
     torch.manual_seed(seed)
     drawn = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
-    progress = Progress(len(drawn), "KL to base", unit="completion")
+    progress = Progress(len(drawn), "KL to base", unit="completion") if in_step.main else None
     sums = []
     for ratios, _ in sampled_log_ratios(policy, drawn, spec):
         sums.extend(ratios.sum(dim=1).tolist())
-        progress.update(len(ratios))
-    progress.close()
+        if progress:
+            progress.update(len(ratios))
+    if progress:
+        progress.close()
     spread = torch.tensor(sums, dtype=torch.float64).std().item() if len(sums) > 1 else 0.0
     return _mean(sums), spread / len(sums) ** 0.5, len(sums)
 
@@ -117,16 +123,22 @@ def rule_verdicts(rule: SummaryRule, rows: list[dict]) -> list[dict]:
 
 def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model_dir: Path, base_model_path: str,
                      adapter_dir: Path | None, spec: PolicySpec | None = None, device: str = "auto", seed: int = 0,
-                     max_tokens: int = 4096) -> tuple[dict, list[dict]]:
+                     max_tokens: int = 4096, in_step: Ranks = ALONE) -> tuple[dict, list[dict]]:
     """Metrics and the per-prompt comparison rows (ordered by reward gain, largest first). `spec` (the tuned
-    policy's) gives the instruction, for the rule judge, and the sampling settings, for the KL to base."""
+    policy's) gives the instruction, for the rule judge, and the sampling settings, for the KL to base.
+    `in_step`: the ranks to shard the reward model's and the policy's weights over (`rlhf.training.sharding`):
+    each runs the whole evaluation, every pass together, and all return the same (the few eval prompts ask for
+    the memory of several GPUs, not their speed)."""
     if len(base_rows) != len(tuned_rows) or not base_rows:
         raise UserError(f"evaluation needs the same prompts on both sides, got {len(base_rows)} and {len(tuned_rows)}")
     for base, tuned in zip(base_rows, tuned_rows):
         if prompt_key(base) != prompt_key(tuned):
             raise UserError("base and tuned outputs are not in the same prompt order")
-    placement = pick_placement(device)
-    reward = load_reward_model(reward_model_dir, placement, base_model_path)
+    placement = pick_placement(local_device(device))
+    reward = load_reward_model(reward_model_dir, placement, base_model_path, in_step)
+    if in_step.parallel and in_step.main:
+        print(f"evaluation: each of {in_step.world_size} processes holds 1/{in_step.world_size} of the reward "
+              "model's and the policy's decoder layers", file=sys.stderr)
     encoder = reward.encoder()
     limit = reward.spec.target_sequence_length
     tokenizer = reward.tokenizer
@@ -134,7 +146,7 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
     base_ids = [completion_ids(tokenizer, r["prediction"], r.get("ended", True), limit) for r in base_rows]
     tuned_ids = [completion_ids(tokenizer, r["prediction"], r.get("ended", True), limit) for r in tuned_rows]
     scores = score_packed(reward.model, prompts, [[b, t] for b, t in zip(base_ids, tuned_ids)],
-                          tokenizer.pad_token_id, max_tokens)
+                          tokenizer.pad_token_id, max_tokens, in_step)
     scores = reward.normalise(scores)
     base_scores, tuned_scores = scores[:, 0].tolist(), scores[:, 1].tolist()
 
@@ -143,8 +155,8 @@ def evaluate_outputs(base_rows: list[dict], tuned_rows: list[dict], reward_model
         policy_encoder = PromptEncoder(tokenizer, spec.prompt_format(), spec.prompt_sequence_length,
                                        spec.target_sequence_length)
         kl, kl_error, kl_completions = kl_to_base(
-            load_generator(base_model_path, adapter_dir, placement), tokenizer,
-            [policy_encoder.encode_prompt(r) for r in base_rows], spec, seed)
+            load_generator(base_model_path, adapter_dir, placement, in_step=in_step), tokenizer,
+            [policy_encoder.encode_prompt(r) for r in base_rows], spec, seed, in_step=in_step)
 
     rule = rule_for_instruction(spec.instruction if spec is not None else reward.spec.instruction)
     judged = {side: rule_verdicts(rule, rows) if rule else None for side, rows in (("base", base_rows),
@@ -208,8 +220,11 @@ def _stage_metrics(directory: Path, keys: tuple[str, ...]) -> dict:
 
 
 def evaluate_run(base_rows: list[dict], tuned_rows: list[dict], reward_model_dir: Path, policy_dir: Path,
-                 output_dir: Path, parameters: dict, device: str = "auto", seed: int = 0) -> dict:
-    """Score both sides, then write metrics.json, comparison.jsonl, report.html and report.md."""
+                 output_dir: Path, parameters: dict, device: str = "auto", seed: int = 0,
+                 shard_weights: bool = False) -> dict:
+    """Score both sides, then write metrics.json, comparison.jsonl, report.html and report.md. Started by
+    `torch.distributed.run` with `shard_weights`, the processes shard both models' weights (`evaluate_outputs`),
+    and the first writes."""
     from rlhf.data.datasets import write_jsonl
     from rlhf.evaluation.report import read_scalars, render_html, render_markdown
     from rlhf.models.reference import resolve_model_reference
@@ -218,9 +233,12 @@ def evaluate_run(base_rows: list[dict], tuned_rows: list[dict], reward_model_dir
     spec = read_policy_spec(policy_dir)
     base_model_path = resolve_model_reference(spec.large_model_reference)
     evaluation, comparison = evaluate_outputs(base_rows, tuned_rows, reward_model_dir, base_model_path,
-                                              Path(policy_dir) / ADAPTER_DIR, spec, device, seed)
+                                              Path(policy_dir) / ADAPTER_DIR, spec, device, seed,
+                                              in_step=join() if shard_weights else ALONE)
     metrics = {"reward_model": _stage_metrics(reward_model_dir, REWARD_MODEL_KEYS),
                "policy": _stage_metrics(policy_dir, POLICY_KEYS), "evaluation": evaluation}
+    if not join().main:
+        return metrics
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")

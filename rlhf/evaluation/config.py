@@ -15,13 +15,15 @@ class InferenceConfig(PromptSettings):
     """Settings of bulk inference."""
 
     stage = "inference"
-    parameter_names = {"batch_size": "inference_batch_size", **SHARED_PARAMETERS}
+    parameter_names = {"batch_size": "inference_batch_size", "shard_weights": "inference_shard_weights",
+                       **SHARED_PARAMETERS}
 
     batch_size: int = 8  # prompts per generate call
     sampling_strategy: str = "greedy"  # greedy, as Vertex's bulk inferrer, or temperature_sampling (GCPC's names)
     temperature: float = 1.0  # sampling temperature, when sampling
     top_p: float = 1.0  # nucleus sampling, when sampling
     seed: int = 0  # seed of the sampling
+    shard_weights: bool = False  # split the weights over the stage's processes (FSDP), the evaluation's too: a model no GPU holds alone
 
     def stage_problems(self, say) -> list[str]:
         strategy = ([] if self.sampling_strategy in SAMPLING_STRATEGIES else

@@ -7,6 +7,7 @@ Vertex shape too (`inputs.inputs_pretokenized`, `prediction`) so tools written f
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,12 +19,13 @@ from rlhf.data.validation import user_input
 from rlhf.errors import UserError
 from rlhf.evaluation.config import InferenceConfig
 from rlhf.models.artifacts import refuse_pickles
-from rlhf.models.loading import in_float32, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
+from rlhf.models.loading import Placement, in_float32, load_causal_lm, load_tokenizer, pick_placement, stop_token_ids
 from rlhf.rl.decoding import generate
 from rlhf.rl.policy import ADAPTER_DIR, SPEC_FILE, PolicySpec, read_policy_spec
 from rlhf.settings import chat_template_choice
 from rlhf.training.distributed import ALONE, Ranks, join, local_device, seed_of
 from rlhf.training.progress import Progress
+from rlhf.training.sharding import loading_placement, lockstep, shard_frozen_weights
 
 
 @dataclass
@@ -71,14 +73,25 @@ def model_to_infer(large_model_reference: str, checkpoint: str, scratch: Path,
                     "(no adapter_config.json)")
 
 
-def load_generator(model_path: str, adapter_dir: Path | None, placement):
+def load_generator(model_path: str, adapter_dir: Path | None, placement: Placement, merge: bool = False,
+                   in_step: Ranks = ALONE):
+    """The base model, with the adapter in `adapter_dir` beside its weights, or with `merge`, folded into them once
+    (in float32 only: a lower precision would round most of the update away), so decoding runs a plain model
+    without the adapter's extra products in every layer. `in_step`: the ranks to shard its weights over
+    (`rlhf.training.sharding`), which then run every pass together; loaded on the host first, each keeps its
+    share."""
     if adapter_dir is not None:
         refuse_pickles(adapter_dir)  # before the base model loads: a refused artifact should cost nothing
-    model = load_causal_lm(model_path, placement)
+    model = load_causal_lm(model_path, loading_placement(placement, in_step.parallel))
     if adapter_dir is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter_dir)
+        if merge and in_float32(model):
+            model = model.merge_and_unload()
+    model.requires_grad_(False)
+    shard_frozen_weights(model, in_step, placement.device)
+    model.to(placement.device)
     model.eval()
     return model
 
@@ -94,11 +107,13 @@ class Generator:
     def __init__(self, model_path: str, config: InferenceConfig, adapter_dir: Path | None = None):
         self.config = config
         self.tokenizer = load_tokenizer(model_path)
-        self.model = load_generator(model_path, adapter_dir, pick_placement(local_device(config.device)))
-        if adapter_dir is not None and in_float32(self.model):
-            # Merged once: decoding then runs a plain model, without the adapter's extra products in every layer
-            # (in float32 only: a lower precision would round most of the update away).
-            self.model = self.model.merge_and_unload()
+        # The ranks its weights are sharded over (`config.shard_weights`), which run every batch together.
+        self.in_step = join() if config.shard_weights else ALONE
+        self.model = load_generator(model_path, adapter_dir, pick_placement(local_device(config.device)), merge=True,
+                                    in_step=self.in_step)
+        if self.in_step.parallel and self.in_step.main:
+            print(f"inference: each of {self.in_step.world_size} processes holds 1/{self.in_step.world_size} of the "
+                  "model's decoder layers", file=sys.stderr)
         self.stop_ids = stop_token_ids(self.model, self.tokenizer)
         self.encoder = PromptEncoder(self.tokenizer, PromptFormat(config.instruction, config.use_chat_template),
                                      config.prompt_sequence_length, config.target_sequence_length)
@@ -114,12 +129,16 @@ class Generator:
         order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
         batches = [order[first:first + config.batch_size] for first in range(0, len(order), config.batch_size)]
         outputs: list[dict | None] = [None] * len(rows)
-        for number, batch in ranks.share(list(enumerate(batches))):
+        # Sharded, a rank with a batch fewer than another generates the first batch again as an idle pass.
+        for numbered in lockstep(ranks.share(list(enumerate(batches))), self.in_step):
+            number, batch = numbered or (0, batches[0])
             if seeded:
                 torch.manual_seed(seed_of(config.seed, number))
             rollout = generate(self.model, [prompts[i] for i in batch], config.target_sequence_length,
                                self.stop_ids, self.tokenizer.pad_token_id, config.temperature,
-                               config.top_p, greedy=config.greedy)
+                               config.top_p, greedy=config.greedy, in_step=self.in_step)
+            if numbered is None:
+                continue
             for index, completion, ended in zip(batch, rollout.completions(), rollout.ended.tolist()):
                 row = rows[index]
                 output = {key: row[key] for key in ("input_text", "messages") if key in row}

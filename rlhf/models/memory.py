@@ -1,8 +1,9 @@
 """How much memory a stage needs on one GPU, from the model's config alone (no weights), and the Vertex AI
 accelerator that holds it.
 
-A stage runs data-parallel (`rlhf.training.distributed`): every process holds the whole model on its own GPU,
-so what must fit is one process's share, whatever the accelerator count. Per process, in the precision a GPU
+A stage runs data-parallel (`rlhf.training.distributed`): every process holds the whole model on its own GPU
+(unless the stage shards its weights over them, `*_shard_weights`: `held_weights`), so what must fit is one
+process's share, whatever the accelerator count. Per process, in the precision a GPU
 trains in (bfloat16, `rlhf.models.loading.pick_placement`):
 
 - weights: every parameter of each model the stage holds: the reward-model stage one backbone; the policy
@@ -72,9 +73,11 @@ GPU_MEMORY_MIB = {"NVIDIA_TESLA_T4": 15360, "NVIDIA_TESLA_P100": 16280, "NVIDIA_
                   "NVIDIA_L4": 23034, "NVIDIA_TESLA_A100": 40960, "NVIDIA_A100_80GB": 81920,
                   "NVIDIA_H100_80GB": 81559, "NVIDIA_H100_MEGA_80GB": 81559, "NVIDIA_H200_141GB": 143771,
                   "NVIDIA_B200": 183359}
-# The stages that can shard their frozen weights, and the parameter that asks for it.
+# The stages that can shard their frozen weights, by the prefix of their machine parameters, and the parameter
+# that asks for it.
 SHARDING = {"reward_model": "reward_model_shard_weights",
-            "reinforcement_learning": "reinforcement_learning_shard_weights"}
+            "reinforcement_learning": "reinforcement_learning_shard_weights",
+            "inference": "inference_shard_weights"}
 CHOICE_ORDER = ("NVIDIA_L4", "NVIDIA_TESLA_A100", "NVIDIA_A100_80GB", "NVIDIA_H200_141GB", "NVIDIA_B200")
 
 
@@ -190,7 +193,9 @@ def stage_bytes(shape: ModelShape, stage: str, value, value_bytes: int = 2) -> d
 
 def shards(stage: str, value) -> int:
     """The processes a stage's frozen weights are split over: every GPU of its machines with
-    `*_shard_weights`, else 1 (each holds them all)."""
+    `*_shard_weights`, else 1 (each holds them all). `stage`: the prefix of its machine parameters (bulk
+    inference alone runs on the inference machine)."""
+    stage = "inference" if stage == "bulk_inference" else stage
     if stage not in SHARDING or not value(SHARDING[stage]):
         return 1
     return value(f"{stage}_accelerator_count") * (value(f"{stage}_replica_count") or 1)

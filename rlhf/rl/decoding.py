@@ -174,6 +174,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Seque
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
-             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollout:
+             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, in_step: Ranks = ALONE) -> Rollout:
     """Completions only."""
-    return decode(model, prompts, max_new_tokens, stop_ids, pad_id, temperature, top_p, greedy).rollout
+    return decode(model, prompts, max_new_tokens, stop_ids, pad_id, temperature, top_p, greedy,
+                  in_step=in_step).rollout

@@ -15,7 +15,6 @@ from rlhf.rl.prefix_cache import PrefixCache, worth_keeping
 from rlhf.rl.rollouts import right_pad
 from rlhf.training.batching import micro_batches
 from rlhf.training.distributed import ALONE, Ranks
-from rlhf.training.sharding import loading_placement, shard_frozen_weights
 
 
 class RewardFunction(Protocol):
@@ -31,12 +30,7 @@ class RewardModelReward:
                  max_tokens: int = 4096, in_step: Ranks = ALONE):
         """`in_step`: the ranks to shard the reward model's weights over (`rlhf.training.sharding`), which then
         score every batch together, each its share; loaded on the host first, each keeps its share."""
-        sharded = in_step.parallel
-        self.loaded = load_reward_model(directory, loading_placement(placement, sharded), base_model_path)
-        self.loaded.model.requires_grad_(False)
-        if sharded:
-            shard_frozen_weights(self.loaded.model.backbone, in_step, placement.device)
-            self.loaded.model.to(placement.device)
+        self.loaded = load_reward_model(directory, placement, base_model_path, in_step)
         self.in_step = in_step
         self.encoder = self.loaded.encoder()
         self.max_tokens = max_tokens
