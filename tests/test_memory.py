@@ -95,6 +95,12 @@ def test_sharded_weights_put_a_reward_model_only_the_largest_gpus_hold_on_smalle
                                                    "inference_accelerator_count": 8}.get)
                  for stage in ("inference", "bulk_inference")}
     assert inference["inference"]["weights"] == 2 * inference["bulk_inference"]["weights"] == 2 * sharded["weights"]
+    # On two inference machines, bulk inference shards over both; the evaluation runs on one, over its 8 GPUs.
+    two = {stage: stage_bytes(shape, stage, {**settings, "inference_shard_weights": True, "inference_accelerator_count": 8,
+                                             "inference_replica_count": 2}.get)
+           for stage in ("inference", "bulk_inference")}
+    assert two["inference"] == inference["inference"]
+    assert two["bulk_inference"]["weights"] == replicas["weights"]
     whole_on_one = stage_bytes(shape, "inference", {**settings, "inference_accelerator_count": 8}.get)
     assert smallest_fitting(whole_on_one["total"]) is None
     assert smallest_fitting(inference["inference"]["total"]) == "NVIDIA_A100_80GB"

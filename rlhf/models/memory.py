@@ -193,12 +193,13 @@ def stage_bytes(shape: ModelShape, stage: str, value, value_bytes: int = 2) -> d
 
 def shards(stage: str, value) -> int:
     """The processes a stage's frozen weights are split over: every GPU of its machines with
-    `*_shard_weights`, else 1 (each holds them all). `stage`: the prefix of its machine parameters (bulk
-    inference alone runs on the inference machine)."""
-    stage = "inference" if stage == "bulk_inference" else stage
-    if stage not in SHARDING or not value(SHARDING[stage]):
+    `*_shard_weights`, else 1 (each holds them all). Bulk inference alone (`infer_pipeline`) runs on the
+    inference machines; `rlhf_pipeline`'s inference stage counts its evaluation, which runs on one of them."""
+    prefix = "inference" if stage == "bulk_inference" else stage
+    if prefix not in SHARDING or not value(SHARDING[prefix]):
         return 1
-    return value(f"{stage}_accelerator_count") * (value(f"{stage}_replica_count") or 1)
+    machines = 1 if stage == "inference" else value(f"{prefix}_replica_count") or 1
+    return value(f"{prefix}_accelerator_count") * machines
 
 
 def held_weights(shape: ModelShape, value_bytes: int, shards: int) -> int:
