@@ -1,11 +1,11 @@
 """A training stage on the tiny model for the data-parallel tests, started the way `rlhf --nproc-per-node N`
 starts one: `python -m tests.distributed_stage STAGE MODEL OUTPUT PROCESSES [--rank R --signal S --at K]`, STAGE
 one of reward, sharded-reward, policy, sharded-policy (with --reward-model), group, sharded-group, dpo,
-sharded-dpo, or shards and inference-shards (what each rank holds of a sharded reward model's backbone, or of
-bulk inference's sharded model). The parent process launches PROCESSES processes of itself
-through `rlhf.training.distributed.launch`; each trains on its share. With `--signal`, rank R sends itself
-signal S (SIGKILL: a crashed machine; SIGTERM: a preempted one) when the trainer polls for a stop request for
-the K-th time, i.e. after step K."""
+sharded-dpo, shards and inference-shards (what each rank holds of a sharded reward model's backbone, or of
+bulk inference's sharded model), or turns (when each rank loads a model it shards). The parent process
+launches PROCESSES processes of itself through `rlhf.training.distributed.launch`; each trains on its share.
+With `--signal`, rank R sends itself signal S (SIGKILL: a crashed machine; SIGTERM: a preempted one) when the
+trainer polls for a stop request for the K-th time, i.e. after step K."""
 
 import argparse
 import json
@@ -101,9 +101,25 @@ def held_weights(model: str, generator: bool) -> dict:
     return {name: {"held": [h[name] for h in held], "total": totals[name]} for name in totals}
 
 
+def loading_times(model: str) -> list:
+    """When each rank's turn to load a sharded model began and ended (a half-second stand-in for the loading)."""
+    import time
+
+    import torch
+
+    from rlhf.training.sharding import loading_turn
+
+    ranks = join()
+    with loading_turn(ranks, True, model, torch.float32):
+        began = time.monotonic()
+        time.sleep(0.5)
+        ended = time.monotonic()
+    return ranks.gather([began, ended])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=("reward", "sharded-reward", "shards", "inference-shards", "policy",
+    parser.add_argument("stage", choices=("reward", "sharded-reward", "shards", "inference-shards", "turns", "policy",
                                           "sharded-policy", "group", "sharded-group", "dpo", "sharded-dpo"))
     parser.add_argument("model")
     parser.add_argument("output")
@@ -119,6 +135,8 @@ def main() -> int:
     stop = stop_requests(args.rank, args.signal, args.at)
     if args.stage in ("shards", "inference-shards"):
         result = held_weights(args.model, generator=args.stage == "inference-shards")
+    elif args.stage == "turns":
+        result = {"times": loading_times(args.model)}
     elif args.stage in ("reward", "sharded-reward"):
         rows = marker_pairs(48)
         config = reward_config(**(SHARDED_REWARD_SETTINGS if args.stage == "sharded-reward" else REWARD_SETTINGS))

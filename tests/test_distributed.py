@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf.training.distributed import backend
 from rlhf.training.loop import CHECKPOINT_DIR, METRICS_FILE
+from rlhf.training.sharding import HOST_MEMORY_VARIABLE, loading_turns
 from tests.conftest import PROMPTS, adapted_policy, free_port, marker_pairs, reward_config, rlhf
 
 # One thread per process on both sides: the sums inside a matmul then run in the same order, so one process and
@@ -26,8 +28,10 @@ def stage_command(kind, model, output, processes, *extra):
 
 
 def stage(kind, model, output, processes, *extra):
+    # A sharded stage's processes given host memory for one whole model: they load it in turns.
+    turns = {HOST_MEMORY_VARIABLE: "1"} if kind.startswith("sharded-") else {}
     return subprocess.run(stage_command(kind, model, output, processes, *extra), capture_output=True, text=True,
-                          timeout=900, env={**os.environ, **ONE_THREAD})
+                          timeout=900, env={**os.environ, **ONE_THREAD, **turns})
 
 
 def trained_tensors(output, kind):
@@ -134,6 +138,33 @@ def test_sharded_weights_are_split_between_the_processes_and_the_rest_is_not(tin
         assert held[whole]["held"] == [held[whole]["total"]] * 2 and held[whole]["total"] > 0
     alone = json.loads(stage(kind, tiny_model_dir, "-", 1).stdout.strip().splitlines()[-1])
     assert alone["layers"]["held"] == [layers["total"]]
+
+
+@pytest.mark.slow
+def test_processes_load_a_model_they_shard_in_turns_when_the_host_holds_fewer_copies(tiny_model_dir):
+    """With host memory for fewer whole copies of the weights than a machine has processes, they load one turn
+    after the other (the second begins once the first has its share); with room for all, together."""
+    def times(host_memory: int) -> list:
+        result = subprocess.run(stage_command("turns", tiny_model_dir, "-", 2), capture_output=True, text=True,
+                                timeout=300, env={**os.environ, **ONE_THREAD, HOST_MEMORY_VARIABLE: str(host_memory)})
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr, json.loads(result.stdout.strip().splitlines()[-1])["times"]
+
+    printed, (first, second) = times(1)
+    assert first[1] <= second[0], (first, second)  # the second rank's turn began after the first's ended
+    assert "in 2 turns of 1 process(es) a machine" in printed
+    printed, (first, second) = times(10**15)
+    assert second[0] < first[1] and first[0] < second[1], (first, second)  # at the same time
+    assert "turns" not in printed
+
+
+def test_the_turns_a_machines_processes_take_to_load_are_as_many_as_the_host_memory_needs():
+    assert [loading_turns(8, copies) for copies in (8, 9, 3, 1, 0)] == [1, 1, 3, 8, 8]
+
+
+def test_on_gpus_the_process_group_carries_cpu_tensors_through_gloo():
+    """The summed losses, counts and objects are CPU tensors, which NCCL alone does not carry."""
+    assert backend(cuda=False) == "gloo" and backend(cuda=True) == "cpu:gloo,cuda:nccl"
 
 
 @pytest.mark.slow
@@ -289,7 +320,8 @@ def test_sharded_bulk_inference_and_evaluation_in_two_processes_give_what_one_pr
         policy_and_reward_model, tiny_model_dir, tmp_path):
     """Bulk inference of the base and the tuned model, then the evaluation (reward model, KL of the tuned policy to
     the base on sampled completions), each with its weights sharded over 2 processes, against 1 process unsharded.
-    20 prompts in batches of 4: one process generates 3 batches, the other 2 and an idle pass."""
+    20 prompts in batches of 4: one process generates 3 batches, the other 2 and an idle pass. The host memory
+    given holds one whole model: the two processes load in turns."""
     from rlhf.data.datasets import read_jsonl, write_jsonl
 
     policy, reward_model = policy_and_reward_model
@@ -297,18 +329,20 @@ def test_sharded_bulk_inference_and_evaluation_in_two_processes_give_what_one_pr
     written, evaluated = {}, {}
     for processes in (1, 2):
         sharded = ["--inference-shard-weights", "--nproc-per-node", "2"] if processes == 2 else []
+        env = {**ONE_THREAD, HOST_MEMORY_VARIABLE: "1"}
         outputs = {side: tmp_path / f"{side}-{processes}.jsonl" for side in ("base", "tuned")}
         for side, model in (("base", ["--large-model-reference", str(tiny_model_dir)]), ("tuned", ["--policy", str(policy)])):
             result = rlhf("infer", "--eval-dataset", str(tmp_path / "prompts.jsonl"), "--output", str(outputs[side]),
-                          "--inference-batch-size", "4", "--target-sequence-length", "8", *model, *sharded,
-                          env=ONE_THREAD)
+                          "--inference-batch-size", "4", "--target-sequence-length", "8", *model, *sharded, env=env)
             assert result.returncode == 0, result.stderr[-3000:]
             assert ("each of 2 processes holds 1/2 of the model's decoder layers" in result.stderr) == (processes == 2)
+            assert ("in 2 turns of 1 process(es)" in result.stderr) == (processes == 2)
             written[side, processes] = read_jsonl(outputs[side])
         result = rlhf("evaluate", "--base-outputs", str(outputs["base"]), "--tuned-outputs", str(outputs["tuned"]),
                       "--reward-model", str(reward_model), "--policy", str(policy), "--output-dir",
-                      str(tmp_path / f"evaluation-{processes}"), *sharded, env=ONE_THREAD)
+                      str(tmp_path / f"evaluation-{processes}"), *sharded, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stderr.count("in 2 turns of 1 process(es)") == (2 if processes == 2 else 0)  # both models
         assert ("each of 2 processes holds 1/2 of the reward model's and the policy's" in result.stderr) == (
             processes == 2)
         evaluated[processes] = json.loads((tmp_path / f"evaluation-{processes}" / "metrics.json").read_text())

@@ -25,7 +25,7 @@ from rlhf.rl.policy import ADAPTER_DIR, SPEC_FILE, PolicySpec, read_policy_spec
 from rlhf.settings import chat_template_choice
 from rlhf.training.distributed import ALONE, Ranks, join, local_device, seed_of
 from rlhf.training.progress import Progress
-from rlhf.training.sharding import loading_placement, lockstep, shard_frozen_weights
+from rlhf.training.sharding import loading_placement, loading_turn, lockstep, shard_frozen_weights
 
 
 @dataclass
@@ -82,16 +82,17 @@ def load_generator(model_path: str, adapter_dir: Path | None, placement: Placeme
     share."""
     if adapter_dir is not None:
         refuse_pickles(adapter_dir)  # before the base model loads: a refused artifact should cost nothing
-    model = load_causal_lm(model_path, loading_placement(placement, in_step.parallel))
-    if adapter_dir is not None:
-        from peft import PeftModel
+    with loading_turn(in_step, in_step.parallel, model_path, placement.dtype):
+        model = load_causal_lm(model_path, loading_placement(placement, in_step.parallel))
+        if adapter_dir is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_dir)
-        if merge and in_float32(model):
-            model = model.merge_and_unload()
-    model.requires_grad_(False)
-    shard_frozen_weights(model, in_step, placement.device)
-    model.to(placement.device)
+            model = PeftModel.from_pretrained(model, adapter_dir)
+            if merge and in_float32(model):
+                model = model.merge_and_unload()
+        model.requires_grad_(False)
+        shard_frozen_weights(model, in_step, placement.device)
+        model.to(placement.device)
     model.eval()
     return model
 

@@ -25,7 +25,7 @@ from rlhf.models.loading import Placement, in_float32, load_backbone, load_token
 from rlhf.reward.packing import PackedBatch, pack, packed_length, packing_problem
 from rlhf.training.batching import micro_batches
 from rlhf.training.distributed import ALONE, Ranks
-from rlhf.training.sharding import loading_placement, lockstep, shard_frozen_weights
+from rlhf.training.sharding import loading_placement, loading_turn, lockstep, shard_frozen_weights
 
 SPEC_FILE = "reward_model.json"
 HEAD_FILE = "head.safetensors"
@@ -134,23 +134,24 @@ def load_reward_model(directory: Path, placement: Placement, base_model_path: st
     base = base_model_path or resolve_model_reference(spec.large_model_reference)
     tokenizer = load_tokenizer(base)
     loading = loading_placement(placement, in_step.parallel)
-    if spec.lora_dim > 0:
-        from peft import PeftModel
+    backbone_path = base if spec.lora_dim > 0 else str(directory / BACKBONE_DIR)
+    with loading_turn(in_step, in_step.parallel, backbone_path, placement.dtype):
+        backbone = load_backbone(backbone_path, loading)
+        if spec.lora_dim > 0:
+            from peft import PeftModel
 
-        # A loaded reward model only scores: merged once, it runs as a plain backbone, without the adapter's
-        # extra products in every layer (in float32 only: a lower precision would round the update away).
-        backbone = PeftModel.from_pretrained(load_backbone(base, loading), directory / ADAPTER_DIR)
-        if in_float32(backbone):
-            backbone = backbone.merge_and_unload()
-    else:
-        backbone = load_backbone(str(directory / BACKBONE_DIR), loading)
-    require_exact_packing(backbone, spec)
-    head_weights = load_file(directory / HEAD_FILE)
-    head = torch.nn.Linear(head_weights["weight"].shape[1], 1)
-    head.load_state_dict(head_weights)
-    model = RewardModel(backbone, head)
-    model.requires_grad_(False)
-    shard_frozen_weights(backbone, in_step, placement.device)
-    model.to(placement.device)
+            # A loaded reward model only scores: merged once, it runs as a plain backbone, without the adapter's
+            # extra products in every layer (in float32 only: a lower precision would round the update away).
+            backbone = PeftModel.from_pretrained(backbone, directory / ADAPTER_DIR)
+            if in_float32(backbone):
+                backbone = backbone.merge_and_unload()
+        require_exact_packing(backbone, spec)
+        head_weights = load_file(directory / HEAD_FILE)
+        head = torch.nn.Linear(head_weights["weight"].shape[1], 1)
+        head.load_state_dict(head_weights)
+        model = RewardModel(backbone, head)
+        model.requires_grad_(False)
+        shard_frozen_weights(backbone, in_step, placement.device)
+        model.to(placement.device)
     model.eval()
     return LoadedRewardModel(model, tokenizer, spec)

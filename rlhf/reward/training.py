@@ -40,7 +40,7 @@ from rlhf.training.batching import batch_indices, micro_batches, warmup_cosine
 from rlhf.training.checkpoints import finished_result
 from rlhf.training.distributed import ALONE, Ranks
 from rlhf.training.loop import METRICS_FILE, TrainingLoop, final_mean, optimizer_step, require_finite, run_fingerprint
-from rlhf.training.sharding import loading_placement, lockstep, shard_frozen_weights
+from rlhf.training.sharding import loading_placement, loading_turn, lockstep, shard_frozen_weights
 from rlhf.training.stage import start_stage
 
 
@@ -168,13 +168,14 @@ def train_reward_model(
     pad_id = tokenizer.pad_token_id
 
     torch.manual_seed(config.seed)
-    backbone = load_backbone(base_path, loading_placement(placement, config.shard_weights))
-    require_exact_packing(backbone, config)
-    if config.lora_dim > 0:
-        backbone = add_lora(backbone, config.lora_dim)
-    if config.gradient_checkpointing:
-        recompute_activations(backbone)
-    in_step = ranks if config.shard_weights and shard_frozen_weights(backbone, ranks, placement.device) else ALONE
+    with loading_turn(ranks, config.shard_weights, base_path, placement.dtype):
+        backbone = load_backbone(base_path, loading_placement(placement, config.shard_weights))
+        require_exact_packing(backbone, config)
+        if config.lora_dim > 0:
+            backbone = add_lora(backbone, config.lora_dim)
+        if config.gradient_checkpointing:
+            recompute_activations(backbone)
+        in_step = ranks if config.shard_weights and shard_frozen_weights(backbone, ranks, placement.device) else ALONE
     if in_step.parallel and ranks.main:
         print(f"reward model: each of {ranks.world_size} processes holds 1/{ranks.world_size} of the backbone's "
               "weights", file=sys.stderr)

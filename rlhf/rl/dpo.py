@@ -58,7 +58,7 @@ from rlhf.training.loop import (
     require_finite,
     run_fingerprint,
 )
-from rlhf.training.sharding import loading_placement, lockstep
+from rlhf.training.sharding import loading_placement, loading_turn, lockstep
 from rlhf.training.stage import start_stage
 
 
@@ -217,12 +217,14 @@ def train_dpo(
     held_out_pairs = encode_pairs(held_out_rows, encoder)
 
     torch.manual_seed(config.seed)
-    model = load_causal_lm(base_path, loading_placement(placement, config.shard_weights))
-    require_exact_packing(model, config, "dpo")
-    policy = Policy(add_lora(model, config.lora_dim), None, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
-    if config.gradient_checkpointing:
-        recompute_activations(policy.model)
-    policy.place(placement.device, ranks, config.shard_weights)
+    with loading_turn(ranks, config.shard_weights, base_path, placement.dtype):
+        model = load_causal_lm(base_path, loading_placement(placement, config.shard_weights))
+        require_exact_packing(model, config, "dpo")
+        policy = Policy(add_lora(model, config.lora_dim), None, stop_token_ids(model, tokenizer),
+                        tokenizer.pad_token_id)
+        if config.gradient_checkpointing:
+            recompute_activations(policy.model)
+        policy.place(placement.device, ranks, config.shard_weights)
     policy.model.train()
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate(),
                                   weight_decay=0.0)

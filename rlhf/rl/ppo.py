@@ -84,7 +84,7 @@ from rlhf.training.loop import (
     require_finite,
     run_fingerprint,
 )
-from rlhf.training.sharding import loading_placement, lockstep
+from rlhf.training.sharding import loading_placement, loading_turn, lockstep
 from rlhf.training.stage import start_stage
 
 
@@ -485,11 +485,12 @@ def train_policy(
                         "micro-batch size")
 
     torch.manual_seed(config.seed)
-    model = load_causal_lm(base_path, loading_placement(placement, config.shard_weights))
-    policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
-    if config.gradient_checkpointing:
-        recompute_activations(policy.model)
-    policy.place(placement.device, ranks, config.shard_weights)
+    with loading_turn(ranks, config.shard_weights, base_path, placement.dtype):
+        model = load_causal_lm(base_path, loading_placement(placement, config.shard_weights))
+        policy = Policy.create(model, config.lora_dim, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+        if config.gradient_checkpointing:
+            recompute_activations(policy.model)
+        policy.place(placement.device, ranks, config.shard_weights)
     if policy.in_step.parallel and ranks.main:
         print(f"policy: each of {ranks.world_size} processes holds 1/{ranks.world_size} of the model's weights",
               file=sys.stderr)

@@ -96,17 +96,24 @@ def seed_of(*parts: int) -> int:
     return hash(parts) % 2**63
 
 
+def backend(cuda: bool) -> str:
+    """The process group's backends: gloo on CPUs; on GPUs NCCL for CUDA tensors (gradients, sharded weights) and
+    gloo for CPU ones (the summed losses and counts, `Ranks.total` and `most`, objects, barriers), which NCCL alone
+    cannot carry."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def join() -> Ranks:
-    """This process's ranks: the process group `torch.distributed.run` describes in the environment (NCCL on
-    GPUs, gloo on CPUs), or a single rank when the process runs alone."""
+    """This process's ranks: the process group `torch.distributed.run` describes in the environment (`backend`),
+    or a single rank when the process runs alone."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return ALONE
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(backend(cuda), timeout=COLLECTIVE_TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size())
 
 
