@@ -4,10 +4,12 @@ the same passes measured here, in float32 on the CPU: what one training pass kee
     .venv/bin/python bench/memory_estimate.py [--repetitions 3]
 
 Each pass runs in its own child process, which loads the model, resets the kernel's peak-RSS counter
-(`/proc/self/clear_refs`) and reports the peak resident memory above what it held before the pass (the
-weights, loaded before, are not counted; the estimate's weights are the parameter count times the bytes of a
-value, checked exactly in tests/test_memory.py). The passes, with random token ids (memory depends on shapes,
-not on text):
+(`/proc/self/clear_refs`) and reports two peaks above what it held before the pass: its resident memory, and
+the bytes of the tensors the pass makes while they live (`live_tensors`: what a GPU's allocator would hold,
+where a CPU's resident memory also keeps pages the allocator freed and has not given back; buffers a kernel
+makes for itself are not seen). The weights, loaded before, are not counted (the estimate's weights are the
+parameter count times the bytes of a value, checked exactly in tests/test_memory.py). The passes, with random
+token ids (memory depends on shapes, not on text):
 
 - reward model: one forward and backward pass of the reward model (LoRA rank 4, scalar head) over a packed
   micro-batch of `--rm-rows` rows of `--rm-length` tokens, against `activation_bytes`;
@@ -43,6 +45,44 @@ def tiny_model(directory: Path, hidden: int) -> str:
     build_model(tokenizer, hidden_size=hidden, layers=4).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
+
+
+def live_tensors():
+    """A context that counts the bytes of the tensors made within it while they live, and their peak: what a GPU's
+    allocator would hold for the pass (less its rounding), where a CPU's resident memory also keeps freed pages
+    the allocator has not given back."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    class LiveTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self.counted = WeakIdKeyDictionary()  # storages made within the context
+
+        def _freed(self, size: int) -> None:
+            self.live -= size
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            # A view or an in-place result shares an input's storage: new memory only where no input had it.
+            given = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            output = func(*args, **(kwargs or {}))
+            for tensor in tree_leaves(output):
+                if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                    storage = tensor.untyped_storage()
+                    if id(storage) not in given and storage not in self.counted:
+                        self.counted[storage] = True
+                        self.live += storage.nbytes()
+                        weakref.finalize(storage, self._freed, storage.nbytes())
+            self.peak = max(self.peak, self.live)
+            return output
+
+    import torch
+
+    return LiveTensors()
 
 
 def child(kind: str, path: str, args) -> dict:
@@ -85,11 +125,14 @@ def child(kind: str, path: str, args) -> dict:
         def run():
             log_probs, _, values = policy.evaluate(rollout, 1.0, with_entropy=True)
             (-log_probs.mean() + values.square().mean()).backward()
+    tracker = live_tensors()
     Path("/proc/self/clear_refs").write_text("5")  # the peak-RSS counter now starts from here
     held = resident_kib("VmRSS")
-    run()
+    with tracker:
+        run()
+    tensors = tracker.peak
     return {"pass": kind, "tokens": tokens, "measured_mib": (resident_kib("VmHWM") - held) / 1024,
-            "estimate_mib": estimate / 2**20}
+            "tensor_peak_mib": tensors / 2**20, "estimate_mib": estimate / 2**20}
 
 
 def main() -> None:
@@ -120,13 +163,17 @@ def main() -> None:
     rows, lines = {}, []
     for name, measured in runs.items():
         median = statistics.median(run["measured_mib"] for run in measured)
+        tensors = statistics.median(run["tensor_peak_mib"] for run in measured)
         estimate = measured[0]["estimate_mib"]
         rows[name] = {"measured_median_mib": median, "estimate_mib": estimate, "estimate_over_measured": estimate / median,
-                      "tokens": measured[0]["tokens"], "runs_mib": [run["measured_mib"] for run in measured]}
+                      "tokens": measured[0]["tokens"], "runs_mib": [run["measured_mib"] for run in measured],
+                      "tensor_peak_median_mib": tensors, "estimate_over_tensor_peak": estimate / tensors,
+                      "tensor_peak_runs_mib": [run["tensor_peak_mib"] for run in measured]}
         lines.append(f"| {name} | {measured[0]['tokens']} | {median:.0f} ({', '.join(f'{r:.0f}' for r in rows[name]['runs_mib'])}) "
-                     f"| {estimate:.0f} | {estimate / median:.2f} |")
-    markdown = ("| model, pass | tokens | measured peak above the start, MiB (median; runs) | estimate, MiB "
-                "| estimate / measured |\n|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+                     f"| {tensors:.0f} | {estimate:.0f} | {estimate / median:.2f} | {estimate / tensors:.2f} |")
+    markdown = ("| model, pass | tokens | peak resident memory above the start, MiB (median; runs) | live tensors at "
+                "their peak, MiB (median) | estimate, MiB | estimate / resident | estimate / live tensors |\n"
+                "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
     write_results(NAME, {"settings": {k: v for k, v in vars(args).items() if k != "child"}, "machine": machine(),
                          "versions": our_versions(), "passes": rows}, markdown)
 
