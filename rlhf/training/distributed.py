@@ -55,10 +55,17 @@ class Ranks:
 
     def most(self, value: float) -> float:
         """The largest of the ranks' values."""
+        return self._reduced(value, dist.ReduceOp.MAX)
+
+    def least(self, value: float) -> float:
+        """The smallest of the ranks' values."""
+        return self._reduced(value, dist.ReduceOp.MIN)
+
+    def _reduced(self, value: float, op) -> float:
         if not self.parallel:
             return value
         tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=op)
         return float(tensor)
 
     def any(self, flag: bool) -> bool:

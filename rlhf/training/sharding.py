@@ -81,7 +81,7 @@ def loading_turn(in_step: Ranks, shard: bool, model_path: str, dtype: torch.dtyp
     weights = _weights_bytes(model_path, dtype)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", in_step.world_size))
     copies = local if weights is None else int(_host_memory() // (LOADING_MARGIN * weights))
-    copies = max(1, -int(in_step.most(-min(copies, local))))  # the fewest any machine holds
+    copies = max(1, int(in_step.least(min(copies, local))))  # the fewest any machine holds
     turns = int(in_step.most(loading_turns(local, copies)))
     mine = int(os.environ.get("LOCAL_RANK", in_step.rank)) // copies
     if turns > 1 and in_step.main:
